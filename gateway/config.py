@@ -1,0 +1,225 @@
+"""Config: one TOML file validated into frozen models that forbid unknown keys.
+
+Every problem is reported as (file, key path, why) in one ConfigError, so
+``touchpoint-gateway check-config`` can list them all at once.  Relative paths in the file
+are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.errors import ConfigError
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
+KEY_ID_PATTERN = r"^[a-z0-9]{1,16}$"
+SOURCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+PURPOSES = ("analytics", "linking", "marketing")
+Purpose = Literal["analytics", "linking", "marketing"]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewayIdentity(Model):
+    store: Annotated[str, Field(pattern=ID_PATTERN, description="Store id, e.g. nl-ams-001")]
+    device: Annotated[str, Field(pattern=ID_PATTERN, description="Device id, e.g. gw-01")]
+
+
+class KeyringConfig(Model):
+    active: Annotated[str, Field(pattern=KEY_ID_PATTERN, description="Key id used for new pseudonyms")]
+    keys: Annotated[
+        dict[str, Path],
+        Field(description="Key id -> file holding the base64 of >= 32 random bytes"),
+    ]
+
+    @model_validator(mode="after")
+    def _active_is_loaded(self) -> KeyringConfig:
+        if self.active not in self.keys:
+            raise ValueError(f"active key {self.active!r} is not one of keys ({', '.join(self.keys)})")
+        return self
+
+
+class BufferConfig(Model):
+    path: Path = Field(
+        default=Path("/var/lib/touchpoint-gateway/buffer.db"),
+        description="SQLite outbox file (WAL mode)",
+    )
+    max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024 * 1024, description="Size cap of the database file"
+    )
+    max_age_s: int = Field(
+        default=7 * 24 * 3600, ge=60, description="Events older than this are expired unsent"
+    )
+    when_full: Literal["evict_oldest", "drop_new"] = Field(
+        default="evict_oldest", description="What to do when max_bytes is reached"
+    )
+    commit_interval_ms: float = Field(
+        default=5.0, ge=0, le=1000, description="Group commit: wait at most this long"
+    )
+    commit_max_events: int = Field(
+        default=2000, ge=1, description="Group commit: or until this many events"
+    )
+
+
+class TlsConfig(Model):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MqttConfig(Model):
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str | None = Field(default=None, description="Default: tp-<store>-<device>")
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    keepalive_s: int = Field(default=30, ge=2, le=3600)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    batch_max_events: int = Field(default=500, ge=1, le=10000)
+    batch_max_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    inflight_window: int = Field(default=20, ge=1, le=1000)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=60.0, gt=0)
+
+
+class ConsentConfig(Model):
+    seed_file: Path | None = Field(
+        default=None, description="JSON {records:[...]} loaded into the registry at start"
+    )
+    required: dict[str, tuple[Purpose, ...]] = Field(
+        default_factory=lambda: {
+            "presence.enter": ("analytics",),
+            "presence.exit": ("analytics",),
+            "card.read": ("linking",),
+            "qr.scan": ("linking",),
+        },
+        description="Per event type, the purposes it needs (any one suffices)",
+    )
+    policy: Literal["drop"] = "drop"
+
+
+class SerialCardSource(Model):
+    kind: Literal["serial_card"]
+    name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
+    device: Path = Field(description="Serial device, e.g. a udev symlink /dev/touchpoint-card0")
+    protocol: Literal["rdm6300", "scanner", "magstripe"]
+    lane: str = Field(min_length=1, max_length=64)
+    baudrate: int = Field(default=9600, ge=300, le=4_000_000)
+    debounce_s: float = Field(default=1.0, ge=0, description="Same card again within this is one read")
+    reopen_min_s: float = Field(default=0.5, gt=0)
+    reopen_max_s: float = Field(default=30.0, gt=0)
+
+
+class SyntheticSource(Model):
+    """In-process generator of card reads, for benchmarks and demos without hardware."""
+
+    kind: Literal["synthetic"]
+    name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
+    rate_per_s: float = Field(default=10.0, gt=0)
+    cards: int = Field(default=100, ge=1)
+    lane: str = "bench"
+
+
+SourceConfig = Annotated[SerialCardSource | SyntheticSource, Field(discriminator="kind")]
+
+
+class StatusConfig(Model):
+    summary_interval_s: float = Field(default=60.0, gt=0, description="Log a summary this often")
+
+
+class Config(Model):
+    gateway: GatewayIdentity
+    keyring: KeyringConfig
+    buffer: BufferConfig = BufferConfig()
+    mqtt: MqttConfig = MqttConfig()
+    consent: ConsentConfig = ConsentConfig()
+    status: StatusConfig = StatusConfig()
+    sources: list[SourceConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> Config:
+        seen: set[str] = set()
+        for src in self.sources:
+            if src.name in seen:
+                raise ValueError(f"source name {src.name!r} is used twice")
+            seen.add(src.name)
+        return self
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("serial_card", "synthetic") and out.endswith("]"):
+            continue  # pydantic adds the discriminator tag; the user never wrote it
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _resolve_paths(value: Any, base: Path) -> Any:
+    if isinstance(value, Path):
+        return value if value.is_absolute() else (base / value)
+    if isinstance(value, BaseModel):
+        updates = {k: _resolve_paths(getattr(value, k), base) for k in type(value).model_fields}
+        return value.model_copy(update=updates)
+    if isinstance(value, dict):
+        return {k: _resolve_paths(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_paths(v, base) for v in value]
+    return value
+
+
+def parse_config(data: dict[str, Any], file: str, base: Path) -> Config:
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            why = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                why = "unknown key (check the spelling; see firmware-config/gateway.example.toml)"
+            problems.append((file, _loc(tuple(err["loc"])), why))
+        raise ConfigError(problems) from None
+    resolved: Config = _resolve_paths(cfg, base)
+    return resolved
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file, or raise ConfigError naming file, key and why."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([(str(p), "", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([(str(p), "", f"cannot read: {exc}")]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([(str(p), "", f"not valid TOML: {exc}")]) from None
+    return parse_config(data, str(p), p.resolve().parent)
+
+
+def json_schema() -> str:
+    """The config's JSON Schema, as shipped in firmware-config/gateway.schema.json."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Touchpoint Gateway config"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"

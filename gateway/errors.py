@@ -1,0 +1,65 @@
+"""The gateway's exception tree.
+
+    GatewayError                 base of everything the gateway raises on purpose
+    ├── ConfigError              a config file is wrong: carries file, key path and why
+    ├── KeyringError             a tenant key file is missing, unreadable or too short
+    ├── RejectedInput            input that does not canonicalise (never carries the raw value)
+    │   ├── FrameError           a serial frame is malformed or fails its checksum
+    │   └── TokenError           an app or receipt token failed verification
+    ├── SourceError              a source lost its device; the supervisor retries with backoff
+    ├── BufferError_             the outbox cannot be opened or written
+    └── PublishError             the broker connection or a publish failed
+
+Library errors (sqlite3, serial, paho, bleak, cv2) are mapped to these at the boundary,
+once; nothing above the boundary classifies errors by message text.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base class of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """A config value is wrong.  ``problems`` lists (file, key path, why) for each one."""
+
+    def __init__(self, problems: list[tuple[str, str, str]]) -> None:
+        self.problems = problems
+        lines = [f"{file}: {path or '<top>'}: {why}" for file, path, why in problems]
+        super().__init__("\n".join(lines))
+
+
+class KeyringError(GatewayError):
+    """A tenant key cannot be used.  Fix the key file named in the message."""
+
+
+class RejectedInput(GatewayError):
+    """Input that does not canonicalise.  ``reason`` is a short, countable label.
+
+    The message never contains the raw value: it may be a personal identifier.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class FrameError(RejectedInput):
+    """A serial frame is malformed or fails its checksum."""
+
+
+class TokenError(RejectedInput):
+    """An app or receipt token failed verification."""
+
+
+class SourceError(GatewayError):
+    """A source lost its device or stream; it is retried with backoff."""
+
+
+class BufferError_(GatewayError):  # noqa: N801 - avoid shadowing the builtin BufferError
+    """The outbox database cannot be opened or written."""
+
+
+class PublishError(GatewayError):
+    """The broker connection or a publish failed."""

@@ -1,0 +1,114 @@
+"""The small interfaces the core defines; drivers and simulators implement them.
+
+    Source     yields Readings (already pseudonymised at the parser boundary)
+    Publisher  publishes one message and reports the broker's verdict
+
+Nothing here imports a hardware library.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from gateway.identity import Keyring
+from gateway.metrics import Metrics
+
+EVENT_TYPES = (
+    "presence.enter",
+    "presence.exit",
+    "card.read",
+    "qr.scan",
+    "receipt.printed",
+    "footfall",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One thing a source saw, ready to become an event.
+
+    ``subject`` is a pseudonym (never a raw identifier) or None for subject-less types.
+    ``at`` is the unix time of capture.  ``attrs`` are the contract's type-specific attrs.
+    ``evidence`` optionally carries consent evidence that arrived with the reading
+    (a verified app token's purposes and expiry), applied before the consent gate.
+    """
+
+    type: str
+    source: str
+    at: float
+    subject: str | None
+    attrs: Mapping[str, Any]
+    evidence: ConsentEvidence | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentEvidence:
+    subject: str
+    purposes: tuple[str, ...]
+    expires: float
+
+
+@dataclass
+class SourceContext:
+    """What the core hands a source: its name, the keyring, counters and a clock."""
+
+    name: str
+    keyring: Keyring
+    metrics: Metrics
+    now: Callable[[], float] = time.time
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def set_state(self, state: str, detail: str = "") -> None:
+        """Report this source's health (``ok``, ``connecting``, ``absent``, ``error``)."""
+        self.state = {"state": state, "detail": detail, "since": self.now()}
+        self.metrics.set_source_state(self.name, state, detail)
+
+    def reject(self, reason: str) -> None:
+        """Count one rejected input by reason; the raw input is never logged."""
+        self.metrics.inc("readings_rejected_total", source=self.name, reason=reason)
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A configured input.  ``readings`` runs until cancelled.
+
+    It raises SourceError when its device is lost; the supervisor restarts it with backoff.
+    Anything else it raises ends the daemon (a bug, for systemd to restart).
+    """
+
+    name: str
+
+    def readings(self) -> AsyncIterator[Reading]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The broker's answer to one publish: ``ok`` or a failure with its reason code."""
+
+    ok: bool
+    reason_code: int = 0
+    reason: str = ""
+
+
+class Publisher(Protocol):
+    """Publishes messages and reports each one's broker verdict.
+
+    ``publish`` returns once the message is handed to the client; the awaitable it
+    returns resolves with the broker's verdict (PUBACK reason code).  A message handed
+    over is never published twice by the caller: the client retries it across reconnects.
+    """
+
+    async def start(self) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> Awaitable[Verdict]: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def wait_connected(self) -> None: ...
+
+    async def close(self, *, graceful: bool = True) -> None: ...
+

@@ -1,0 +1,131 @@
+"""A real mosquitto on a free loopback port, for tests, the demo and benchmarks.
+
+    with Mosquitto(workdir) as broker:
+        broker.port            # the port it listens on (127.0.0.1)
+        broker.stop(); broker.start()    # restart on the same port
+        broker.pause(); broker.resume()  # SIGSTOP / SIGCONT: a hung broker
+
+An ACL can be given as the text of a mosquitto ``acl_file``; with one, anonymous clients
+connect as ``anonymous`` and are held to it (``allow_anonymous true`` keeps tests simple).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def find_mosquitto() -> str:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in MOSQUITTO_PATHS:
+        if Path(candidate).exists():
+            return candidate
+    raise FileNotFoundError("mosquitto not found: install it with 'apt-get install mosquitto'")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Mosquitto:
+    def __init__(
+        self,
+        workdir: str | Path,
+        port: int | None = None,
+        acl: str | None = None,
+        extra_conf: str = "",
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.acl = acl
+        self.extra_conf = extra_conf
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "mosquitto.log"
+
+    def _write_conf(self) -> Path:
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence false",
+            "max_inflight_messages 0",
+            "max_queued_messages 0",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+        ]
+        if self.acl is not None:
+            acl_path = self.workdir / "acl"
+            acl_path.write_text(self.acl, encoding="utf-8")
+            lines.append(f"acl_file {acl_path}")
+        if self.extra_conf:
+            lines.append(self.extra_conf)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return conf
+
+    def start(self, timeout: float = 10.0) -> None:
+        conf = self._write_conf()
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [find_mosquitto(), "-c", str(conf)], stdout=log, stderr=log, start_new_session=True
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mosquitto exited with {self.proc.returncode}; see {self.log_path}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def __enter__(self) -> Mosquitto:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,42 @@
+"""Shared fixtures: the contract vectors, a tenant keyring, a real mosquitto."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.identity import Keyring, decode_key
+from simulators.broker import Mosquitto
+
+VECTORS_PATH = Path(__file__).resolve().parents[1] / "gateway" / "contract" / "vectors.json"
+
+
+@pytest.fixture(scope="session")
+def vectors() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))
+    return data
+
+
+@pytest.fixture(scope="session")
+def keyring(vectors: dict[str, Any]) -> Keyring:
+    return Keyring(
+        keys={vectors["key_id"]: decode_key(vectors["key_base64"], "vectors")},
+        active=vectors["key_id"],
+    )
+
+
+@pytest.fixture
+def key_file(tmp_path: Path, vectors: dict[str, Any]) -> Path:
+    path = tmp_path / "k1.key"
+    path.write_text(vectors["key_base64"] + "\n", encoding="ascii")
+    return path
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    with Mosquitto(tmp_path / "mosquitto") as b:
+        yield b
