@@ -161,12 +161,19 @@ class Config(Model):
         return self
 
 
+def _source_kinds() -> set[str]:
+    kinds: set[str] = set()
+    for member in SourceConfig.__origin__.__args__:  # type: ignore[attr-defined]
+        kinds.update(member.model_fields["kind"].annotation.__args__)
+    return kinds
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("serial_card", "synthetic") and out.endswith("]"):
+        elif part in _source_kinds() and out.endswith("]"):
             continue  # pydantic adds the discriminator tag; the user never wrote it
         else:
             out += f".{part}" if out else str(part)
