@@ -1,0 +1,206 @@
+"""``touchpoint-gateway``: the daemon and the tools around it.  Every command has --help."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.errors import ConfigError, GatewayError, RejectedInput
+
+log = logging.getLogger("gateway")
+
+
+def _setup_logging(level: str) -> None:
+    from gateway.logs import setup_logging
+
+    setup_logging(level)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.daemon import Gateway
+
+    _setup_logging(args.log_level)
+    cfg = load_config(args.config)
+    gw = Gateway(cfg)
+    asyncio.run(gw.run())
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.identity import Keyring
+
+    failed = False
+    for path in args.files:
+        try:
+            cfg = load_config(path)
+            Keyring.from_files(cfg.keyring.keys, cfg.keyring.active)
+        except ConfigError as exc:
+            failed = True
+            for file, key, why in exc.problems:
+                print(f"{file}: {key or '<top>'}: {why}")
+            continue
+        except GatewayError as exc:
+            failed = True
+            print(f"{path}: keyring: {exc}")
+            continue
+        print(f"{path}: ok ({len(cfg.sources)} source(s), store {cfg.gateway.store}, device {cfg.gateway.device})")
+    return 1 if failed else 0
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.outbox import buffer_stats, connect
+
+    cfg = load_config(args.config)
+    path = Path(cfg.buffer.path)
+    if not path.exists():
+        print(f"no buffer database at {path} (the daemon has not run yet)", file=sys.stderr)
+        return 1
+    conn = connect(path, readonly=True)
+    try:
+        now = time.time()
+        stats = buffer_stats(conn, now)
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    last = stats["last_publish_at"]
+    rows = [
+        ("store / device", f"{cfg.gateway.store} / {cfg.gateway.device}"),
+        ("stream", str(stats["stream"])),
+        ("buffer depth", f"{stats['depth']} events"),
+        ("oldest pending", _age(stats["oldest_age_s"])),
+        ("last seq", str(stats["last_seq"])),
+        ("last successful publish", "never" if last is None else f"{_age(now - last)} ago"),
+        ("dead letters", str(stats["dead_letters"])),
+        ("database size", f"{stats['db_bytes'] / 1e6:.1f} MB (cap {cfg.buffer.max_bytes / 1e6:.0f} MB)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_pseudonym(args: argparse.Namespace) -> int:
+    from gateway.identity import Keyring
+
+    ring = Keyring.from_files({args.key_id: Path(args.key_file)}, args.key_id)
+    try:
+        print(ring.pseudonym(args.namespace, args.value))
+    except RejectedInput as exc:
+        print(f"not a valid {args.namespace} identifier: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from gateway.config import json_schema
+
+    text = json_schema()
+    if args.write:
+        Path(args.write).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    _setup_logging(args.log_level)
+    return run_demo(seconds=args.seconds, workdir=args.workdir)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gateway.bench import run_bench
+
+    _setup_logging("warning")
+    return run_bench(args.which, as_json=args.json, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="touchpoint-gateway",
+        description="In-store edge gateway: card, beacon and QR sightings to pseudonymised, "
+        "consented events, buffered in SQLite and forwarded over MQTT.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="run the daemon", description="Run the gateway daemon (systemd Type=notify).")
+    s.add_argument("--config", required=True, type=Path, help="the gateway's TOML config file")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level (default info)")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("check-config", help="validate config files", description="List every problem in the config files (file, key, why); exit 1 if any, else 0.")
+    s.add_argument("files", nargs="+", type=Path, help="config files to check")
+    s.set_defaults(fn=cmd_check_config)
+
+    s = sub.add_parser("status", help="show the buffer's state", description="Show buffer depth, oldest pending age, last successful publish and dead letters, read from the buffer database.")
+    s.add_argument("--config", required=True, type=Path, help="the gateway's TOML config file")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("pseudonym", help="print the pseudonym of an identifier", description="Print the pseudonym of a raw identifier (for erasure requests). The raw value is not logged.")
+    s.add_argument("--key-file", required=True, help="tenant key file (base64 of >= 32 bytes)")
+    s.add_argument("--key-id", required=True, help="the key's id, e.g. k1")
+    s.add_argument("namespace", choices=["loyalty", "rfid", "ibeacon", "eddystone", "altbeacon", "app"], help="identifier namespace")
+    s.add_argument("value", help="the raw identifier")
+    s.set_defaults(fn=cmd_pseudonym)
+
+    s = sub.add_parser("config-schema", help="print the config's JSON Schema", description="Print (or write) the JSON Schema of the config file.")
+    s.add_argument("--write", type=Path, help="write to this file instead of stdout")
+    s.set_defaults(fn=cmd_config_schema)
+
+    s = sub.add_parser("demo", help="run the daemon against simulated hardware", description="Start a local mosquitto, the fake central service and the card-reader simulator, and run the real daemon against them, with a live summary. Ctrl-C stops it.")
+    s.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
+    s.add_argument("--workdir", type=Path, default=None, help="where to keep the demo's files (default: a temporary folder)")
+    s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="daemon log level (default warning)")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("bench", help="run benchmarks", description="Run a benchmark and print its figures beside a same-run reference.")
+    s.add_argument("which", nargs="?", default="pipeline", choices=["pipeline"], help="which benchmark (default pipeline)")
+    s.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    s.add_argument("--quick", action="store_true", help="smaller run (for CI smoke tests)")
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.fn(args)
+    except ConfigError as exc:
+        for file, key, why in exc.problems:
+            print(f"config error: {file}: {key or '<top>'}: {why}", file=sys.stderr)
+        return 1
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The daemon: one event loop, one TaskGroup, every task named.
+
+    sources ──► pipeline (consent gate, encode) ──► outbox (SQLite) ──► forwarder ──► MQTT
+
+A supervisor restarts a source that raises SourceError, with jittered backoff; a source
+whose driver cannot be imported is disabled with a clear error.  Any other exception ends
+the group and the process exits non-zero for systemd to restart it.  READY is sent after
+the config is loaded and the buffer migrated, not after the broker or hardware answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway import __version__
+from gateway.config import Config
+from gateway.consent import ConsentRegistry, load_seed_file
+from gateway.errors import GatewayError, SourceError
+from gateway.events import event_tail, status_payload, topic_prefix
+from gateway.forwarder import Forwarder
+from gateway.identity import Keyring
+from gateway.metrics import Metrics
+from gateway.mqtt import PahoPublisher
+from gateway.notify import Notifier, watchdog_interval
+from gateway.outbox import Outbox, Pending
+from gateway.ports import Publisher, Reading, Source, SourceContext
+from gateway.registry import build_source
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        now: Callable[[], float] = time.time,
+        publisher: Publisher | None = None,
+        sources: list[Source] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.now = now
+        self.metrics = Metrics()
+        self.keyring = Keyring.from_files(cfg.keyring.keys, cfg.keyring.active)
+        self.outbox = Outbox(cfg.buffer, self.metrics, now=now)
+        self.consent = ConsentRegistry(cfg.consent.required, self.metrics)
+        self.prefix = topic_prefix(cfg.gateway.store, cfg.gateway.device)
+        self.notifier = notifier or Notifier()
+        self.stop_event = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.forwarder: Forwarder | None = None
+        self.publisher: Publisher | None = publisher
+        self._extra_sources = sources or []
+        self.latencies: list[float] | None = None  # set to a list to record (bench)
+        self.last_stats: dict[str, Any] = {}
+
+    # -- start-up ---------------------------------------------------------------------
+
+    def _open_buffer(self) -> None:
+        self.outbox.open()
+
+    async def _load_consent(self) -> None:
+        n = await self.outbox.read(self.consent.load)
+        if self.cfg.consent.seed_file is not None:
+            records = load_seed_file(self.cfg.consent.seed_file)
+            rows = self.consent.apply(records, "seed", self.now())
+            await self.outbox.write(lambda c: ConsentRegistry.persist(c, rows))
+            n = len(self.consent.records)
+        log.info("consent registry: %d subjects", n)
+
+    def _make_publisher(self) -> Publisher:
+        if self.publisher is not None:
+            return self.publisher
+        g = self.cfg.gateway
+        pub = PahoPublisher(
+            self.cfg.mqtt,
+            client_id=self.cfg.mqtt.client_id or f"tp-{g.store}-{g.device}",
+            will_topic=f"{self.prefix}/status",
+            will_payload=status_payload("offline", self.now(), __version__),
+            metrics=self.metrics,
+        )
+        pub.on_connect(self._publish_online)
+        self.publisher = pub
+        return pub
+
+    def _publish_online(self) -> None:
+        assert self.publisher is not None
+        self.publisher.publish(
+            f"{self.prefix}/status", status_payload("online", self.now(), __version__), retain=True
+        )
+
+    # -- the pipeline -------------------------------------------------------------------
+
+    def accept(self, reading: Reading) -> bool:
+        """Gate and buffer one reading; False when consent drops it."""
+        self.metrics.inc("readings_total", source=reading.source, type=reading.type)
+        purposes = self.consent.purposes_for(reading.type, reading.subject, reading.at)
+        if purposes is None:
+            self.metrics.inc("events_dropped_total", reason="consent")
+            return False
+        tail = event_tail(
+            type_=reading.type,
+            at=reading.at,
+            source=reading.source,
+            subject=reading.subject,
+            purposes=purposes,
+            attrs=reading.attrs,
+        )
+        self.outbox.submit(Pending(reading.at, reading.type, reading.subject, tail))
+        return True
+
+    async def _pipeline(self, source: Source) -> None:
+        async for reading in source.readings():
+            self.accept(reading)
+            if self.outbox.outstanding >= 2 * self.cfg.buffer.commit_max_events:
+                await self.outbox.wait_capacity()
+
+    async def _supervise(self, src_cfg: Any | None, source: Source | None = None) -> None:
+        name = source.name if source is not None else src_cfg.name
+        ctx = SourceContext(name=name, keyring=self.keyring, metrics=self.metrics, now=self.now)
+        if source is None:
+            try:
+                source = build_source(src_cfg, ctx)
+            except SourceError as exc:
+                log.error("source %s disabled: %s", name, exc)
+                ctx.set_state("disabled", str(exc))
+                self.metrics.error(f"source:{name}", str(exc))
+                return
+        delay = 0.5
+        while True:
+            started = time.monotonic()
+            try:
+                await self._pipeline(source)
+                log.warning("source %s ended; restarting", name)
+            except SourceError as exc:
+                log.warning("source %s failed: %s; retrying", name, exc)
+                ctx.set_state("error", str(exc))
+                self.metrics.error(f"source:{name}", str(exc))
+                self.metrics.inc("source_restarts_total", source=name)
+            if time.monotonic() - started > 60:
+                delay = 0.5
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, 60.0)
+
+    async def _housekeeping(self) -> None:
+        last_expire = last_summary = time.monotonic()
+        wd = watchdog_interval()
+        last_forwarded = -1.0
+        while True:
+            await asyncio.sleep(min(1.0, wd or 1.0))
+            mono = time.monotonic()
+            self.last_stats = await self.outbox.stats()
+            self.metrics.set("buffer_depth", self.last_stats["depth"])
+            if mono - last_expire >= 60:
+                last_expire = mono
+                n = await self.outbox.expire()
+                if n:
+                    log.warning("expired %d events older than %ds unsent", n, self.cfg.buffer.max_age_s)
+                    self.metrics.inc("events_expired_total", n)
+            forwarded = self.metrics.get("events_forwarded_total")
+            # Watchdog: the loop runs, the buffer answers, and the pipeline is not wedged
+            # (no backlog, or the backlog moves).
+            progressing = self.last_stats["depth"] == 0 or forwarded != last_forwarded
+            if wd is not None and progressing:
+                self.notifier.watchdog()
+            last_forwarded = forwarded
+            self.notifier.status(self.status_line())
+            if mono - last_summary >= self.cfg.status.summary_interval_s:
+                last_summary = mono
+                log.info("%s", self.status_line())
+
+    def status_line(self) -> str:
+        m = self.metrics
+        return (
+            f"read {m.total('readings_total'):.0f}, buffered {m.get('events_buffered_total'):.0f}, "
+            f"forwarded {m.get('events_forwarded_total'):.0f}, "
+            f"dropped(consent) {m.total('events_dropped_total', reason='consent'):.0f}, "
+            f"depth {self.last_stats.get('depth', 0)}, "
+            f"broker {'up' if m.get('mqtt_connected') else 'down'}"
+        )
+
+    # -- run ------------------------------------------------------------------------------
+
+    async def run(self, *, install_signals: bool = True, drain_timeout: float = 5.0) -> None:
+        loop = asyncio.get_running_loop()
+        self._open_buffer()
+        try:
+            await self._load_consent()
+            publisher = self._make_publisher()
+            topic = f"{self.prefix}/events"
+            on_latency = None
+            if self.latencies is not None:
+                lat = self.latencies
+                on_latency = lat.extend
+            self.forwarder = Forwarder(
+                self.outbox, publisher, self.cfg.mqtt,
+                store=self.cfg.gateway.store, device=self.cfg.gateway.device,
+                topic=topic, metrics=self.metrics, now=self.now, on_latency=on_latency,
+            )
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self.stop_event.set)
+            log.info(
+                "touchpoint-gateway %s: store %s device %s stream %s, %d source(s)",
+                __version__, self.cfg.gateway.store, self.cfg.gateway.device,
+                self.outbox.stream, len(self.cfg.sources) + len(self._extra_sources),
+            )
+            self.notifier.ready(self.status_line())
+            self.ready.set()
+            await publisher.start()
+            async with asyncio.TaskGroup() as tg:
+                fwd = tg.create_task(self.forwarder.run(), name="forwarder")
+                hk = tg.create_task(self._housekeeping(), name="housekeeping")
+                srcs = [
+                    tg.create_task(self._supervise(c), name=f"source:{c.name}")
+                    for c in self.cfg.sources
+                ] + [
+                    tg.create_task(self._supervise(None, src), name=f"source:{src.name}")
+                    for src in self._extra_sources
+                ]
+                tg.create_task(
+                    self._stop_sequence(publisher, srcs, [fwd, hk], drain_timeout),
+                    name="stop-sequence",
+                )
+        finally:
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            self.outbox.close()
+            self.notifier.close()
+
+    async def _stop_sequence(
+        self,
+        publisher: Publisher,
+        sources: list[asyncio.Task[None]],
+        core: list[asyncio.Task[None]],
+        drain_timeout: float,
+    ) -> None:
+        """On a stop request: stop reading, commit what was read, give the forwarder a
+        bounded time to empty the buffer, publish ``offline`` and disconnect."""
+        await self.stop_event.wait()
+        self.notifier.stopping()
+        log.info("stopping: flushing the buffer (up to %.0fs)", drain_timeout)
+        for task in sources:
+            task.cancel()
+        await asyncio.gather(*sources, return_exceptions=True)
+        assert self.forwarder is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
+        with contextlib.suppress(GatewayError):
+            while loop.time() < deadline and publisher.connected:
+                self.last_stats = await self.outbox.stats()
+                if self.last_stats["depth"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            await self.forwarder.drain(max(0.0, deadline - loop.time()))
+        for task in core:
+            task.cancel()
+        await asyncio.gather(*core, return_exceptions=True)
+        await self.forwarder.cancel()
+        if publisher.connected:
+            fut = publisher.publish(
+                f"{self.prefix}/status", status_payload("offline", self.now(), __version__), retain=True
+            )
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(fut), 1.0)
+        await publisher.close(graceful=True)
+        with contextlib.suppress(GatewayError):
+            self.last_stats = await self.outbox.stats()
+        log.info("stopped: %s", self.status_line())

@@ -1,0 +1,72 @@
+"""Named schema migrations for the buffer database, recorded in ``_migrations``.
+
+Each migration runs once, in order, inside a transaction; sqlite-utils builds the tables
+so a technician can read the same schema with ``sqlite-utils tables buffer.db``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+
+import sqlite_utils
+
+
+def _m001_outbox(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db.execute(
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL,"
+        " type TEXT NOT NULL, subject TEXT, body TEXT NOT NULL)"
+    )
+    db["dead_letters"].create(
+        {
+            "seq": int,
+            "created": float,
+            "type": str,
+            "subject": str,
+            "body": str,
+            "reason_code": int,
+            "reason": str,
+            "failed_at": float,
+        },
+        pk="seq",
+    )
+
+
+def _m002_consent(db: sqlite_utils.Database) -> None:
+    db["consent"].create(
+        {"subject": str, "purposes": str, "expires": float, "source": str, "updated_at": float},
+        pk="subject",
+    )
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("001_outbox", _m001_outbox),
+    ("002_consent", _m002_consent),
+]
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply the migrations not yet recorded; return the names applied."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
+    db = sqlite_utils.Database(conn)
+    applied = []
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            fn(db)
+            conn.execute(
+                "INSERT INTO _migrations(name, applied_at) VALUES (?, ?)", (name, time.time())
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied

@@ -1,0 +1,252 @@
+"""The MQTT publisher: paho-mqtt 2.x behind the ``Publisher`` port.
+
+paho runs its own network thread (``loop_start``); its callbacks only hand facts to the
+event loop with ``call_soon_threadsafe``.  Designed around paho's known traps:
+
+- ``on_publish`` fires even when the PUBACK carries a failure reason code: the verdict
+  carries the code and the forwarder dead-letters the batch.
+- After a reconnect paho re-sends every message it holds, ignoring ``max_inflight``: the
+  forwarder never hands it more than its own window.
+- A QoS 1 publish made while disconnected returns an error yet is queued and sent after
+  the reconnect: its future stays pending and the message is never published twice.
+- Message ids are 16-bit: the window is far below 65,536.
+
+Reconnects use exponential backoff with full jitter, so a fleet does not reconnect in
+lock-step after a broker restart.  The socket gets ``TCP_NODELAY``: QoS 1 throughput is
+bounded by window / round trip, and Nagle's algorithm adds a delay to every round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from gateway.config import MqttConfig
+from gateway.errors import ConfigError
+from gateway.metrics import Metrics
+from gateway.ports import Verdict
+
+log = logging.getLogger(__name__)
+
+
+class _JitteredClient(mqtt.Client):
+    """paho's client with full-jitter exponential reconnect backoff."""
+
+    jitter_min = 0.5
+    jitter_max = 60.0
+
+    def _reconnect_wait(self) -> None:
+        attempt = getattr(self, "_tp_attempt", 0)
+        self._tp_attempt = attempt + 1
+        cap = min(self.jitter_max, self.jitter_min * (2**attempt))
+        delay = random.uniform(self.jitter_min / 2, cap)
+        deadline = time.monotonic() + delay
+        while not self._thread_terminate:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(remaining, 0.25))
+
+    def reset_backoff(self) -> None:
+        self._tp_attempt = 0
+
+
+class PahoPublisher:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        *,
+        client_id: str,
+        will_topic: str,
+        will_payload: bytes,
+        metrics: Metrics,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, asyncio.Future[Verdict]] = {}
+        self._connected = asyncio.Event()
+        self._on_connect_hooks: list[Any] = []
+        self._closing = False
+        v5 = cfg.protocol == "5"
+        self._v5 = v5
+        client = _JitteredClient(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else True,
+        )
+        client.jitter_min = cfg.reconnect_min_s
+        client.jitter_max = cfg.reconnect_max_s
+        client.connect_timeout = cfg.connect_timeout_s
+        # Our window is the real bound; paho's is only a backstop above it.
+        client.max_inflight_messages_set(cfg.inflight_window + 16)
+        client.max_queued_messages_set(0)
+        client.will_set(will_topic, will_payload, qos=1, retain=True)
+        if cfg.username is not None:
+            password = None
+            if cfg.password_file is not None:
+                try:
+                    password = cfg.password_file.read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise ConfigError(
+                        [(str(cfg.password_file), "mqtt.password_file", f"cannot read: {exc}")]
+                    ) from None
+            client.username_pw_set(cfg.username, password)
+        if cfg.tls is not None:
+            client.tls_set(
+                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        client.on_connect = self._cb_connect
+        client.on_disconnect = self._cb_disconnect
+        client.on_publish = self._cb_publish
+        client.on_connect_fail = self._cb_connect_fail
+        client.on_socket_open = self._cb_socket_open
+        self.client = client
+
+    # -- Publisher port -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        kwargs: dict[str, Any] = {}
+        if self._v5:
+            kwargs["clean_start"] = True  # the database is the session
+        self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s, **kwargs)
+        self.client.loop_start()
+
+    def on_connect(self, hook: Any) -> None:
+        """Call ``hook()`` on the event loop after every successful connect."""
+        self._on_connect_hooks.append(hook)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> asyncio.Future[Verdict]:
+        assert self._loop is not None
+        fut: asyncio.Future[Verdict] = self._loop.create_future()
+        try:
+            info = self.client.publish(topic, payload, qos=1, retain=retain)
+        except ValueError as exc:  # payload too large or bad topic: never queued
+            fut.set_result(Verdict(ok=False, reason_code=-1, reason=str(exc)))
+            return fut
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            fut.set_result(Verdict(ok=False, reason_code=-int(info.rc), reason=mqtt.error_string(info.rc)))
+            return fut
+        # MQTT_ERR_NO_CONN: queued by paho and sent after the reconnect; wait for it.
+        self._pending[info.mid] = fut
+        return fut
+
+    async def close(self, *, graceful: bool = True, timeout: float = 2.0) -> None:
+        self._closing = True
+        if graceful and self.connected:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while self._pending and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+        self.client.disconnect()
+        self.client.loop_stop()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.cancel()
+        self._pending.clear()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # -- paho callbacks: network thread, enqueue only -------------------------------------
+
+    def _post(self, fn: Any, *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:
+                pass
+
+    def _cb_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if isinstance(sock, socket.socket | ssl.SSLSocket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _cb_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._post(self._connected_changed, not reason_code.is_failure, str(reason_code))
+
+    def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._post(self._connect_failed)
+
+    def _cb_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._post(self._connected_changed, False, str(reason_code))
+
+    def _cb_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._post(self._published, mid, reason_code.value, str(reason_code), reason_code.is_failure)
+
+    # -- on the event loop ----------------------------------------------------------------
+
+    def _connected_changed(self, up: bool, reason: str) -> None:
+        if up:
+            if not self._connected.is_set():
+                log.info("connected to broker %s:%d", self.cfg.host, self.cfg.port)
+            self.client.reset_backoff()
+            self._connected.set()
+            self.metrics.set("mqtt_connected", 1)
+            for hook in self._on_connect_hooks:
+                hook()
+            return
+        if self._closing:
+            pass
+        elif self._connected.is_set():
+            log.warning("disconnected from broker: %s; reconnecting with backoff", reason)
+            self.metrics.inc("mqtt_reconnects_total")
+        elif reason != "Success":
+            log.warning("broker refused the connection: %s", reason)
+            self.metrics.error("mqtt", f"connect refused: {reason}")
+        self._connected.clear()
+        self.metrics.set("mqtt_connected", 0)
+
+    def _connect_failed(self) -> None:
+        self.metrics.inc("mqtt_connect_failures_total")
+        self.metrics.error("mqtt", f"cannot reach broker {self.cfg.host}:{self.cfg.port}")
+
+    def _published(self, mid: int, code: int, reason: str, failure: bool) -> None:
+        fut = self._pending.pop(mid, None)
+        if fut is None or fut.done():
+            return
+        fut.set_result(Verdict(ok=not failure, reason_code=code, reason=reason))

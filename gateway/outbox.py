@@ -1,0 +1,490 @@
+"""The outbox: a SQLite buffer in WAL mode, owned by one writer thread.
+
+Every database operation is a command queued to that thread.  Writes queued while a
+commit runs are grouped into the next transaction (up to ``commit_max_events`` events or
+``commit_interval_ms``), committed with ``synchronous=FULL``, and only then are their
+futures resolved: an event is acknowledged to its source after it is durable.  Reads run
+after the commit, so nothing uncommitted is ever handed to the forwarder.
+
+``seq`` is assigned here, in commit order, from an AUTOINCREMENT sequence: a seq is never
+reused, even after the rows are deleted.  The stream id is created once with the database.
+
+Bounds: ``max_page_count`` caps the file (deletes still work when it is full), rows older
+than ``max_age_s`` are expired, and when full the configured policy applies
+(``evict_oldest`` deletes the oldest rows; ``drop_new`` refuses the new ones); every
+eviction, expiry and drop is counted.  ``secure_delete`` overwrites deleted content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.config import BufferConfig
+from gateway.errors import BufferError_
+from gateway.events import new_stream_id, with_seq
+from gateway.metrics import Metrics
+from gateway.migrations import migrate
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EVICT_MIN_ROWS = 100
+
+
+@dataclass(slots=True)
+class Pending:
+    """An event waiting to be committed: its JSON after ``seq``, and what erasure needs."""
+
+    created: float
+    type: str
+    subject: str | None
+    tail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    lo: int
+    hi: int
+    bodies: list[str]
+    nbytes: int
+    created: list[float]
+
+    @property
+    def count(self) -> int:
+        return len(self.bodies)
+
+
+class BufferFull(BufferError_):
+    """The buffer is full and the policy is ``drop_new``: the event was not stored."""
+
+
+@dataclass(slots=True)
+class _Cmd:
+    kind: str  # "append" | "write" | "read"
+    fn: Callable[[sqlite3.Connection], Any] | None = None
+    events: list[Pending] = field(default_factory=list)
+    future: asyncio.Future[Any] | None = None
+    result: Any = None
+    error: BaseException | None = None
+
+
+_STOP = object()
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5)
+    else:
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=30
+        )
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+class Outbox:
+    def __init__(
+        self, cfg: BufferConfig, metrics: Metrics, *, now: Callable[[], float] = time.time
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.now = now
+        self.stream = ""
+        self.new_data = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._next_seq = 1
+        self._page_size = 4096
+        self._open: list[Pending] = []
+        self._open_future: asyncio.Future[list[int]] | None = None
+        self._outstanding = 0
+        self._max_outstanding = 4 * cfg.commit_max_events
+        self._capacity = asyncio.Event()
+
+    # -- lifecycle (blocking; call before the pipeline starts) ------------------------
+
+    def open(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        path = Path(self.cfg.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = connect(path)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.execute("PRAGMA journal_size_limit = %d" % (16 * 1024 * 1024))
+            self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            migrate(conn)
+            self._set_max_pages(conn)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()
+            if row is None:
+                self.stream = new_stream_id()
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('stream', ?), ('created_at', ?)",
+                    (self.stream, str(self.now())),
+                )
+            else:
+                self.stream = str(row[0])
+            seqrow = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+            ).fetchone()
+            self._next_seq = (int(seqrow[0]) if seqrow else 0) + 1
+        except sqlite3.Error as exc:
+            raise BufferError_(f"{path}: cannot open the buffer database: {exc}") from exc
+        self._conn = conn
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
+        self._thread.start()
+
+    def _set_max_pages(self, conn: sqlite3.Connection) -> None:
+        pages = max(16, self.cfg.max_bytes // self._page_size)
+        current = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        # max_page_count cannot be set below the current size; it then stays at the size.
+        conn.execute("PRAGMA max_page_count = %d" % max(pages, current))
+
+    def close(self) -> None:
+        """Finish queued commands, checkpoint the WAL and close the database."""
+        if self._thread is not None:
+            self._flush_open()
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("WAL checkpoint at close failed: %s", exc)
+            self._conn.close()
+            self._conn = None
+
+    # -- API for the event loop ------------------------------------------------------
+
+    def submit(self, event: Pending) -> tuple[asyncio.Future[list[int]], int]:
+        """Queue one event.  Returns (future, index): the future resolves, once the event
+        is committed, with the seqs of every event submitted in the same loop iteration;
+        this event's seq is at ``index``.  One future per group keeps the hot path cheap.
+        """
+        assert self._loop is not None
+        if not self._open:
+            self._open_future = self._loop.create_future()
+            self._loop.call_soon(self._flush_open)
+        self._open.append(event)
+        self._outstanding += 1
+        index = len(self._open) - 1
+        fut = self._open_future
+        if len(self._open) >= self.cfg.commit_max_events:
+            self._flush_open()
+        return fut, index
+
+    def submit_many(self, events: list[Pending]) -> asyncio.Future[list[int]]:
+        assert self._loop is not None
+        fut: asyncio.Future[list[int]] = self._loop.create_future()
+        self._outstanding += len(events)
+        self._queue.put(_Cmd("append", events=events, future=fut))
+        return fut
+
+    def _flush_open(self) -> None:
+        if self._open:
+            self._queue.put(_Cmd("append", events=self._open, future=self._open_future))
+            self._open = []
+
+    async def wait_capacity(self) -> None:
+        """Backpressure: wait while too many events are submitted but not yet committed."""
+        while self._outstanding >= self._max_outstanding:
+            self._capacity.clear()
+            await self._capacity.wait()
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run ``fn(conn)`` inside the next write transaction."""
+        assert self._loop is not None
+        self._flush_open()
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Cmd("write", fn=fn, future=fut))
+        return fut
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run ``fn(conn)`` on the writer's connection after the pending commit."""
+        assert self._loop is not None
+        self._flush_open()
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Cmd("read", fn=fn, future=fut))
+        return fut
+
+    def fetch(
+        self, after: int, max_batches: int, max_events: int, max_bytes: int
+    ) -> asyncio.Future[list[Batch]]:
+        """Committed events with seq > ``after``, cut into batches in seq order."""
+        return self.read(lambda c: _fetch(c, after, max_batches, max_events, max_bytes))
+
+    def ack(self, batch: Batch) -> asyncio.Future[int]:
+        """Delete a delivered batch's rows and record the time of the last publish."""
+        now = self.now()
+
+        def fn(c: sqlite3.Connection) -> int:
+            n = c.execute("DELETE FROM events WHERE seq BETWEEN ? AND ?", (batch.lo, batch.hi))
+            c.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_publish_at', ?)",
+                (str(now),),
+            )
+            return n.rowcount
+
+        return self.write(fn)
+
+    def dead_letter(self, batch: Batch, reason_code: int, reason: str) -> asyncio.Future[int]:
+        """Move a batch the broker refused into ``dead_letters`` (visible in status)."""
+        now = self.now()
+
+        def fn(c: sqlite3.Connection) -> int:
+            c.execute(
+                "INSERT OR REPLACE INTO dead_letters(seq, created, type, subject, body,"
+                " reason_code, reason, failed_at) SELECT seq, created, type, subject, body,"
+                " ?, ?, ? FROM events WHERE seq BETWEEN ? AND ?",
+                (reason_code, reason, now, batch.lo, batch.hi),
+            )
+            n = c.execute("DELETE FROM events WHERE seq BETWEEN ? AND ?", (batch.lo, batch.hi))
+            return n.rowcount
+
+        return self.write(fn)
+
+    def expire(self, now: float | None = None) -> asyncio.Future[int]:
+        """Delete rows older than ``max_age_s``, oldest first, in bounded chunks."""
+        cutoff = (self.now() if now is None else now) - self.cfg.max_age_s
+        return self.write(lambda c: _expire(c, cutoff))
+
+    def stats(self) -> asyncio.Future[dict[str, Any]]:
+        return self.read(lambda c: buffer_stats(c, self.now()))
+
+    # -- writer thread ----------------------------------------------------------------
+
+    def _collect(self, first: _Cmd) -> tuple[list[_Cmd], bool]:
+        group = [first]
+        n_events = len(first.events)
+        deadline = time.monotonic() + self.cfg.commit_interval_ms / 1000.0
+        stop = False
+        while n_events < self.cfg.commit_max_events:
+            try:
+                cmd = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if n_events == 0 or remaining <= 0:
+                    break
+                try:
+                    cmd = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if cmd is _STOP:
+                stop = True
+                break
+            group.append(cmd)
+            n_events += len(cmd.events)
+            if cmd.kind == "read":
+                break  # a reader is waiting: commit now
+        return group, stop
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            group, stop = self._collect(first)
+            self._execute(group)
+            if stop:
+                return
+
+    def _execute(self, group: list[_Cmd]) -> None:
+        assert self._conn is not None
+        conn = self._conn
+        writes = [c for c in group if c.kind != "read"]
+        appended = 0
+        if writes:
+            appended = self._commit(conn, writes)
+        for cmd in group:
+            if cmd.kind == "read" and cmd.fn is not None:
+                try:
+                    cmd.result = cmd.fn(conn)
+                except sqlite3.Error as exc:
+                    cmd.error = BufferError_(f"buffer read failed: {exc}")
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._resolve, group, appended)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _commit(self, conn: sqlite3.Connection, writes: list[_Cmd]) -> int:
+        """Commit the writes; apply the full-buffer policy. Returns events appended."""
+        for attempt in range(3):
+            start_seq = self._next_seq
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                appended = 0
+                for cmd in writes:
+                    if cmd.error is not None:
+                        continue
+                    if cmd.kind == "append":
+                        cmd.result = self._insert(conn, cmd.events)
+                        appended += len(cmd.events)
+                    elif cmd.fn is not None:
+                        cmd.result = cmd.fn(conn)
+                conn.execute("COMMIT")
+                return appended
+            except sqlite3.Error as exc:
+                self._rollback(conn)
+                self._next_seq = start_seq
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL and attempt < 2:
+                    self._when_full(conn, writes)
+                    continue
+                err = BufferError_(f"buffer write failed: {exc}")
+                log.error("buffer write failed: %s", exc)
+                for cmd in writes:
+                    cmd.error = cmd.error or err
+                return 0
+        return 0
+
+    def _insert(self, conn: sqlite3.Connection, events: list[Pending]) -> list[int]:
+        seq = self._next_seq
+        rows = []
+        for ev in events:
+            rows.append((seq, ev.created, ev.type, ev.subject, with_seq(seq, ev.tail)))
+            seq += 1
+        conn.executemany(
+            "INSERT INTO events(seq, created, type, subject, body) VALUES (?, ?, ?, ?, ?)", rows
+        )
+        first = self._next_seq
+        self._next_seq = seq
+        return list(range(first, seq))
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _when_full(self, conn: sqlite3.Connection, writes: list[_Cmd]) -> None:
+        incoming = sum(len(c.events) for c in writes if c.kind == "append")
+        if self.cfg.when_full == "drop_new":
+            for cmd in writes:
+                if cmd.kind == "append":
+                    cmd.error = BufferFull("buffer full: event dropped (policy drop_new)")
+            self._count_on_loop("events_dropped_total", incoming, reason="buffer_full")
+            return
+        total = int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+        n = max(EVICT_MIN_ROWS, incoming, total // 100)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            cur = conn.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT ?)",
+                (n,),
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            log.error("buffer full and eviction failed: %s", exc)
+            return
+        log.warning("buffer full: evicted the %d oldest events (policy evict_oldest)", cur.rowcount)
+        self._count_on_loop("events_evicted_total", cur.rowcount)
+
+    def _count_on_loop(self, name: str, amount: int, **labels: str) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(lambda: self.metrics.inc(name, amount, **labels))
+
+    def _resolve(self, group: list[_Cmd], appended: int) -> None:
+        settled = sum(len(c.events) for c in group)
+        if settled:
+            self._outstanding -= settled
+            self._capacity.set()
+        if appended:
+            self.metrics.inc("events_buffered_total", appended)
+            self.new_data.set()
+        for cmd in group:
+            fut = cmd.future
+            if fut is None or fut.done():
+                continue
+            if cmd.error is not None:
+                fut.set_exception(cmd.error)
+            else:
+                fut.set_result(cmd.result)
+
+
+def _fetch(
+    conn: sqlite3.Connection, after: int, max_batches: int, max_events: int, max_bytes: int
+) -> list[Batch]:
+    rows = conn.execute(
+        "SELECT seq, created, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+        (after, max_batches * max_events),
+    ).fetchall()
+    batches: list[Batch] = []
+    bodies: list[str] = []
+    times: list[float] = []
+    lo = hi = 0
+    nbytes = 0
+    overhead = 128  # the batch envelope
+    for seq, created, body in rows:
+        size = len(body.encode()) + 1
+        if bodies and (len(bodies) >= max_events or nbytes + size + overhead > max_bytes):
+            batches.append(Batch(lo, hi, bodies, nbytes, times))
+            if len(batches) >= max_batches:
+                return batches
+            bodies, times, nbytes = [], [], 0
+        if not bodies:
+            lo = seq
+        bodies.append(body)
+        times.append(created)
+        hi = seq
+        nbytes += size
+    if bodies:
+        batches.append(Batch(lo, hi, bodies, nbytes, times))
+    return batches
+
+
+def _expire(conn: sqlite3.Connection, cutoff: float, chunk: int = 5000) -> int:
+    total = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, created FROM events ORDER BY seq LIMIT ?", (chunk,)
+        ).fetchall()
+        last = None
+        for seq, created in rows:
+            if created >= cutoff:
+                break
+            last = seq
+        if last is None:
+            return total
+        total += conn.execute("DELETE FROM events WHERE seq <= ?", (last,)).rowcount
+        if last != rows[-1][0]:
+            return total
+
+
+def buffer_stats(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+    depth, oldest = conn.execute("SELECT count(*), min(created) FROM events").fetchone()
+    dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    seqrow = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+    last_pub = meta.get("last_publish_at")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return {
+        "stream": meta.get("stream"),
+        "depth": int(depth),
+        "oldest_age_s": (now - float(oldest)) if oldest is not None else None,
+        "last_seq": int(seqrow[0]) if seqrow else 0,
+        "last_publish_at": float(last_pub) if last_pub else None,
+        "dead_letters": int(dead),
+        "db_bytes": int(page_size) * int(pages),
+        "db_free_bytes": int(page_size) * int(free),
+    }

@@ -1,0 +1,220 @@
+"""Presence per (subject, zone): smoothed RSSI in, presence.enter / presence.exit out.
+
+Pure and clock-free: every call takes ``now`` (unix seconds), so timeouts are tested
+without sleeping.  Subjects are opaque strings (the driver passes pseudonyms), so this
+state never holds a raw identifier.
+
+Smoothing is a **sliding median** over the samples of the last ``window_s`` seconds
+(at most ``window_samples`` of them).  RSSI from a phone or beacon is heavy-tailed:
+body shadowing and multipath make single readings 10-20 dB off.  A median ignores such
+outliers outright, where an EWMA lets every spike pull the value and depends on the
+(irregular, coalesced-by-BlueZ) sample rate; the time window is our own, so a burst of
+duplicate adverts or a gap in BlueZ's delivery does not stretch or shrink it.
+
+Per track::
+
+    absent --smoothed >= enter_rssi--> candidate --held for min_dwell_s--> present
+      ^                                   |                                   |
+      +--- below exit_rssi or silent -----+        (passer-by: nothing sent)  |
+      +--- below exit_rssi (hysteresis) or silent for silence_s: exit --------+
+
+The enter event is dated when the subject first qualified (``at`` = arrival) and sent
+once it has stayed ``min_dwell_s``; ``dwell_s`` on exit counts from that arrival.  A
+fresh tracker knows nobody, so a restart never invents an exit: exits only follow
+enters this instance emitted.  ``blind``/``resume`` bracket times the radio was not
+listening (scanner restart), so that gap is not mistaken for silence.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+ENTER = "presence.enter"
+EXIT = "presence.exit"
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceParams:
+    """Thresholds and timings; see the module docstring for what each one does."""
+
+    enter_rssi: int = -75
+    exit_rssi: int = -85
+    silence_s: float = 30.0
+    min_dwell_s: float = 10.0
+    window_s: float = 10.0
+    window_samples: int = 7
+    min_samples: int = 3
+    max_tracks: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.exit_rssi >= self.enter_rssi:
+            raise ValueError("exit_rssi must be below enter_rssi (hysteresis)")
+        if self.window_samples < 1 or self.min_samples < 1 or self.max_tracks < 1:
+            raise ValueError("window_samples, min_samples and max_tracks must be >= 1")
+        if self.min_samples > self.window_samples:
+            raise ValueError("min_samples cannot exceed window_samples")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One presence event to emit: contract §3 type and attrs."""
+
+    type: str
+    subject: str
+    zone: str
+    at: float
+    attrs: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _Track:
+    samples: deque[tuple[float, int]]
+    last_seen: float
+    arrived: float | None = None  # set while candidate or present
+    present: bool = False
+    smoothed: float = field(default=-127.0)
+
+
+class PresenceTracker:
+    """Tracks (subject, zone) pairs within a bounded number of tracks (LRU eviction)."""
+
+    def __init__(self, params: PresenceParams) -> None:
+        self.params = params
+        self._tracks: OrderedDict[tuple[str, str], _Track] = OrderedDict()
+        self._blind_since: float | None = None
+        self.stats: dict[str, int] = {"passers_by": 0, "evicted": 0, "evicted_present": 0}
+
+    def __len__(self) -> int:
+        return len(self._tracks)
+
+    @property
+    def present_count(self) -> int:
+        return sum(1 for t in self._tracks.values() if t.present)
+
+    def observe(self, subject: str, zone: str, rssi: int, *, now: float) -> list[Decision]:
+        """Record one sighting; returns the decisions it (and expiries due by now) cause."""
+        out = self.tick(now=now)
+        key = (subject, zone)
+        track = self._tracks.get(key)
+        if track is None:
+            out.extend(self._make_room())
+            track = _Track(deque(maxlen=self.params.window_samples), now)
+            self._tracks[key] = track
+        else:
+            self._tracks.move_to_end(key)
+        track.samples.append((now, rssi))
+        track.last_seen = max(track.last_seen, now)
+        self._prune(track, now)
+        track.smoothed = statistics.median(r for _, r in track.samples)
+        out.extend(self._step(key, track, now))
+        return out
+
+    def tick(self, *, now: float) -> list[Decision]:
+        """Expire silent tracks and emit what that causes; call this every second or so."""
+        if self._blind_since is not None:
+            return []
+        out: list[Decision] = []
+        silence = self.params.silence_s
+        # tracks are in last-seen order: stop at the first one that is not yet silent
+        while self._tracks:
+            key, track = next(iter(self._tracks.items()))
+            if now - track.last_seen < silence:
+                break
+            del self._tracks[key]
+            out.extend(self._leave(key, track, at=track.last_seen))
+        return out
+
+    def blind(self, *, now: float) -> None:
+        """The radio stopped listening (scanner restarting): silence proves nothing now."""
+        if self._blind_since is None:
+            self._blind_since = now
+
+    def resume(self, *, now: float) -> None:
+        """The radio listens again: every track gets a full silence period from now."""
+        if self._blind_since is None:
+            return
+        self._blind_since = None
+        for track in self._tracks.values():
+            track.last_seen = max(track.last_seen, now)
+
+    def _prune(self, track: _Track, now: float) -> None:
+        horizon = now - self.params.window_s
+        while len(track.samples) > 1 and track.samples[0][0] < horizon:
+            track.samples.popleft()
+
+    def _step(self, key: tuple[str, str], track: _Track, now: float) -> list[Decision]:
+        p = self.params
+        enough = len(track.samples) >= p.min_samples
+        if track.present:
+            if track.smoothed < p.exit_rssi:
+                return self._leave(key, track, at=now)
+            return []
+        if track.arrived is None:
+            if enough and track.smoothed >= p.enter_rssi:
+                track.arrived = now
+            else:
+                return []
+        elif track.smoothed < p.exit_rssi:
+            self.stats["passers_by"] += 1
+            track.arrived = None
+            return []
+        if now - track.arrived >= p.min_dwell_s:
+            track.present = True
+            attrs = {"zone": key[1], "rssi": round(track.smoothed)}
+            return [Decision(ENTER, key[0], key[1], track.arrived, attrs)]
+        return []
+
+    def _leave(self, key: tuple[str, str], track: _Track, *, at: float) -> list[Decision]:
+        arrived, was_present = track.arrived, track.present
+        track.arrived, track.present = None, False
+        if not was_present or arrived is None:
+            if arrived is not None:
+                self.stats["passers_by"] += 1
+            return []
+        dwell = max(0, round(at - arrived))
+        return [Decision(EXIT, key[0], key[1], at, {"zone": key[1], "dwell_s": dwell})]
+
+    def _make_room(self) -> list[Decision]:
+        out: list[Decision] = []
+        while len(self._tracks) >= self.params.max_tracks:
+            key, track = self._tracks.popitem(last=False)
+            self.stats["evicted"] += 1
+            if track.present:
+                self.stats["evicted_present"] += 1
+            out.extend(self._leave(key, track, at=track.last_seen))
+        return out
+
+
+class PseudonymCache:
+    """Bounded LRU from (namespace, canonical) to pseudonym: one HMAC per subject, not
+    per advert.  Holds raw identifiers in memory only, never logs them."""
+
+    def __init__(self, pseudonymise: Callable[[str, str], str], maxsize: int = 4096) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be >= 1")
+        self._fn = pseudonymise
+        self._maxsize = maxsize
+        self._cache: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, namespace: str, canonical: str) -> str:
+        key = (namespace, canonical)
+        value = self._cache.get(key)
+        if value is not None:
+            self.hits += 1
+            self._cache.move_to_end(key)
+            return value
+        self.misses += 1
+        value = self._fn(namespace, canonical)
+        self._cache[key] = value
+        if len(self._cache) > self._maxsize:
+            self._cache.popitem(last=False)
+        return value
