@@ -135,7 +135,70 @@ class SyntheticSource(Model):
     lane: str = "bench"
 
 
-SourceConfig = Annotated[SerialCardSource | SyntheticSource, Field(discriminator="kind")]
+_BeaconUuid = Annotated[
+    str, Field(pattern=r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
+]
+_EddystoneNamespace = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{20}$")]
+_AltBeaconPrefix = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{1,40}$")]
+
+
+class BleSourceConfig(Model):
+    """One BLE adapter scanning continuously for the retailer's beacons in one zone."""
+
+    kind: Literal["ble"]
+    name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
+    adapter: str = Field(default="hci0", pattern=r"^hci[0-9]{1,3}$", description="BlueZ adapter")
+    zone: str = Field(min_length=1, max_length=64, description="Zone this adapter covers")
+    scanning_mode: Literal["active", "passive"] = Field(
+        default="active",
+        description="passive needs BlueZ >= 5.56 started with --experimental",
+    )
+    allow_ibeacon_uuids: tuple[_BeaconUuid, ...] = Field(
+        default=(), description="iBeacon proximity UUIDs that are ours"
+    )
+    allow_eddystone_namespaces: tuple[_EddystoneNamespace, ...] = Field(
+        default=(), description="Eddystone-UID namespaces (20 hex) that are ours"
+    )
+    allow_altbeacon_prefixes: tuple[_AltBeaconPrefix, ...] = Field(
+        default=(), description="Hex prefixes of AltBeacon ids that are ours"
+    )
+    enter_rssi: int = Field(default=-75, ge=-127, le=20, description="Smoothed dBm to enter")
+    exit_rssi: int = Field(default=-85, ge=-127, le=20, description="Smoothed dBm to leave")
+    smoothing: Literal["median"] = Field(
+        default="median", description="Sliding median over the smoothing window"
+    )
+    smoothing_window_s: float = Field(default=10.0, gt=0)
+    smoothing_samples: int = Field(default=7, ge=1, le=100)
+    min_samples: int = Field(default=3, ge=1, le=100)
+    silence_s: float = Field(default=30.0, gt=0, description="Unheard this long: exit")
+    min_dwell_s: float = Field(default=10.0, ge=0, description="Shorter visits send nothing")
+    watchdog_s: float = Field(
+        default=90.0, gt=0, description="No advert this long: restart scan, then reset adapter"
+    )
+    retry_min_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=60.0, gt=0)
+    max_tracked_subjects: int = Field(default=10_000, ge=1)
+    pseudonym_cache_size: int = Field(default=4096, ge=1)
+    queue_size: int = Field(default=10_000, ge=10, description="Adverts waiting; more dropped")
+
+    @model_validator(mode="after")
+    def _check(self) -> BleSourceConfig:
+        if self.exit_rssi >= self.enter_rssi:
+            raise ValueError("exit_rssi must be below enter_rssi (hysteresis)")
+        if self.min_samples > self.smoothing_samples:
+            raise ValueError("min_samples cannot exceed smoothing_samples")
+        if not (
+            self.allow_ibeacon_uuids
+            or self.allow_eddystone_namespaces
+            or self.allow_altbeacon_prefixes
+        ):
+            raise ValueError("list at least one allow_* beacon id: nothing else is tracked")
+        return self
+
+
+SourceConfig = Annotated[
+    SerialCardSource | SyntheticSource | BleSourceConfig, Field(discriminator="kind")
+]
 
 
 class StatusConfig(Model):

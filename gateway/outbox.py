@@ -152,18 +152,19 @@ class Outbox:
         # max_page_count cannot be set below the current size; it then stays at the size.
         conn.execute("PRAGMA max_page_count = %d" % max(pages, current))
 
-    def close(self) -> None:
+    def close(self, *, checkpoint: bool = True) -> None:
         """Finish queued commands, checkpoint the WAL and close the database."""
         if self._thread is not None:
             self._flush_open()
             self._queue.put(_STOP)
             self._thread.join()
             self._thread = None
-        if self._conn is not None:
+        if self._conn is not None and checkpoint:
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
                 log.warning("WAL checkpoint at close failed: %s", exc)
+        if self._conn is not None:
             self._conn.close()
             self._conn = None
 

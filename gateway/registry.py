@@ -16,6 +16,7 @@ from gateway.ports import Source, SourceContext
 SOURCE_KINDS: dict[str, str] = {
     "serial_card": "drivers.serial_cards:SerialCardSource",
     "synthetic": "gateway.synthetic:SyntheticSource",
+    "ble": "drivers.ble:BleSource",
 }
 
 

@@ -1,0 +1,58 @@
+# Touchpoint Gateway: the two commands a new user needs are `make demo` and `make test`.
+# Both install what they need: Debian packages (as root, or with sudo) and a .venv.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Debian / Raspberry Pi OS packages: the broker for tests and the demo, zbar for pyzbar,
+# dbus-daemon for the private bus the BLE simulator runs on, venv support, and systemd's
+# analyzer for checking the unit files.
+APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test install system-deps lint soak bench clean help
+
+help:
+	@echo "make demo   run the daemon against simulated hardware (Ctrl-C stops it)"
+	@echo "make test   run the whole test suite"
+	@echo "make lint   ruff and mypy --strict"
+	@echo "make bench  run the benchmarks and print their figures"
+	@echo "make soak   the long-running tests"
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: system-deps $(STAMP)
+
+demo: install
+	$(BIN)/touchpoint-gateway demo $(DEMO_ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check gateway drivers simulators tests
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/touchpoint-gateway bench pipeline
+
+soak: install
+	$(BIN)/python -m pytest -q -m soak --override-ini="addopts=--strict-markers" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

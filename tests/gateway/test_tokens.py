@@ -1,0 +1,362 @@
+"""App tokens, receipt tokens and QR classification against the contract vectors."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import TokenError
+from gateway.identity import Keyring
+from gateway.tokens import (
+    ReplaySet,
+    classify_qr,
+    load_public_key,
+    mint_receipt_token,
+    verify_app_token,
+    verify_receipt_token,
+)
+
+PREFIX = "HTTPS://R.EXAMPLE.COM/R/"
+
+
+def b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def sign(private: Ed25519PrivateKey, claims: dict[str, Any]) -> str:
+    head = "TPA1." + b64u(json.dumps(claims).encode())
+    return head + "." + b64u(private.sign(head.encode("ascii")))
+
+
+@pytest.fixture(scope="module")
+def private() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def public(private: Ed25519PrivateKey) -> Ed25519PublicKey:
+    return private.public_key()
+
+
+@pytest.fixture(scope="module")
+def vector_key(vectors: dict[str, Any]) -> Ed25519PublicKey:
+    return load_public_key(base64.b64decode(vectors["app_token_public_key_base64"]))
+
+
+def claims(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "sub": "user-7",
+        "iat": 1_000_000,
+        "exp": 1_000_300,
+        "nonce": "abc",
+        "purposes": ["linking", "analytics"],
+    }
+    base.update(over)
+    return base
+
+
+# ----------------------------------------------------------------------------- vectors
+
+
+def test_app_token_vectors(
+    vectors: dict[str, Any], vector_key: Ed25519PublicKey, keyring: Keyring
+) -> None:
+    for vec in vectors["app_tokens"]:
+        want = vec["claims"]
+        got = verify_app_token(vec["token"], vector_key, want["iat"], ReplaySet())
+        assert (got.sub, got.iat, got.exp, got.nonce) == (
+            want["sub"],
+            want["iat"],
+            want["exp"],
+            want["nonce"],
+        )
+        assert got.purposes == tuple(sorted(want["purposes"]))
+        result = classify_qr(
+            vec["token"].encode(),
+            keyring=keyring,
+            app_public_key=vector_key,
+            receipt_prefixes=[PREFIX],
+            now=want["iat"],
+            replay=ReplaySet(),
+        )
+        assert result.kind == "app"
+        assert result.subject == vec["subject_pseudonym"]
+        assert result.evidence is not None
+        assert result.evidence.subject == vec["subject_pseudonym"]
+        assert result.evidence.purposes == tuple(sorted(want["purposes"]))
+        assert result.evidence.expires == want["iat"] + 24 * 3600
+
+
+def test_invalid_app_token_vectors(vectors: dict[str, Any], vector_key: Ed25519PublicKey) -> None:
+    now = vectors["app_tokens"][0]["claims"]["iat"]
+    reasons = []
+    for token in vectors["app_tokens_invalid"]:
+        replay = ReplaySet()
+        with pytest.raises(TokenError) as info:
+            verify_app_token(token, vector_key, now, replay)
+        reasons.append(info.value.reason)
+        assert len(replay) == 0
+        assert token not in str(info.value)
+    assert reasons == ["signature", "signature", "format"]
+
+
+def test_receipt_token_vectors(vectors: dict[str, Any], keyring: Keyring) -> None:
+    key = keyring.keys[vectors["key_id"]]
+    for vec in vectors["receipt_tokens"]:
+        token = mint_receipt_token(
+            vectors["key_id"], key, vec["store"], vec["lane"], vec["issued"], vec["counter"]
+        )
+        assert token == vec["token"]
+        got = verify_receipt_token(token, keyring)
+        assert (got.key_id, got.store, got.lane_number, got.issued, got.counter) == (
+            vectors["key_id"],
+            vec["store"],
+            vec["lane"],
+            vec["issued"],
+            vec["counter"],
+        )
+
+
+# ------------------------------------------------------------------------ app tokens
+
+
+@pytest.mark.parametrize(
+    ("now", "reason"),
+    [
+        (1_000_000 - 61, "not_yet_valid"),
+        (1_000_000 - 60.001, "not_yet_valid"),
+        (1_000_000 - 60, None),
+        (1_000_299.999, None),
+        (1_000_300, "expired"),
+    ],
+)
+def test_validity_window_edges(
+    private: Ed25519PrivateKey, public: Ed25519PublicKey, now: float, reason: str | None
+) -> None:
+    token = sign(private, claims())
+    if reason is None:
+        assert verify_app_token(token, public, now, ReplaySet()).sub == "user-7"
+    else:
+        with pytest.raises(TokenError) as info:
+            verify_app_token(token, public, now, ReplaySet())
+        assert info.value.reason == reason
+
+
+def test_replay_rejected_then_forgotten_after_exp(
+    private: Ed25519PrivateKey, public: Ed25519PublicKey
+) -> None:
+    replay = ReplaySet()
+    token = sign(private, claims())
+    verify_app_token(token, public, 1_000_000, replay)
+    with pytest.raises(TokenError) as info:
+        verify_app_token(token, public, 1_000_001, replay)
+    assert info.value.reason == "replayed"
+    # same nonce, different subject: a different pair
+    verify_app_token(sign(private, claims(sub="user-8")), public, 1_000_001, replay)
+    assert len(replay) == 2
+    replay.prune(1_000_300)
+    assert len(replay) == 0
+
+
+def test_rejected_token_is_not_recorded(
+    private: Ed25519PrivateKey, public: Ed25519PublicKey
+) -> None:
+    replay = ReplaySet()
+    token = sign(private, claims())
+    with pytest.raises(TokenError):
+        verify_app_token(token, public, 1_000_300, replay)
+    assert len(replay) == 0
+
+
+def test_replay_set_hard_cap_evicts_soonest_expiry() -> None:
+    replay = ReplaySet(max_entries=3)
+    for i, exp in enumerate([50, 10, 30]):
+        assert replay.add("s", str(i), exp, now=0)
+    assert replay.add("s", "new", 40, now=0)
+    assert len(replay) == 3
+    assert ("s", "1") not in replay
+    assert replay.evicted == 1
+    assert not replay.add("s", "0", 50, now=0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"sub": ""},
+        {"sub": "x" * 129},
+        {"sub": "tab\there"},
+        {"sub": 5},
+        {"iat": "1000000"},
+        {"iat": True},
+        {"exp": 999_999},
+        {"nonce": ""},
+        {"nonce": None},
+        {"purposes": "analytics"},
+        {"purposes": [1]},
+    ],
+)
+def test_bad_claims(
+    private: Ed25519PrivateKey, public: Ed25519PublicKey, bad: dict[str, Any]
+) -> None:
+    with pytest.raises(TokenError) as info:
+        verify_app_token(sign(private, claims(**bad)), public, 1_000_000, ReplaySet())
+    assert info.value.reason == "claims"
+
+
+def test_signed_garbage_claims(private: Ed25519PrivateKey, public: Ed25519PublicKey) -> None:
+    for body in [b"[" * 3000, b"\xff\xfe", b"null", b'{"iat": NaN}', b"1" * 5000]:
+        head = "TPA1." + b64u(body)
+        token = head + "." + b64u(private.sign(head.encode()))
+        with pytest.raises(TokenError) as info:
+            verify_app_token(token, public, 1_000_000, None)
+        assert info.value.reason in ("claims", "format")
+
+
+def test_unknown_purposes_dropped(private: Ed25519PrivateKey, public: Ed25519PublicKey) -> None:
+    got = verify_app_token(
+        sign(private, claims(purposes=["marketing", "spam", "analytics", "marketing"])),
+        public,
+        1_000_000,
+        None,
+    )
+    assert got.purposes == ("analytics", "marketing")
+
+
+def test_wrong_key_is_signature(vectors: dict[str, Any], public: Ed25519PublicKey) -> None:
+    vec = vectors["app_tokens"][0]
+    with pytest.raises(TokenError) as info:
+        verify_app_token(vec["token"], public, vec["claims"]["iat"], None)
+    assert info.value.reason == "signature"
+
+
+# --------------------------------------------------------------------- receipt tokens
+
+
+def test_receipt_token_all_keys_tried_by_key_id(vectors: dict[str, Any]) -> None:
+    old, new = bytes(range(32)), bytes(range(1, 33))
+    ring = Keyring(keys={"k1": old, "k2": new}, active="k2")
+    for kid, key in (("k1", old), ("k2", new)):
+        token = mint_receipt_token(kid, key, "nl-ams-001", 255, 2**32 - 1, 0)
+        got = verify_receipt_token(token, ring)
+        assert (got.key_id, got.lane_number, got.issued, got.counter) == (kid, 255, 2**32 - 1, 0)
+    foreign = mint_receipt_token("k9", old, "nl-ams-001", 1, 1, 1)
+    with pytest.raises(TokenError) as info:
+        verify_receipt_token(foreign, ring)
+    assert info.value.reason == "unknown_key"
+
+
+def test_receipt_token_tampered(vectors: dict[str, Any], keyring: Keyring) -> None:
+    token = vectors["receipt_tokens"][0]["token"]
+    reasons = set()
+    for i in range(len(token)):
+        flipped = token[:i] + ("B" if token[i] != "B" else "C") + token[i + 1 :]
+        with pytest.raises(TokenError) as info:
+            verify_receipt_token(flipped, keyring)
+        reasons.add(info.value.reason)
+    assert "tag" in reasons
+    for bad in ["", "A", "a" * 10, "AAAA", "0000", token + "A", token[:-2]]:
+        with pytest.raises(TokenError):
+            verify_receipt_token(bad, keyring)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("K1", "nl-ams-001", 1, 1, 1),
+        ("k1", "NL", 1, 1, 1),
+        ("k1", "nl", 256, 1, 1),
+        ("k1", "nl", 1, 2**32, 1),
+        ("k1", "nl", 1, 1, -1),
+    ],
+)
+def test_mint_rejects_bad_input(args: tuple[Any, ...]) -> None:
+    kid, store, lane, issued, counter = args
+    with pytest.raises(ValueError):
+        mint_receipt_token(kid, bytes(32), store, lane, issued, counter)
+
+
+# ---------------------------------------------------------------------- classification
+
+
+def classify(payload: bytes, keyring: Keyring, key: Ed25519PublicKey | None, **kw: Any) -> Any:
+    return classify_qr(
+        payload,
+        keyring=keyring,
+        app_public_key=key,
+        receipt_prefixes=kw.pop("prefixes", [PREFIX]),
+        now=kw.pop("now", 1_000_000),
+        replay=kw.pop("replay", None),
+        **kw,
+    )
+
+
+def test_classify_receipt(vectors: dict[str, Any], keyring: Keyring) -> None:
+    token = vectors["receipt_tokens"][0]["token"]
+    got = classify((PREFIX + token).encode(), keyring, None)
+    assert (got.kind, got.receipt, got.subject) == ("receipt", token, None)
+    lower = classify((PREFIX.lower() + token).encode(), keyring, None)
+    assert lower.receipt == token
+    with pytest.raises(TokenError) as info:
+        classify((PREFIX + token[:-1] + "A").encode(), keyring, None)
+    assert info.value.reason in ("tag", "format")
+    assert classify(token.encode(), keyring, None).kind == "other"
+
+
+def test_classify_other_keeps_nothing(keyring: Keyring, public: Ed25519PublicKey) -> None:
+    for payload in [b"https://shop.example/x", b"", b"\xff\x00", b"A" * 100_000, b"TPA1"]:
+        got = classify(payload, keyring, public)
+        assert got.kind == "other"
+        assert (got.subject, got.evidence, got.receipt) == (None, None, None)
+
+
+def test_classify_app_without_key_is_rejected(private: Ed25519PrivateKey, keyring: Keyring) -> None:
+    with pytest.raises(TokenError) as info:
+        classify(sign(private, claims()).encode(), keyring, None)
+    assert info.value.reason == "no_public_key"
+
+
+def test_classify_app_without_known_purposes_has_no_evidence(
+    private: Ed25519PrivateKey, public: Ed25519PublicKey, keyring: Keyring
+) -> None:
+    got = classify(sign(private, claims(purposes=[])).encode(), keyring, public)
+    assert got.kind == "app"
+    assert got.subject == keyring.pseudonym("app", "user-7")
+    assert got.evidence is None
+
+
+_hostile = st.one_of(
+    st.binary(max_size=600),
+    st.builds(lambda b: b"TPA1." + b, st.binary(max_size=300)),
+    st.builds(lambda s: ("TPA1." + s).encode(), st.text(max_size=300)),
+    st.builds(
+        lambda s: (PREFIX + s).encode(),
+        st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ234567=a", max_size=120),
+    ),
+    st.builds(
+        lambda a, b: f"TPA1.{a}.{b}".encode(),
+        st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef0123456789-_=.", max_size=200),
+        st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef0123456789-_=", max_size=100),
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(payload=_hostile)
+def test_classify_survives_any_bytes(
+    payload: bytes, keyring: Keyring, vector_key: Ed25519PublicKey
+) -> None:
+    try:
+        got = classify(payload, keyring, vector_key, replay=ReplaySet())
+    except TokenError as exc:
+        assert exc.reason
+    else:
+        assert got.kind in ("other", "receipt", "app")
