@@ -52,7 +52,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             failed = True
             print(f"{path}: keyring: {exc}")
             continue
-        print(f"{path}: ok ({len(cfg.sources)} source(s), store {cfg.gateway.store}, device {cfg.gateway.device})")
+        print(
+            f"{path}: ok ({len(cfg.sources)} source(s), "
+            f"store {cfg.gateway.store}, device {cfg.gateway.device})"
+        )
     return 1 if failed else 0
 
 
@@ -93,7 +96,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("last seq", str(stats["last_seq"])),
         ("last successful publish", "never" if last is None else f"{_age(now - last)} ago"),
         ("dead letters", str(stats["dead_letters"])),
-        ("database size", f"{stats['db_bytes'] / 1e6:.1f} MB (cap {cfg.buffer.max_bytes / 1e6:.0f} MB)"),
+        (
+            "database size",
+            f"{stats['db_bytes'] / 1e6:.1f} MB (cap {cfg.buffer.max_bytes / 1e6:.0f} MB)",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -147,39 +153,100 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("run", help="run the daemon", description="Run the gateway daemon (systemd Type=notify).")
+    s = sub.add_parser(
+        "run", help="run the daemon", description="Run the gateway daemon (systemd Type=notify)."
+    )
     s.add_argument("--config", required=True, type=Path, help="the gateway's TOML config file")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level (default info)")
+    s.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default info)",
+    )
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("check-config", help="validate config files", description="List every problem in the config files (file, key, why); exit 1 if any, else 0.")
+    s = sub.add_parser(
+        "check-config",
+        help="validate config files",
+        description="List every problem in the config files (file, key, why); "
+        "exit 1 if any, else 0.",
+    )
     s.add_argument("files", nargs="+", type=Path, help="config files to check")
     s.set_defaults(fn=cmd_check_config)
 
-    s = sub.add_parser("status", help="show the buffer's state", description="Show buffer depth, oldest pending age, last successful publish and dead letters, read from the buffer database.")
+    s = sub.add_parser(
+        "status",
+        help="show the buffer's state",
+        description="Show buffer depth, oldest pending age, last successful publish and "
+        "dead letters, read from the buffer database.",
+    )
     s.add_argument("--config", required=True, type=Path, help="the gateway's TOML config file")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=cmd_status)
 
-    s = sub.add_parser("pseudonym", help="print the pseudonym of an identifier", description="Print the pseudonym of a raw identifier (for erasure requests). The raw value is not logged.")
+    s = sub.add_parser(
+        "pseudonym",
+        help="print the pseudonym of an identifier",
+        description="Print the pseudonym of a raw identifier (for erasure requests). "
+        "The raw value is not logged.",
+    )
     s.add_argument("--key-file", required=True, help="tenant key file (base64 of >= 32 bytes)")
     s.add_argument("--key-id", required=True, help="the key's id, e.g. k1")
-    s.add_argument("namespace", choices=["loyalty", "rfid", "ibeacon", "eddystone", "altbeacon", "app"], help="identifier namespace")
+    s.add_argument(
+        "namespace",
+        choices=["loyalty", "rfid", "ibeacon", "eddystone", "altbeacon", "app"],
+        help="identifier namespace",
+    )
     s.add_argument("value", help="the raw identifier")
     s.set_defaults(fn=cmd_pseudonym)
 
-    s = sub.add_parser("config-schema", help="print the config's JSON Schema", description="Print (or write) the JSON Schema of the config file.")
+    s = sub.add_parser(
+        "config-schema",
+        help="print the config's JSON Schema",
+        description="Print (or write) the JSON Schema of the config file.",
+    )
     s.add_argument("--write", type=Path, help="write to this file instead of stdout")
     s.set_defaults(fn=cmd_config_schema)
 
-    s = sub.add_parser("demo", help="run the daemon against simulated hardware", description="Start a local mosquitto, the fake central service and the card-reader simulator, and run the real daemon against them, with a live summary. Ctrl-C stops it.")
-    s.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
-    s.add_argument("--workdir", type=Path, default=None, help="where to keep the demo's files (default: a temporary folder)")
-    s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="daemon log level (default warning)")
+    s = sub.add_parser(
+        "demo",
+        help="run the daemon against simulated hardware",
+        description="Start a local mosquitto, the fake central service and the "
+        "card-reader simulator, and run the real daemon against them, with a live summary. "
+        "Ctrl-C stops it.",
+    )
+    s.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: until Ctrl-C)",
+    )
+    s.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where to keep the demo's files (default: a temporary folder)",
+    )
+    s.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="daemon log level (default warning)",
+    )
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("bench", help="run benchmarks", description="Run a benchmark and print its figures beside a same-run reference.")
-    s.add_argument("which", nargs="?", default="pipeline", choices=["pipeline"], help="which benchmark (default pipeline)")
+    s = sub.add_parser(
+        "bench",
+        help="run benchmarks",
+        description="Run a benchmark and print its figures beside a same-run reference.",
+    )
+    s.add_argument(
+        "which",
+        nargs="?",
+        default="pipeline",
+        choices=["pipeline"],
+        help="which benchmark (default pipeline)",
+    )
     s.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     s.add_argument("--quick", action="store_true", help="smaller run (for CI smoke tests)")
     s.set_defaults(fn=cmd_bench)

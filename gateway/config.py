@@ -33,7 +33,9 @@ class GatewayIdentity(Model):
 
 
 class KeyringConfig(Model):
-    active: Annotated[str, Field(pattern=KEY_ID_PATTERN, description="Key id used for new pseudonyms")]
+    active: Annotated[
+        str, Field(pattern=KEY_ID_PATTERN, description="Key id used for new pseudonyms")
+    ]
     keys: Annotated[
         dict[str, Path],
         Field(description="Key id -> file holding the base64 of >= 32 random bytes"),
@@ -42,7 +44,9 @@ class KeyringConfig(Model):
     @model_validator(mode="after")
     def _active_is_loaded(self) -> KeyringConfig:
         if self.active not in self.keys:
-            raise ValueError(f"active key {self.active!r} is not one of keys ({', '.join(self.keys)})")
+            raise ValueError(
+                f"active key {self.active!r} is not one of keys ({', '.join(self.keys)})"
+            )
         return self
 
 
@@ -97,17 +101,21 @@ class MqttConfig(Model):
     reconnect_max_s: float = Field(default=60.0, gt=0)
 
 
+def _default_required() -> dict[str, tuple[Purpose, ...]]:
+    return {
+        "presence.enter": ("analytics",),
+        "presence.exit": ("analytics",),
+        "card.read": ("linking",),
+        "qr.scan": ("linking",),
+    }
+
+
 class ConsentConfig(Model):
     seed_file: Path | None = Field(
         default=None, description="JSON {records:[...]} loaded into the registry at start"
     )
     required: dict[str, tuple[Purpose, ...]] = Field(
-        default_factory=lambda: {
-            "presence.enter": ("analytics",),
-            "presence.exit": ("analytics",),
-            "card.read": ("linking",),
-            "qr.scan": ("linking",),
-        },
+        default_factory=_default_required,
         description="Per event type, the purposes it needs (any one suffices)",
     )
     policy: Literal["drop"] = "drop"
@@ -120,7 +128,13 @@ class SerialCardSource(Model):
     protocol: Literal["rdm6300", "scanner", "magstripe"]
     lane: str = Field(min_length=1, max_length=64)
     baudrate: int = Field(default=9600, ge=300, le=4_000_000)
-    debounce_s: float = Field(default=1.0, ge=0, description="Same card again within this is one read")
+    debounce_s: float = Field(
+        default=1.0, ge=0, description="Same card again within this is one read"
+    )
+    check_bare_ean13: bool = Field(
+        default=True,
+        description="scanner: check the EAN-13 check digit of a bare 13-digit line (no AIM id)",
+    )
     reopen_min_s: float = Field(default=0.5, gt=0)
     reopen_max_s: float = Field(default=30.0, gt=0)
 
@@ -135,9 +149,7 @@ class SyntheticSource(Model):
     lane: str = "bench"
 
 
-_BeaconUuid = Annotated[
-    str, Field(pattern=r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
-]
+_BeaconUuid = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")]
 _EddystoneNamespace = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{20}$")]
 _AltBeaconPrefix = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{1,40}$")]
 
@@ -196,8 +208,39 @@ class BleSourceConfig(Model):
         return self
 
 
+class ReceiptTapSourceConfig(Model):
+    """A TCP tap between a till and its network receipt printer (ESC/POS, raw port 9100)."""
+
+    kind: Literal["receipt_tap"]
+    name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
+    lane: str = Field(min_length=1, max_length=64, description="Lane name (events' lane attr)")
+    lane_number: int = Field(ge=0, le=255, description="Lane number inside receipt tokens")
+    listen_host: str = Field(default="0.0.0.0", description="Address the till connects to")  # noqa: S104
+    listen_port: int = Field(default=9100, ge=0, le=65535, description="0: any free port")
+    printer_host: str = Field(min_length=1, description="The real printer's address")
+    printer_port: int = Field(default=9100, ge=1, le=65535)
+    inject: Literal["off", "native", "raster"] = Field(
+        default="off", description="Print a receipt token QR before each cut: native or raster"
+    )
+    url_prefix: str = Field(default="", max_length=200, description="QR text = prefix + token")
+    module_size: int = Field(default=6, ge=1, le=16, description="QR module size in dots")
+    counter_path: Path = Field(
+        default=Path("/var/lib/touchpoint-gateway/receipt-counters.db"),
+        description="SQLite file of the per-lane receipt counters (never reused)",
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    idle_timeout_s: float = Field(default=60.0, gt=0, description="Silent till: end the job")
+
+    @model_validator(mode="after")
+    def _prefix_when_injecting(self) -> ReceiptTapSourceConfig:
+        if self.inject != "off" and not self.url_prefix:
+            raise ValueError("url_prefix is required when inject is native or raster")
+        return self
+
+
 SourceConfig = Annotated[
-    SerialCardSource | SyntheticSource | BleSourceConfig, Field(discriminator="kind")
+    SerialCardSource | SyntheticSource | BleSourceConfig | ReceiptTapSourceConfig,
+    Field(discriminator="kind"),
 ]
 
 

@@ -114,7 +114,9 @@ class ConsentRegistry:
         return rows
 
     @staticmethod
-    def persist(conn: sqlite3.Connection, rows: list[tuple[str, str, float | None, str, float]]) -> None:
+    def persist(
+        conn: sqlite3.Connection, rows: list[tuple[str, str, float | None, str, float]]
+    ) -> None:
         conn.executemany(
             "INSERT OR REPLACE INTO consent(subject, purposes, expires, source, updated_at)"
             " VALUES (?, ?, ?, ?, ?)",

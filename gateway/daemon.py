@@ -123,9 +123,15 @@ class Gateway:
             if self.outbox.outstanding >= 2 * self.cfg.buffer.commit_max_events:
                 await self.outbox.wait_capacity()
 
-    async def _supervise(self, src_cfg: Any | None, source: Source | None = None) -> None:
-        name = source.name if source is not None else src_cfg.name
-        ctx = SourceContext(name=name, keyring=self.keyring, metrics=self.metrics, now=self.now)
+    async def _supervise(self, src_cfg: Any, source: Source | None = None) -> None:
+        name: str = source.name if source is not None else str(src_cfg.name)
+        ctx = SourceContext(
+            name=name,
+            keyring=self.keyring,
+            metrics=self.metrics,
+            now=self.now,
+            store=self.cfg.gateway.store,
+        )
         if source is None:
             try:
                 source = build_source(src_cfg, ctx)
@@ -163,7 +169,9 @@ class Gateway:
                 last_expire = mono
                 n = await self.outbox.expire()
                 if n:
-                    log.warning("expired %d events older than %ds unsent", n, self.cfg.buffer.max_age_s)
+                    log.warning(
+                        "expired %d events older than %ds unsent", n, self.cfg.buffer.max_age_s
+                    )
                     self.metrics.inc("events_expired_total", n)
             forwarded = self.metrics.get("events_forwarded_total")
             # Watchdog: the loop runs, the buffer answers, and the pipeline is not wedged
@@ -191,8 +199,11 @@ class Gateway:
 
     async def run(self, *, install_signals: bool = True, drain_timeout: float = 5.0) -> None:
         loop = asyncio.get_running_loop()
-        self._open_buffer()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop_event.set)
         try:
+            self._open_buffer()
             await self._load_consent()
             publisher = self._make_publisher()
             topic = f"{self.prefix}/events"
@@ -201,17 +212,23 @@ class Gateway:
                 lat = self.latencies
                 on_latency = lat.extend
             self.forwarder = Forwarder(
-                self.outbox, publisher, self.cfg.mqtt,
-                store=self.cfg.gateway.store, device=self.cfg.gateway.device,
-                topic=topic, metrics=self.metrics, now=self.now, on_latency=on_latency,
+                self.outbox,
+                publisher,
+                self.cfg.mqtt,
+                store=self.cfg.gateway.store,
+                device=self.cfg.gateway.device,
+                topic=topic,
+                metrics=self.metrics,
+                now=self.now,
+                on_latency=on_latency,
             )
-            if install_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, self.stop_event.set)
             log.info(
                 "touchpoint-gateway %s: store %s device %s stream %s, %d source(s)",
-                __version__, self.cfg.gateway.store, self.cfg.gateway.device,
-                self.outbox.stream, len(self.cfg.sources) + len(self._extra_sources),
+                __version__,
+                self.cfg.gateway.store,
+                self.cfg.gateway.device,
+                self.outbox.stream,
+                len(self.cfg.sources) + len(self._extra_sources),
             )
             self.notifier.ready(self.status_line())
             self.ready.set()
@@ -268,7 +285,9 @@ class Gateway:
         await self.forwarder.cancel()
         if publisher.connected:
             fut = publisher.publish(
-                f"{self.prefix}/status", status_payload("offline", self.now(), __version__), retain=True
+                f"{self.prefix}/status",
+                status_payload("offline", self.now(), __version__),
+                retain=True,
             )
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(fut), 1.0)

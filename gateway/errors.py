@@ -57,7 +57,7 @@ class SourceError(GatewayError):
     """A source lost its device or stream; it is retried with backoff."""
 
 
-class BufferError_(GatewayError):  # noqa: N801 - avoid shadowing the builtin BufferError
+class BufferError_(GatewayError):
     """The outbox database cannot be opened or written."""
 
 

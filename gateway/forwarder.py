@@ -60,7 +60,10 @@ class Forwarder:
             while not queued:
                 self.outbox.new_data.clear()
                 batches = await self.outbox.fetch(
-                    cursor, self.cfg.inflight_window, self.cfg.batch_max_events, self.cfg.batch_max_bytes
+                    cursor,
+                    self.cfg.inflight_window,
+                    self.cfg.batch_max_events,
+                    self.cfg.batch_max_bytes,
                 )
                 if batches:
                     queued.extend(batches)
@@ -91,8 +94,13 @@ class Forwarder:
             await self.outbox.ack(batch)
             return
         log.error(
-            "broker refused batch seq %d-%d (%d events): %s (reason code %d); moved to dead letters",
-            batch.lo, batch.hi, batch.count, verdict.reason, verdict.reason_code,
+            "broker refused batch seq %d-%d (%d events): %s (reason code %d); "
+            "moved to dead letters",
+            batch.lo,
+            batch.hi,
+            batch.count,
+            verdict.reason,
+            verdict.reason_code,
         )
         self.metrics.inc("events_dead_lettered_total", batch.count)
         self.metrics.error("forwarder", f"publish refused: {verdict.reason}")
@@ -102,11 +110,11 @@ class Forwarder:
     def in_flight(self) -> int:
         return len(self._settling)
 
-    async def drain(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for in-flight batches to settle (shutdown)."""
+    async def drain(self, within: float) -> bool:
+        """Wait up to ``within`` seconds for in-flight batches to settle (shutdown)."""
         if not self._settling:
             return True
-        _done, pending = await asyncio.wait(set(self._settling), timeout=timeout)
+        _done, pending = await asyncio.wait(set(self._settling), timeout=within)
         return not pending
 
     async def cancel(self) -> None:

@@ -141,7 +141,9 @@ class Keyring:
             try:
                 text = Path(path).read_text(encoding="ascii")
             except (OSError, UnicodeDecodeError) as exc:
-                raise KeyringError(f"{path}: cannot read key file: {exc.__class__.__name__}") from None
+                raise KeyringError(
+                    f"{path}: cannot read key file: {exc.__class__.__name__}"
+                ) from None
             keys[key_id] = decode_key(text, str(path))
         return cls(keys=keys, active=active)
 
@@ -149,7 +151,9 @@ class Keyring:
     def active_key(self) -> bytes:
         return self.keys[self.active]
 
-    def pseudonym_of_canonical(self, namespace: str, canonical: str, key_id: str | None = None) -> str:
+    def pseudonym_of_canonical(
+        self, namespace: str, canonical: str, key_id: str | None = None
+    ) -> str:
         kid = key_id or self.active
         digest = hmac.new(
             self.keys[kid], f"{namespace}:{canonical}".encode(), hashlib.sha256

@@ -40,9 +40,7 @@ class Metrics:
     def total(self, name: str, **labels: str) -> float:
         """Sum of a counter over every label set that includes ``labels``."""
         want = set(labels.items())
-        return sum(
-            v for (n, lab), v in self._counters.items() if n == name and want <= set(lab)
-        )
+        return sum(v for (n, lab), v in self._counters.items() if n == name and want <= set(lab))
 
     def by_label(self, name: str, label: str) -> dict[str, float]:
         out: defaultdict[str, float] = defaultdict(float)

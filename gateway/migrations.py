@@ -14,12 +14,12 @@ import sqlite_utils
 
 
 def _m001_outbox(db: sqlite_utils.Database) -> None:
-    db["meta"].create({"key": str, "value": str}, pk="key")
+    db.table("meta").create({"key": str, "value": str}, pk="key")
     db.execute(
         "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL,"
         " type TEXT NOT NULL, subject TEXT, body TEXT NOT NULL)"
     )
-    db["dead_letters"].create(
+    db.table("dead_letters").create(
         {
             "seq": int,
             "created": float,
@@ -35,7 +35,7 @@ def _m001_outbox(db: sqlite_utils.Database) -> None:
 
 
 def _m002_consent(db: sqlite_utils.Database) -> None:
-    db["consent"].create(
+    db.table("consent").create(
         {"subject": str, "purposes": str, "expires": float, "source": str, "updated_at": float},
         pk="subject",
     )
@@ -49,9 +49,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
 
 def migrate(conn: sqlite3.Connection) -> list[str]:
     """Apply the migrations not yet recorded; return the names applied."""
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)"
-    )
+    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
     done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
     db = sqlite_utils.Database(conn)
     applied = []

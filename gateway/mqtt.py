@@ -19,6 +19,7 @@ bounded by window / round trip, and Nagle's algorithm adds a delay to every roun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -139,7 +140,9 @@ class PahoPublisher:
     async def wait_connected(self) -> None:
         await self._connected.wait()
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> asyncio.Future[Verdict]:
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False
+    ) -> asyncio.Future[Verdict]:
         assert self._loop is not None
         fut: asyncio.Future[Verdict] = self._loop.create_future()
         try:
@@ -148,19 +151,19 @@ class PahoPublisher:
             fut.set_result(Verdict(ok=False, reason_code=-1, reason=str(exc)))
             return fut
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            fut.set_result(Verdict(ok=False, reason_code=-int(info.rc), reason=mqtt.error_string(info.rc)))
+            fut.set_result(
+                Verdict(ok=False, reason_code=-int(info.rc), reason=mqtt.error_string(info.rc))
+            )
             return fut
         # MQTT_ERR_NO_CONN: queued by paho and sent after the reconnect; wait for it.
         self._pending[info.mid] = fut
         return fut
 
-    async def close(self, *, graceful: bool = True, timeout: float = 2.0) -> None:
+    async def close(self, *, graceful: bool = True) -> None:
+        """Disconnect; when graceful, first wait (up to 2 s) for pending PUBACKs."""
         self._closing = True
-        if graceful and self.connected:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while self._pending and loop.time() < deadline:
-                await asyncio.sleep(0.01)
+        if graceful and self.connected and self._pending:
+            await asyncio.wait(set(self._pending.values()), timeout=2.0)
         self.client.disconnect()
         self.client.loop_stop()
         for fut in self._pending.values():
@@ -176,10 +179,8 @@ class PahoPublisher:
 
     def _post(self, fn: Any, *args: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 self._loop.call_soon_threadsafe(fn, *args)
-            except RuntimeError:
-                pass
 
     def _cb_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         if isinstance(sock, socket.socket | ssl.SSLSocket):
@@ -216,7 +217,9 @@ class PahoPublisher:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self._post(self._published, mid, reason_code.value, str(reason_code), reason_code.is_failure)
+        self._post(
+            self._published, mid, reason_code.value, str(reason_code), reason_code.is_failure
+        )
 
     # -- on the event loop ----------------------------------------------------------------
 

@@ -18,6 +18,7 @@ eviction, expiry and drop is counted.  ``secure_delete`` overwrites deleted cont
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -84,9 +85,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5)
     else:
-        conn = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=30
-        )
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA busy_timeout = 5000")
     return conn
 
@@ -122,7 +121,7 @@ class Outbox:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA secure_delete = ON")
-            conn.execute("PRAGMA journal_size_limit = %d" % (16 * 1024 * 1024))
+            conn.execute(f"PRAGMA journal_size_limit = {16 * 1024 * 1024}")
             self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
             migrate(conn)
             self._set_max_pages(conn)
@@ -150,7 +149,7 @@ class Outbox:
         pages = max(16, self.cfg.max_bytes // self._page_size)
         current = int(conn.execute("PRAGMA page_count").fetchone()[0])
         # max_page_count cannot be set below the current size; it then stays at the size.
-        conn.execute("PRAGMA max_page_count = %d" % max(pages, current))
+        conn.execute(f"PRAGMA max_page_count = {max(pages, current)}")
 
     def close(self, *, checkpoint: bool = True) -> None:
         """Finish queued commands, checkpoint the WAL and close the database."""
@@ -183,6 +182,7 @@ class Outbox:
         self._outstanding += 1
         index = len(self._open) - 1
         fut = self._open_future
+        assert fut is not None
         if len(self._open) >= self.cfg.commit_max_events:
             self._flush_open()
         return fut, index
@@ -320,10 +320,8 @@ class Outbox:
                 except sqlite3.Error as exc:
                     cmd.error = BufferError_(f"buffer read failed: {exc}")
         assert self._loop is not None
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
             self._loop.call_soon_threadsafe(self._resolve, group, appended)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
 
     def _commit(self, conn: sqlite3.Connection, writes: list[_Cmd]) -> int:
         """Commit the writes; apply the full-buffer policy. Returns events appended."""
@@ -370,10 +368,8 @@ class Outbox:
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
 
     def _when_full(self, conn: sqlite3.Connection, writes: list[_Cmd]) -> None:
         incoming = sum(len(c.events) for c in writes if c.kind == "append")

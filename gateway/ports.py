@@ -59,6 +59,7 @@ class SourceContext:
     keyring: Keyring
     metrics: Metrics
     now: Callable[[], float] = time.time
+    store: str = ""
     state: dict[str, Any] = field(default_factory=dict)
 
     def set_state(self, state: str, detail: str = "") -> None:
@@ -103,7 +104,9 @@ class Publisher(Protocol):
 
     async def start(self) -> None: ...
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> Awaitable[Verdict]: ...
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False
+    ) -> Awaitable[Verdict]: ...
 
     @property
     def connected(self) -> bool: ...
@@ -111,4 +114,3 @@ class Publisher(Protocol):
     async def wait_connected(self) -> None: ...
 
     async def close(self, *, graceful: bool = True) -> None: ...
-

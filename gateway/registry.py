@@ -17,6 +17,7 @@ SOURCE_KINDS: dict[str, str] = {
     "serial_card": "drivers.serial_cards:SerialCardSource",
     "synthetic": "gateway.synthetic:SyntheticSource",
     "ble": "drivers.ble:BleSource",
+    "receipt_tap": "drivers.receipt_tap:ReceiptTapSource",
 }
 
 
@@ -24,7 +25,9 @@ def source_class(kind: str) -> type[Any]:
     try:
         target = SOURCE_KINDS[kind]
     except KeyError:
-        raise SourceError(f"unknown source kind {kind!r}; known: {', '.join(SOURCE_KINDS)}") from None
+        raise SourceError(
+            f"unknown source kind {kind!r}; known: {', '.join(SOURCE_KINDS)}"
+        ) from None
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -23,7 +23,9 @@ class SyntheticSource:
         self.config = config
         self.ctx = ctx
         self.name = ctx.name
-        self.subjects = [ctx.keyring.pseudonym("loyalty", card_number(i)) for i in range(config.cards)]
+        self.subjects = [
+            ctx.keyring.pseudonym("loyalty", card_number(i)) for i in range(config.cards)
+        ]
 
     async def readings(self) -> AsyncIterator[Reading]:
         cfg = self.config

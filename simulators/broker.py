@@ -47,12 +47,14 @@ class Mosquitto:
         port: int | None = None,
         acl: str | None = None,
         extra_conf: str = "",
+        persistence: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.acl = acl
         self.extra_conf = extra_conf
+        self.persistence = persistence
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "mosquitto.log"
 
@@ -60,13 +62,16 @@ class Mosquitto:
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
-            "persistence false",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.workdir}/",
             "max_inflight_messages 0",
             "max_queued_messages 0",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
         ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else it drops to 'mosquitto' and cannot write here
         if self.acl is not None:
             acl_path = self.workdir / "acl"
             acl_path.write_text(self.acl, encoding="utf-8")

@@ -172,7 +172,11 @@ class Central:
         self._worker.start()
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY_S
-        self._client.connect_async(self.host, self.port, keepalive=5, properties=props)
+        # clean_start=False from the first connect: mosquitto restores a persisted session
+        # across its own restart only for a session that was never clean-started.
+        self._client.connect_async(
+            self.host, self.port, keepalive=5, clean_start=False, properties=props
+        )
         self._client.loop_start()
 
     def stop(self) -> None:

@@ -42,7 +42,9 @@ def test_minimal_config_gets_sane_defaults_and_resolves_paths(tmp_path: Path) ->
 
 
 def test_every_problem_names_file_key_and_why(tmp_path: Path) -> None:
-    text = MINIMAL.replace('store = "nl-ams-001"', 'store = "NL AMS"') + """
+    text = (
+        MINIMAL.replace('store = "nl-ams-001"', 'store = "NL AMS"')
+        + """
 [mqtt]
 port = 70000
 inflight_windw = 3
@@ -53,6 +55,7 @@ device = "/dev/x"
 protocol = "wiegand"
 lane = "till-1"
 """
+    )
     found = problems(tmp_path, text)
     keys = {key for _, key, _ in found}
     assert {"gateway.store", "mqtt.port", "mqtt.inflight_windw", "sources[0].protocol"} <= keys
@@ -78,7 +81,9 @@ def test_active_key_must_be_loaded(tmp_path: Path) -> None:
 
 
 def test_source_names_are_unique(tmp_path: Path) -> None:
-    text = MINIMAL + """
+    text = (
+        MINIMAL
+        + """
 [[sources]]
 kind = "synthetic"
 name = "a"
@@ -86,6 +91,7 @@ name = "a"
 kind = "synthetic"
 name = "a"
 """
+    )
     [(_, _key, why)] = problems(tmp_path, text)
     assert "used twice" in why
 
@@ -97,4 +103,6 @@ def test_shipped_example_config_is_valid() -> None:
 
 def test_shipped_schema_is_current() -> None:
     shipped = (ROOT / "firmware-config" / "gateway.schema.json").read_text(encoding="utf-8")
-    assert shipped == json_schema(), "run: touchpoint-gateway config-schema --write firmware-config/gateway.schema.json"
+    assert shipped == json_schema(), (
+        "run: touchpoint-gateway config-schema --write firmware-config/gateway.schema.json"
+    )

@@ -137,7 +137,10 @@ def test_full_buffer_applies_the_policy_and_counts_it(tmp_path: Path, policy: st
         for round_ in range(60):
             try:
                 await box.submit_many(
-                    [Pending(time.time(), "card.read", None, f'"pad":"{big}{round_}-{i}"}}') for i in range(20)]
+                    [
+                        Pending(time.time(), "card.read", None, f'"pad":"{big}{round_}-{i}"}}')
+                        for i in range(20)
+                    ]
                 )
                 accepted += 20
             except BufferFull:
@@ -161,10 +164,16 @@ def test_expiry_deletes_only_old_rows(tmp_path: Path) -> None:
     async def run() -> None:
         clock = [1_000_000.0]
         metrics = Metrics()
-        box = Outbox(BufferConfig(path=tmp_path / "b.db", max_age_s=3600), metrics, now=lambda: clock[0])
+        box = Outbox(
+            BufferConfig(path=tmp_path / "b.db", max_age_s=3600), metrics, now=lambda: clock[0]
+        )
         box.open()
-        await box.submit_many([Pending(clock[0] - 7200, "card.read", None, '"a":1}') for _ in range(3)])
-        await box.submit_many([Pending(clock[0] - 60, "card.read", None, '"a":2}') for _ in range(2)])
+        await box.submit_many(
+            [Pending(clock[0] - 7200, "card.read", None, '"a":1}') for _ in range(3)]
+        )
+        await box.submit_many(
+            [Pending(clock[0] - 60, "card.read", None, '"a":2}') for _ in range(2)]
+        )
         assert await box.expire() == 3
         assert (await box.stats())["depth"] == 2
         box.close()

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.bench_ble import bench_adverts
 from gateway.identity import Keyring
 from gateway.presence import (
     ENTER,
@@ -218,3 +219,11 @@ def test_pseudonym_cache_hashes_once_per_subject(keyring: Keyring) -> None:
     assert len(cache) == 2
     cache.get("ibeacon", canon)
     assert len(calls) == 4
+
+
+def test_bench_runs_and_hashes_once_per_subject() -> None:
+    result = bench_adverts(adverts=5000, subjects=50)
+    assert result["adverts_per_s"] > 0
+    assert result["events"] > 0
+    assert result["hmac_computed"] <= 50
+    assert result["tracked_at_end"] == 0

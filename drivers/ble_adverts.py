@@ -1,0 +1,291 @@
+"""BLE beacon advert formats: pure parsers from advert fields to a beacon identity.
+
+Inputs are what bleak hands a detection callback (``manufacturer_data``: company id ->
+bytes, ``service_data``: 128-bit service UUID string -> bytes), or raw AD structures
+(length, type, value ...) as they appear on air, which ``parse_ad`` turns into the same
+two dicts.  Nothing here does I/O or logs: a raw beacon id is a personal identifier.
+
+    iBeacon    manufacturer 0x004C: 02 15 | uuid(16) | major(2 BE) | minor(2 BE) | tx(1, signed)
+    Eddystone  service 0xFEAA: frame type 00 UID | 10 URL | 20 TLM | 30 EID
+               UID: tx(1, signed) | namespace(10) | instance(6) [| reserved(2)]
+    AltBeacon  any manufacturer: BE AC | beacon id(20) | reference rssi(1, signed) | reserved(1)
+
+Only iBeacon, Eddystone-UID and AltBeacon carry an identity; URL, TLM and EID frames are
+parsed (URL, TLM) or recognised (EID) and reported as ``Skip`` with a countable reason.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+APPLE_COMPANY_ID = 0x004C
+EDDYSTONE_UUID = "0000feaa-0000-1000-8000-00805f9b34fb"
+_BASE_UUID_TAIL = "-0000-1000-8000-00805f9b34fb"
+
+_IBEACON_PREFIX = b"\x02\x15"
+_IBEACON_LEN = 2 + 16 + 2 + 2 + 1
+_ALTBEACON_PREFIX = b"\xbe\xac"
+_ALTBEACON_LEN = 2 + 20 + 1 + 1
+
+# AD types (Bluetooth Assigned Numbers, "Common Data Types")
+AD_SERVICE_DATA_16 = 0x16
+AD_SERVICE_DATA_32 = 0x20
+AD_SERVICE_DATA_128 = 0x21
+AD_MANUFACTURER = 0xFF
+
+# Eddystone-URL scheme prefixes and expansion codes (Eddystone spec, URL frame)
+_URL_SCHEMES = ("http://www.", "https://www.", "http://", "https://")
+_URL_CODES = (
+    ".com/", ".org/", ".edu/", ".net/", ".info/", ".biz/", ".gov/",
+    ".com", ".org", ".edu", ".net", ".info", ".biz", ".gov",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class BeaconId:
+    """A beacon identity: contract §2 namespace and canonical value, plus its tx power.
+
+    ``canonical`` is a raw identifier: it is left out of ``repr`` so it never reaches a log.
+    """
+
+    namespace: str
+    canonical: str = field(repr=False)
+    tx_power: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """An advert that carries no identity; ``reason`` is a short label to count."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class EddystoneTlm:
+    """Eddystone telemetry (unencrypted, version 0).  Never an identity."""
+
+    battery_mv: int
+    temperature_c: float | None
+    adv_count: int
+    uptime_s: float
+
+
+ParseResult = BeaconId | Skip
+
+# When an advert holds no identity, the most telling reason is the one counted.
+_REASON_PRIORITY = (
+    "ibeacon_malformed",
+    "altbeacon_malformed",
+    "eddystone_malformed",
+    "eddystone_url",
+    "eddystone_tlm",
+    "eddystone_eid",
+    "apple_other",
+    "manufacturer_other",
+)
+
+
+def full_uuid16(short: int) -> str:
+    """The 128-bit string form of a 16-bit Bluetooth SIG UUID, as bleak spells it."""
+    return f"0000{short:04x}{_BASE_UUID_TAIL}"
+
+
+def parse_ibeacon(data: bytes) -> ParseResult:
+    """Parse Apple manufacturer data (company id 0x004C already removed)."""
+    if not data.startswith(_IBEACON_PREFIX):
+        return Skip("apple_other")  # phones' Nearby/Handoff payloads: never an identity
+    if len(data) != _IBEACON_LEN:
+        return Skip("ibeacon_malformed")
+    major, minor, tx = struct.unpack_from(">HHb", data, 18)
+    h = data[2:18].hex()  # uuid 8-4-4-4-12, lowercase (str(uuid.UUID) is 3x slower)
+    canonical = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}:{major}:{minor}"
+    return BeaconId("ibeacon", canonical, tx)
+
+
+def parse_altbeacon(data: bytes) -> ParseResult:
+    """Parse manufacturer data (company id removed) that may be an AltBeacon."""
+    if not data.startswith(_ALTBEACON_PREFIX):
+        return Skip("manufacturer_other")
+    if len(data) != _ALTBEACON_LEN:
+        return Skip("altbeacon_malformed")
+    ref_rssi = struct.unpack_from(">b", data, 22)[0]
+    return BeaconId("altbeacon", data[2:22].hex(), ref_rssi)
+
+
+def parse_eddystone_url(data: bytes) -> str | None:
+    """Decode an Eddystone-URL frame (frame type byte included) or None if malformed."""
+    if len(data) < 3 or data[0] != 0x10 or data[2] >= len(_URL_SCHEMES):
+        return None
+    parts = [_URL_SCHEMES[data[2]]]
+    for byte in data[3:]:
+        if byte < len(_URL_CODES):
+            parts.append(_URL_CODES[byte])
+        elif 0x21 <= byte <= 0x7E:
+            parts.append(chr(byte))
+        else:
+            return None
+    return "".join(parts)
+
+
+def parse_eddystone_tlm(data: bytes) -> EddystoneTlm | None:
+    """Decode an unencrypted Eddystone-TLM frame (frame type byte included)."""
+    if len(data) != 14 or data[0] != 0x20 or data[1] != 0x00:
+        return None
+    battery, temp_raw, adv_count, uptime = struct.unpack_from(">HhII", data, 2)
+    temperature = None if temp_raw == -0x8000 else temp_raw / 256.0
+    return EddystoneTlm(battery, temperature, adv_count, uptime / 10.0)
+
+
+_EDDYSTONE_OTHER: dict[int, tuple[str, Callable[[bytes], bool]]] = {
+    0x10: ("eddystone_url", lambda d: parse_eddystone_url(d) is not None),
+    0x20: ("eddystone_tlm", lambda d: parse_eddystone_tlm(d) is not None),
+    0x30: ("eddystone_eid", lambda d: len(d) == 10),
+}
+
+
+def parse_eddystone(data: bytes) -> ParseResult:
+    """Parse Eddystone service data (frame type first).  Only UID frames are identities."""
+    if not data:
+        return Skip("eddystone_malformed")
+    frame = data[0]
+    if frame == 0x00:
+        if len(data) not in (18, 20):
+            return Skip("eddystone_malformed")
+        tx = struct.unpack_from(">b", data, 1)[0]
+        return BeaconId("eddystone", f"{data[2:12].hex()}:{data[12:18].hex()}", tx)
+    if frame in _EDDYSTONE_OTHER:
+        reason, check = _EDDYSTONE_OTHER[frame]
+        return Skip(reason if check(data) else "eddystone_malformed")
+    return Skip("eddystone_malformed")
+
+
+def parse_advert(
+    manufacturer_data: Mapping[int, bytes], service_data: Mapping[str, bytes]
+) -> ParseResult:
+    """The first beacon identity in one advert's fields, or why there is none.
+
+    When nothing is an identity the most specific reason wins (a malformed beacon frame
+    over an unrelated payload), so counters show broken beacons apart from phones.
+    """
+    reasons: list[str] = []
+    for company, data in manufacturer_data.items():
+        results = [parse_altbeacon(data)]
+        if company == APPLE_COMPANY_ID:
+            results.insert(0, parse_ibeacon(data))
+        for result in results:
+            if isinstance(result, BeaconId):
+                return result
+        reasons.extend(r.reason for r in results if isinstance(r, Skip))
+    eddystone = service_data.get(EDDYSTONE_UUID)
+    if eddystone is not None:
+        result = parse_eddystone(eddystone)
+        if isinstance(result, BeaconId):
+            return result
+        reasons.append(result.reason)
+    for reason in _REASON_PRIORITY:
+        if reason in reasons:
+            return Skip(reason)
+    return Skip("no_beacon")
+
+
+@dataclass(frozen=True, slots=True)
+class AdFields:
+    """Manufacturer and service data from raw AD structures, keyed as bleak keys them."""
+
+    manufacturer_data: dict[int, bytes]
+    service_data: dict[str, bytes]
+
+
+def parse_ad(raw: bytes) -> AdFields | Skip:
+    """Split raw advertising data into AD structures; ``Skip('ad_malformed')`` if broken.
+
+    A zero length byte ends the significant part (the rest is padding), as the Core
+    specification says.  Repeated fields keep the last value, like BlueZ does.
+    """
+    manufacturer: dict[int, bytes] = {}
+    service: dict[str, bytes] = {}
+    pos = 0
+    while pos < len(raw):
+        length = raw[pos]
+        if length == 0:
+            break
+        end = pos + 1 + length
+        if end > len(raw):
+            return Skip("ad_malformed")
+        ad_type, value = raw[pos + 1], bytes(raw[pos + 2 : end])
+        if ad_type == AD_MANUFACTURER:
+            if len(value) < 2:
+                return Skip("ad_malformed")
+            manufacturer[int.from_bytes(value[:2], "little")] = value[2:]
+        elif ad_type == AD_SERVICE_DATA_16:
+            if len(value) < 2:
+                return Skip("ad_malformed")
+            service[full_uuid16(int.from_bytes(value[:2], "little"))] = value[2:]
+        elif ad_type == AD_SERVICE_DATA_32:
+            if len(value) < 4:
+                return Skip("ad_malformed")
+            short = int.from_bytes(value[:4], "little")
+            service[f"{short:08x}{_BASE_UUID_TAIL}"] = value[4:]
+        elif ad_type == AD_SERVICE_DATA_128:
+            if len(value) < 16:
+                return Skip("ad_malformed")
+            service[str(uuid.UUID(bytes=value[15::-1]))] = value[16:]
+        pos = end
+    return AdFields(manufacturer, service)
+
+
+def parse_raw_advert(raw: bytes) -> ParseResult:
+    """Raw AD bytes -> beacon identity or why not."""
+    fields = parse_ad(raw)
+    if isinstance(fields, Skip):
+        return fields
+    return parse_advert(fields.manufacturer_data, fields.service_data)
+
+
+def _hex(text: str) -> str:
+    value = text.strip().lower().replace("-", "").replace(":", "")
+    int(value, 16)  # ValueError if not hex
+    return value
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """The retailer's own beacons: only these become identities.
+
+    ``ibeacon_uuids`` match the UUID part, ``eddystone_namespaces`` the 20-hex namespace,
+    ``altbeacon_prefixes`` a hex prefix of the 40-hex beacon id.  Empty lists allow nothing.
+    """
+
+    ibeacon_uuids: frozenset[str] = frozenset()
+    eddystone_namespaces: frozenset[str] = frozenset()
+    altbeacon_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        ibeacon_uuids: Iterable[str] = (),
+        eddystone_namespaces: Iterable[str] = (),
+        altbeacon_prefixes: Iterable[str] = (),
+    ) -> AllowList:
+        """Normalise configured values; raises ValueError on a malformed one."""
+        uuids = frozenset(str(uuid.UUID(u.strip())) for u in ibeacon_uuids)
+        namespaces = frozenset(_hex(n) for n in eddystone_namespaces)
+        if any(len(n) != 20 for n in namespaces):
+            raise ValueError("an Eddystone namespace is 20 hex digits")
+        prefixes = tuple(sorted({_hex(p) for p in altbeacon_prefixes}))
+        if any(not 1 <= len(p) <= 40 for p in prefixes):
+            raise ValueError("an AltBeacon id prefix is 1-40 hex digits")
+        return cls(uuids, namespaces, prefixes)
+
+    def allows(self, beacon: BeaconId) -> bool:
+        """True when ``beacon`` is one of the retailer's own."""
+        if beacon.namespace == "ibeacon":
+            return beacon.canonical[:36] in self.ibeacon_uuids
+        if beacon.namespace == "eddystone":
+            return beacon.canonical[:20] in self.eddystone_namespaces
+        if beacon.namespace == "altbeacon":
+            return beacon.canonical.startswith(self.altbeacon_prefixes)
+        return False

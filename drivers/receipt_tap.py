@@ -1,0 +1,412 @@
+"""Receipt printer tap: a transparent ESC/POS passthrough between till and printer.
+
+    till ──TCP──► tap (listen) ──TCP──► printer (raw port 9100)
+         ◄──────── status replies ◄────
+
+Per till connection the tap opens one printer connection and closes it when the till
+closes (many printers take one connection at a time, so nothing is held between jobs).
+Bytes from the till are parsed by ``drivers.escpos`` on their way through:
+
+- injection off: every byte is forwarded as soon as it arrives, unaltered;
+- injection on: just before each cut (``GS V``, ``ESC i``, ``ESC m``) a freshly minted
+  receipt token (contract §7) is printed as a native QR or a ``GS v 0`` raster image.
+  The token's counter is reserved (committed and fsynced) in the ``CounterStore`` before
+  any byte of it is written, so a counter is never printed twice, even across restarts.
+  Only the bytes of an incomplete command header (at most ``escpos.MAX_HEADER``) are
+  held back, so that a cut split across TCP segments is still seen before it is sent.
+
+Printer replies (``DLE EOT`` status, ...) are relayed to the till unaltered.  A till
+that stays silent for ``idle_timeout_s`` is treated as done, so it cannot hold the
+printer forever.  Tokens and
+QR payloads are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from drivers.escpos import EscPosParser, qr_native, qr_raster
+from gateway.config import ReceiptTapSourceConfig
+from gateway.errors import SourceError
+from gateway.identity import Keyring
+from gateway.metrics import Metrics
+from gateway.ports import Reading, SourceContext
+from gateway.tokens import mint_receipt_token
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 65536
+COUNTER_MAX = 0xFFFFFFFF
+_MIGRATIONS = (
+    (
+        "001_receipt_counter",
+        "CREATE TABLE receipt_counter ("
+        " store TEXT NOT NULL, lane INTEGER NOT NULL, last INTEGER NOT NULL,"
+        " PRIMARY KEY (store, lane))",
+    ),
+)
+
+
+class CounterStore:
+    """Receipt counters per (store, lane number) in SQLite; a reserved value is never reused.
+
+    ``reserve`` commits with ``synchronous=FULL`` (fsync) before it returns.  Blocking:
+    the tap calls it from its single worker thread, which owns the connection.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise SourceError(f"{self.path}: cannot open the receipt counter store: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at REAL)")
+            done = {row[0] for row in db.execute("SELECT name FROM migrations")}
+            for name, sql in _MIGRATIONS:
+                if name not in done:
+                    db.execute(sql)
+                    db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+
+    def reserve(self, store: str, lane: int) -> int:
+        """The next counter for (store, lane), durably recorded as used (first is 1)."""
+        with self._transaction() as db:
+            row = db.execute(
+                "INSERT INTO receipt_counter VALUES (?, ?, 1)"
+                " ON CONFLICT (store, lane) DO UPDATE SET last = last + 1 RETURNING last",
+                (store, lane),
+            ).fetchone()
+            value = int(row[0])
+            if value > COUNTER_MAX:
+                raise OverflowError(f"receipt counter of lane {lane} is exhausted")
+        return value
+
+    def last(self, store: str, lane: int) -> int:
+        """The last reserved counter (0 if none)."""
+        row = self._db.execute(
+            "SELECT last FROM receipt_counter WHERE store = ? AND lane = ?", (store, lane)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass(frozen=True, slots=True)
+class TapSettings:
+    """Where the tap listens, where the printer is, and what it injects."""
+
+    printer_host: str
+    printer_port: int = 9100
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9100
+    lane: str = "lane"
+    lane_number: int = 1
+    inject: Literal["off", "native", "raster"] = "off"
+    url_prefix: str = ""
+    module_size: int = 6
+    connect_timeout_s: float = 5.0
+    linger_s: float = 1.0
+    idle_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Printed:
+    """One receipt token handed to the printer."""
+
+    lane: str
+    receipt: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Minting:
+    """What injection needs: the tenant keyring, the store id and the counter store."""
+
+    keyring: Keyring
+    store: str
+    counters: CounterStore
+
+
+class ReceiptTap:
+    """The TCP tap.  ``async with ReceiptTap(...) as tap`` listens on ``tap.port``.
+
+    One-shot: after ``close`` a new instance is needed.  ``on_printed`` is called on the
+    event loop after a token's bytes were handed to the printer connection.
+    """
+
+    def __init__(  # noqa: PLR0917
+        self,
+        settings: TapSettings,
+        minting: Minting | None = None,
+        on_printed: Callable[[Printed], None] | None = None,
+        metrics: Metrics | None = None,
+        name: str = "receipt-tap",
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        if settings.inject != "off" and minting is None:
+            raise ValueError("injection needs a keyring, a store id and a counter store")
+        self.settings = settings
+        self.name = name
+        self._minting = minting
+        self._on_printed = on_printed
+        self._metrics = metrics or Metrics()
+        self._now = now
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-counter")
+        self.port = 0
+
+    async def start(self) -> int:
+        """Start listening; return the bound port."""
+        s = self.settings
+        try:
+            self._server = await asyncio.start_server(self._handle, s.listen_host, s.listen_port)
+        except OSError as exc:
+            raise SourceError(
+                f"{self.name}: cannot listen on {s.listen_host}:{s.listen_port}: {exc.strerror}"
+            ) from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("%s: listening on %s:%d for the till", self.name, s.listen_host, self.port)
+        return self.port
+
+    async def close(self) -> None:
+        """Stop listening, end every open till connection, stop the worker thread."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
+        await asyncio.to_thread(self._worker.shutdown, wait=True)
+
+    async def __aenter__(self) -> ReceiptTap:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _count(self, metric: str, amount: float = 1) -> None:
+        self._metrics.inc(metric, amount, source=self.name)
+
+    async def _handle(self, till_r: asyncio.StreamReader, till_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._job(till_r, till_w)
+        finally:
+            self._handlers.discard(task)
+
+    async def _job(self, till_r: asyncio.StreamReader, till_w: asyncio.StreamWriter) -> None:
+        """One till connection: one printer connection, relayed both ways, then closed."""
+        s = self.settings
+        try:
+            async with asyncio.timeout(s.connect_timeout_s):
+                printer_r, printer_w = await asyncio.open_connection(s.printer_host, s.printer_port)
+        except (OSError, TimeoutError) as exc:
+            self._count("receipt_tap_printer_unreachable_total")
+            log.warning(
+                "%s: printer %s:%d unreachable (%s); closing the till connection",
+                self.name, s.printer_host, s.printer_port, exc.__class__.__name__,
+            )  # fmt: skip
+            await _close(till_w)
+            return
+        self._count("receipt_tap_jobs_total")
+        up = asyncio.create_task(self._upstream(till_r, printer_w), name=f"{self.name}-up")
+        down = asyncio.create_task(self._relay(printer_r, till_w), name=f"{self.name}-down")
+        try:
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            if up.done() and not down.done():  # till done sending: let replies drain
+                await asyncio.wait({down}, timeout=s.linger_s)
+        finally:
+            for t in (up, down):
+                t.cancel()
+            for t in (up, down):
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await t
+            await _close(printer_w)
+            await _close(till_w)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Printer to till, unaltered, until the printer closes."""
+        while data := await reader.read(READ_CHUNK):
+            writer.write(data)
+            await writer.drain()
+
+    async def _upstream(self, reader: asyncio.StreamReader, printer: asyncio.StreamWriter) -> None:
+        """Till to printer: parse, forward, inject before cuts; EOF is passed on."""
+        parser = EscPosParser()
+        inject = self.settings.inject != "off"
+        held = b""
+        while data := await self._read_till(reader):
+            self._count("receipt_tap_bytes_total", len(data))
+            result = parser.feed(data)
+            if result.qr:
+                self._count("receipt_tap_qr_seen_total", len(result.qr))
+            if not inject:
+                printer.write(data)
+                await printer.drain()
+                continue
+            chunk = held + data
+            start = parser.offset - len(chunk)
+            ready = len(chunk) - parser.pending
+            held = chunk[ready:]
+            last = 0
+            for cut in result.cuts:
+                printer.write(chunk[last : cut - start])
+                last = cut - start
+                await self._inject(printer)
+            printer.write(chunk[last:ready])
+            await printer.drain()
+        if held:
+            printer.write(held)
+        if printer.can_write_eof():
+            printer.write_eof()
+        await printer.drain()
+
+    async def _read_till(self, reader: asyncio.StreamReader) -> bytes:
+        """The next bytes from the till; b"" at EOF or when it stays silent too long."""
+        try:
+            async with asyncio.timeout(self.settings.idle_timeout_s):
+                return await reader.read(READ_CHUNK)
+        except TimeoutError:
+            self._count("receipt_tap_idle_closed_total")
+            log.info(
+                "%s: till silent for %.0f s; ending the job",
+                self.name,
+                self.settings.idle_timeout_s,
+            )
+            return b""
+
+    async def _inject(self, printer: asyncio.StreamWriter) -> None:
+        """Reserve a counter, mint a token, write its QR.  A failure skips one token."""
+        assert self._minting is not None
+        m, s = self._minting, self.settings
+        loop = asyncio.get_running_loop()
+        try:
+            counter = await loop.run_in_executor(
+                self._worker, m.counters.reserve, m.store, s.lane_number
+            )
+        except (sqlite3.Error, OverflowError) as exc:
+            self._count("receipt_tap_inject_failed_total")
+            self._metrics.error(self.name, f"receipt counter store: {exc}")
+            log.error("%s: no receipt token printed: counter store: %s", self.name, exc)
+            return
+        now = self._now()
+        token = mint_receipt_token(
+            m.keyring.active, m.keyring.active_key, m.store, s.lane_number, int(now), counter
+        )
+        data = (s.url_prefix + token).encode("utf-8")
+        if s.inject == "native":
+            image = qr_native(data, module_size=s.module_size)
+        else:
+            image = qr_raster(data, module_px=s.module_size)
+        printer.write(b"\n\x1ba\x01" + image + b"\n\x1ba\x00")
+        await printer.drain()
+        self._count("receipt_tokens_printed_total")
+        log.debug("%s: printed receipt token %d of lane %d", self.name, counter, s.lane_number)
+        if self._on_printed is not None:
+            self._on_printed(Printed(s.lane, token, now))
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+class ReceiptTapSource:
+    """The tap as a configured Source: yields ``receipt.printed`` for each injected token.
+
+    QR codes the till prints itself are only counted (``receipt_tap_qr_seen_total``).
+    The store id comes from the SourceContext (``ctx.store``).  ``port`` is the bound
+    listening port once the tap runs.
+    """
+
+    def __init__(self, config: ReceiptTapSourceConfig, ctx: SourceContext) -> None:
+        self.config = config
+        self.name = config.name
+        self.port = 0
+        self._ctx = ctx
+
+    def _settings(self) -> TapSettings:
+        c = self.config
+        return TapSettings(
+            printer_host=c.printer_host,
+            printer_port=c.printer_port,
+            listen_host=c.listen_host,
+            listen_port=c.listen_port,
+            lane=c.lane,
+            lane_number=c.lane_number,
+            inject=c.inject,
+            url_prefix=c.url_prefix,
+            module_size=c.module_size,
+            connect_timeout_s=c.connect_timeout_s,
+            idle_timeout_s=c.idle_timeout_s,
+        )
+
+    async def readings(self) -> AsyncIterator[Reading]:
+        """Run the tap until cancelled."""
+        c, ctx = self.config, self._ctx
+        counters: CounterStore | None = None
+        minting: Minting | None = None
+        if c.inject != "off":
+            store = ctx.store
+            if not store:
+                raise SourceError(f"{self.name}: injection needs the store id in SourceContext")
+            counters = await asyncio.to_thread(CounterStore, c.counter_path)
+            minting = Minting(ctx.keyring, store, counters)
+        queue: asyncio.Queue[Printed] = asyncio.Queue()
+        tap = ReceiptTap(
+            self._settings(), minting, queue.put_nowait, ctx.metrics, self.name, ctx.now
+        )
+        try:
+            self.port = await tap.start()
+            ctx.set_state(
+                "ok",
+                f"listening on {c.listen_host}:{self.port} for {c.printer_host}:{c.printer_port}",
+            )
+            while True:
+                printed = await queue.get()
+                attrs = {"lane": printed.lane, "receipt": printed.receipt}
+                yield Reading("receipt.printed", self.name, printed.at, None, attrs)
+        finally:
+            await tap.close()
+            if counters is not None:
+                counters.close()

@@ -1,0 +1,188 @@
+"""A fake till: writes ESC/POS receipts (text, raster logos, its own QR codes, cuts).
+
+    python -m simulators.till --host 127.0.0.1 --port 9100 [--count 3] [--qr TEXT]
+
+The encoders here are written independently of ``drivers.escpos`` (this module imports
+nothing from ``drivers`` or ``gateway``), so the two check each other.  ``send_job``
+sends one job over TCP in randomly sized segments, optionally asks the printer for its
+status first (``DLE EOT 1``, as tills do before printing), and returns every byte the
+printer side answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import socket
+from collections.abc import Sequence
+
+ESC, GS, DLE = b"\x1b", b"\x1d", b"\x10"
+
+
+def init() -> bytes:
+    """ESC @: reset the printer."""
+    return ESC + b"@"
+
+
+def text(line: str) -> bytes:
+    """One line of text (code page 437 subset: ASCII), then LF."""
+    return line.encode("ascii", "replace") + b"\n"
+
+
+def bold(on: bool) -> bytes:
+    return ESC + b"E" + (b"\x01" if on else b"\x00")
+
+
+def align(where: str) -> bytes:
+    return ESC + b"a" + bytes([{"left": 0, "center": 1, "right": 2}[where]])
+
+
+def logo(width_bytes: int, height: int, data: bytes | None = None, seed: int = 0) -> bytes:
+    """GS v 0 raster image; ``data`` (repeated to size) or pseudo-random pixels."""
+    size = width_bytes * height
+    if data is None:
+        data = random.Random(seed).randbytes(size)
+    pixels = (data * (size // max(1, len(data)) + 1))[:size]
+    header = bytes([0, width_bytes & 0xFF, width_bytes >> 8, height & 0xFF, height >> 8])
+    return GS + b"v0" + header + pixels
+
+
+def column_image(columns: int, data: bytes) -> bytes:
+    """ESC * 33 (24-dot double density): ``columns`` columns of 3 bytes each."""
+    pixels = (data * (3 * columns // max(1, len(data)) + 1))[: 3 * columns]
+    return ESC + b"*\x21" + bytes([columns & 0xFF, columns >> 8]) + pixels
+
+
+def qr(data: bytes, size: int = 4) -> bytes:
+    """A native QR code: model 2, module size, level M, store, print."""
+
+    def gs_k(fn: int, params: bytes) -> bytes:
+        n = len(params) + 2
+        return GS + b"(k" + bytes([n % 256, n // 256, 0x31, fn]) + params
+
+    return (
+        gs_k(0x41, b"\x32\x00")
+        + gs_k(0x43, bytes([size]))
+        + gs_k(0x45, b"\x31")
+        + gs_k(0x50, b"\x30" + data)
+        + gs_k(0x51, b"\x30")
+    )
+
+
+def cut() -> bytes:
+    """GS V 66 3: feed three lines, then a partial cut."""
+    return GS + b"VB\x03"
+
+
+def status_query(n: int = 1) -> bytes:
+    """DLE EOT n: real-time status request; the printer answers one byte."""
+    return DLE + b"\x04" + bytes([n])
+
+
+def receipt(
+    lines: Sequence[str] = ("SHOP", "1x COFFEE   2.50", "TOTAL       2.50"),
+    *,
+    with_logo: bool = True,
+    qr_data: bytes | None = None,
+    seed: int = 0,
+) -> bytes:
+    """A typical receipt: reset, logo, lines, an optional QR of the till's own, cut."""
+    out = [init(), align("center")]
+    if with_logo:
+        out.append(logo(32, 48, seed=seed))
+    out += [bold(True), text(lines[0]), bold(False), align("left")]
+    out += [text(line) for line in lines[1:]]
+    if qr_data is not None:
+        out += [align("center"), qr(qr_data), text("")]
+    out.append(cut())
+    return b"".join(out)
+
+
+def trap_logo(seed: int = 0) -> bytes:
+    """A raster logo whose pixels spell a QR store command and a cut: the naive-scan trap."""
+    fake = GS + b"(k\x0c\x00\x31\x50\x30FAKE-QR!!" + GS + b"(k\x03\x00\x31\x51\x30" + GS + b"V\x00"
+    return logo(len(fake), 8, data=fake, seed=seed)
+
+
+def hostile(seed: int = 0) -> bytes:
+    """ESC/POS with lying lengths, truncated headers, stray prefixes and random bytes."""
+    rnd = random.Random(seed)
+    parts = [
+        GS + b"(k\xff\xff\x31\x50\x30" + b"short",  # declares 65532 bytes, sends 5
+        GS + b"8L\xff\xff\xff\x7f" + rnd.randbytes(300),  # declares 2 GiB
+        GS + b"v0\x00\xff\xff\xff\xff" + rnd.randbytes(200),
+        ESC + b"*\x21\xff\xff" + rnd.randbytes(100),
+        ESC + ESC + GS + GS + b"(" + DLE,
+        rnd.randbytes(2000),
+        GS + b"(k",
+    ]
+    return b"".join(parts)
+
+
+async def send_job(
+    host: str,
+    port: int,
+    data: bytes,
+    *,
+    rnd: random.Random | None = None,
+    max_segment: int = 1500,
+    query_status: bool = False,
+) -> bytes:
+    """Send one job (segments of random size when ``rnd`` is given); return the replies.
+
+    With ``query_status`` the till first sends ``DLE EOT 1`` and waits for its answer.
+    After the job it half-closes and reads until the other side closes.  The caller
+    bounds the time (``asyncio.timeout``).
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        replies = bytearray()
+        if query_status:
+            writer.write(status_query(1))
+            await writer.drain()
+            replies += await reader.readexactly(1)
+        pos = 0
+        while pos < len(data):
+            size = rnd.randint(1, max_segment) if rnd else max_segment
+            writer.write(data[pos : pos + size])
+            await writer.drain()
+            pos += size
+            if rnd and rnd.random() < 0.1:
+                await asyncio.sleep(0)
+        writer.write_eof()
+        replies += await reader.read()
+        return bytes(replies)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Send receipts to a printer (or a tap in front of one)."""
+    parser = argparse.ArgumentParser(description="Fake till: send ESC/POS receipts over TCP.")
+    parser.add_argument("--host", default="127.0.0.1", help="printer or tap address")
+    parser.add_argument("--port", type=int, default=9100, help="printer or tap port")
+    parser.add_argument("--count", type=int, default=1, help="number of receipts (jobs)")
+    parser.add_argument("--qr", default=None, help="text of the till's own QR code")
+    args = parser.parse_args(argv)
+
+    async def run() -> None:
+        for i in range(args.count):
+            qr_data = args.qr.encode() if args.qr else None
+            async with asyncio.timeout(30):
+                replies = await send_job(
+                    args.host, args.port, receipt(qr_data=qr_data, seed=i), query_status=True
+                )
+            print(f"job {i + 1}: printer status {replies[:1].hex()}")
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The forwarder's window, batching and verdict handling, against an in-process publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from gateway.config import BufferConfig, MqttConfig
+from gateway.forwarder import Forwarder
+from gateway.metrics import Metrics
+from gateway.outbox import Outbox, Pending
+from gateway.ports import Verdict
+from tests.fakes import FakePublisher
+
+
+async def until(cond: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        await asyncio.sleep(0.005)
+
+
+def test_window_batches_and_verdicts(tmp_path: Path) -> None:
+    async def run() -> None:
+        metrics = Metrics()
+        box = Outbox(BufferConfig(path=tmp_path / "b.db"), metrics)
+        box.open()
+        pub = FakePublisher()
+        cfg = MqttConfig(inflight_window=3, batch_max_events=10, batch_max_bytes=1024 * 1024)
+        fwd = Forwarder(box, pub, cfg, store="s1", device="d1", topic="t/events", metrics=metrics)
+        task = asyncio.create_task(fwd.run())
+        await box.submit_many(
+            [
+                Pending(time.time(), "card.read", "k1:x", f'"type":"card.read","i":{i}}}')
+                for i in range(95)
+            ]
+        )
+        await until(lambda: len(pub.sent) == 3)
+        await asyncio.sleep(0.05)
+        assert pub.outstanding == 3, "never more than the window in flight"
+        # Settle out of order: the third succeeds, the first is refused (not authorized).
+        pub.sent[2][2].set_result(Verdict(ok=True))
+        pub.sent[0][2].set_result(Verdict(ok=False, reason_code=0x87, reason="Not authorized"))
+        await until(lambda: len(pub.sent) == 5)
+        while pub.outstanding:
+            for _, _, f in pub.sent:
+                if not f.done():
+                    f.set_result(Verdict(ok=True))
+            await asyncio.sleep(0.01)
+        await until(lambda: metrics.get("events_forwarded_total") == 85)
+        assert pub.max_outstanding == 3
+        stats = await box.stats()
+        assert stats["depth"] == 0 and stats["dead_letters"] == 10
+        assert metrics.get("events_dead_lettered_total") == 10
+        seqs = []
+        for topic, payload, _ in pub.sent:
+            batch = json.loads(payload)
+            assert topic == "t/events"
+            assert (batch["v"], batch["store"], batch["device"], batch["stream"]) == (
+                1,
+                "s1",
+                "d1",
+                box.stream,
+            )
+            s = [e["seq"] for e in batch["events"]]
+            assert s == sorted(s) and 1 <= len(s) <= 10
+            seqs += s
+        assert sorted(seqs) == list(range(1, 96)), "each event published exactly once"
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        box.close()
+
+    asyncio.run(run())
+
+
+def test_batches_respect_the_byte_limit(tmp_path: Path) -> None:
+    async def run() -> None:
+        metrics = Metrics()
+        box = Outbox(BufferConfig(path=tmp_path / "b.db"), metrics)
+        box.open()
+        pub = FakePublisher()
+        cfg = MqttConfig(inflight_window=50, batch_max_events=500, batch_max_bytes=4096)
+        fwd = Forwarder(box, pub, cfg, store="s1", device="d1", topic="t", metrics=metrics)
+        task = asyncio.create_task(fwd.run())
+        pad = "p" * 300
+        await box.submit_many(
+            [Pending(time.time(), "card.read", None, f'"pad":"{pad}"}}') for _ in range(100)]
+        )
+        await until(lambda: sum(len(json.loads(p)["events"]) for _, p, _ in pub.sent) == 100)
+        assert all(len(p) <= 4096 for _, p, _ in pub.sent)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        box.close()
+
+    asyncio.run(run())
