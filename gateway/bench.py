@@ -70,7 +70,12 @@ def _gateway(work: Path, port: int, n: int, rate: float | None) -> tuple[Gateway
             "gateway": {"store": "bench", "device": "gw-01"},
             "keyring": {"active": "k1", "keys": {"k1": "k1.key"}},
             "buffer": {"path": "buffer.db"},
-            "mqtt": {"host": "127.0.0.1", "port": port, "inflight_window": WINDOW, "batch_max_events": BATCH},
+            "mqtt": {
+                "host": "127.0.0.1",
+                "port": port,
+                "inflight_window": WINDOW,
+                "batch_max_events": BATCH,
+            },
         },
         "bench",
         work,
@@ -79,7 +84,9 @@ def _gateway(work: Path, port: int, n: int, rate: float | None) -> tuple[Gateway
     subjects = [probe.keyring.pseudonym("loyalty", f"2600{i:09d}") for i in range(SUBJECTS)]
     records = [{"subject": s, "purposes": ["linking"], "expires": None} for s in subjects]
     (work / "seed.json").write_text(json.dumps({"records": records}), encoding="utf-8")
-    cfg = cfg.model_copy(update={"consent": cfg.consent.model_copy(update={"seed_file": work / "seed.json"})})
+    cfg = cfg.model_copy(
+        update={"consent": cfg.consent.model_copy(update={"seed_file": work / "seed.json"})}
+    )
     now = time.time()
     attrs = {"lane": "till-1", "reader": "scanner"}
     readings = [Reading("card.read", "bench", now, subjects[i % SUBJECTS], attrs) for i in range(n)]
@@ -119,8 +126,12 @@ def run_reference(work: Path, port: int, n: int) -> float:
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, body TEXT)")
     tail = event_tail(
-        type_="card.read", at=time.time(), source="bench", subject="k1:y12r74-dyodquqc6XBqP4A",
-        purposes=["linking"], attrs={"lane": "till-1", "reader": "scanner"},
+        type_="card.read",
+        at=time.time(),
+        source="bench",
+        subject="k1:y12r74-dyodquqc6XBqP4A",
+        purposes=["linking"],
+        attrs={"lane": "till-1", "reader": "scanner"},
     )
     prefix = batch_prefix("bench", "ref", "00112233aabbccdd")
     window = threading.Semaphore(WINDOW)
@@ -150,7 +161,9 @@ def run_reference(work: Path, port: int, n: int) -> float:
         conn.execute("COMMIT")
         window.acquire()
         with lock:
-            info = client.publish("bench/ref/events", batch_payload(prefix, [b for _, b in rows]), qos=1)
+            info = client.publish(
+                "bench/ref/events", batch_payload(prefix, [b for _, b in rows]), qos=1
+            )
             ranges[info.mid] = (lo, seq)
         with lock:
             settled = list(acked.values())
@@ -178,7 +191,11 @@ def run_reference(work: Path, port: int, n: int) -> float:
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
-    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
+    return (
+        statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
+        if len(values) > 1
+        else values[0]
+    )
 
 
 def bench_pipeline(quick: bool = False) -> dict[str, Any]:
@@ -192,7 +209,9 @@ def bench_pipeline(quick: bool = False) -> dict[str, Any]:
             ref = run_reference(work / "ref", broker.port, n)
             ours, _ = run_ours(work / "ours", broker.port, n)
             rate = 1000.0
-            _, lat = run_ours(work / "lat", broker.port, int(rate * (3 if quick else 10)), rate=rate)
+            _, lat = run_ours(
+                work / "lat", broker.port, int(rate * (3 if quick else 10)), rate=rate
+            )
             with NetProxy(broker.port, delay_s=0.010) as proxy:
                 wan, _ = run_ours(work / "wan", proxy.port, n // 4)
     rtt = 0.020
@@ -222,9 +241,13 @@ def run_bench(which: str, *, as_json: bool, quick: bool) -> int:
     print(f"  ours (durable, end to end)   {figures['events_per_s']:>10,} events/s")
     print(f"  reference (SQLite + paho)    {figures['reference_events_per_s']:>10,} events/s")
     print(f"  ratio                        {figures['ratio']:>10}")
-    print(f"  latency at {figures['latency_rate_per_s']:.0f}/s capture->PUBACK  p50 {figures['p50_ms']} ms  p99 {figures['p99_ms']} ms")
+    f = figures
     print(
-        f"  through +{figures['wan_rtt_ms']:.0f} ms RTT        {figures['wan_events_per_s']:>10,} events/s"
-        f"  (limit window x batch / RTT = {figures['wan_limit_events_per_s']:,})"
+        f"  latency at {f['latency_rate_per_s']:.0f}/s capture->PUBACK"
+        f"  p50 {f['p50_ms']} ms  p99 {f['p99_ms']} ms"
+    )
+    print(
+        f"  through +{f['wan_rtt_ms']:.0f} ms RTT        {f['wan_events_per_s']:>10,} events/s"
+        f"  (limit window x batch / RTT = {f['wan_limit_events_per_s']:,})"
     )
     return 0

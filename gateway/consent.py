@@ -75,6 +75,10 @@ class ConsentRegistry:
         self.required = {k: frozenset(v) for k, v in required.items()}
         self.metrics = metrics
         self.records: dict[str, Consent] = {}
+        self._passed = metrics.counter(
+            "consent_decisions_total", decision="pass", reason="consented"
+        )
+        self._sorted: dict[frozenset[str], list[str]] = {}
 
     # -- the gate (event loop, hot path) ------------------------------------------------
 
@@ -95,8 +99,11 @@ class ConsentRegistry:
             reason = "expired" if rec.purposes & needed else "purpose_missing"
             self.metrics.inc("consent_decisions_total", decision="drop", reason=reason)
             return None
-        self.metrics.inc("consent_decisions_total", decision="pass", reason="consented")
-        return sorted(granted)
+        self._passed.value += 1
+        out = self._sorted.get(granted)
+        if out is None:
+            out = self._sorted[granted] = sorted(granted)
+        return out
 
     # -- changes (applied in memory; persisted by the caller through the outbox) ---------
 

@@ -26,7 +26,7 @@ from gateway.errors import GatewayError, SourceError
 from gateway.events import event_tail, status_payload, topic_prefix
 from gateway.forwarder import Forwarder
 from gateway.identity import Keyring
-from gateway.metrics import Metrics
+from gateway.metrics import Cell, Metrics
 from gateway.mqtt import PahoPublisher
 from gateway.notify import Notifier, watchdog_interval
 from gateway.outbox import Outbox, Pending
@@ -61,6 +61,8 @@ class Gateway:
         self._extra_sources = sources or []
         self.latencies: list[float] | None = None  # set to a list to record (bench)
         self.last_stats: dict[str, Any] = {}
+        self._reading_cells: dict[tuple[str, str], Cell] = {}
+        self._dropped_consent = self.metrics.counter("events_dropped_total", reason="consent")
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -72,7 +74,7 @@ class Gateway:
         if self.cfg.consent.seed_file is not None:
             records = load_seed_file(self.cfg.consent.seed_file)
             rows = self.consent.apply(records, "seed", self.now())
-            await self.outbox.write(lambda c: ConsentRegistry.persist(c, rows))
+            await self.outbox.write(lambda c: ConsentRegistry.persist(c, rows), invalidates=False)
             n = len(self.consent.records)
         log.info("consent registry: %d subjects", n)
 
@@ -101,10 +103,16 @@ class Gateway:
 
     def accept(self, reading: Reading) -> bool:
         """Gate and buffer one reading; False when consent drops it."""
-        self.metrics.inc("readings_total", source=reading.source, type=reading.type)
+        key = (reading.source, reading.type)
+        cell = self._reading_cells.get(key)
+        if cell is None:
+            cell = self._reading_cells[key] = self.metrics.counter(
+                "readings_total", source=reading.source, type=reading.type
+            )
+        cell.value += 1
         purposes = self.consent.purposes_for(reading.type, reading.subject, reading.at)
         if purposes is None:
-            self.metrics.inc("events_dropped_total", reason="consent")
+            self._dropped_consent.value += 1
             return False
         tail = event_tail(
             type_=reading.type,

@@ -31,7 +31,9 @@ IBEACON = "83256b74-78d0-43a4-8269-05f9dc8a44ba:16:32"  # consented; the Eddysto
 EDDYSTONE = "e157bd5df90aad1dc2fb:000000000001"
 
 
-def _spawn(args: list[str], log: IO[bytes], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def _spawn(
+    args: list[str], log: IO[bytes], env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, *args], stdout=subprocess.PIPE, stderr=log, env=env or dict(os.environ)
     )
@@ -185,22 +187,44 @@ def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
         with Mosquitto(work / "mosquitto") as broker:
             print(f"demo: mosquitto on 127.0.0.1:{broker.port}")
             central = _spawn(
-                ["-m", "simulators.central", "--mqtt-host", "127.0.0.1", "--mqtt-port",
-                 str(broker.port), "--out", str(work / "central-events.jsonl"),
-                 "--stats", str(work / "central-stats.json")],
+                [
+                    "-m",
+                    "simulators.central",
+                    "--mqtt-host",
+                    "127.0.0.1",
+                    "--mqtt-port",
+                    str(broker.port),
+                    "--out",
+                    str(work / "central-events.jsonl"),
+                    "--stats",
+                    str(work / "central-stats.json"),
+                ],
                 sim_log,
             )
             procs.append(central)
             print(f"demo: {_first_line(central, 'the fake central')}")
             link = work / "card-reader"
             cards = _spawn(
-                ["-m", "simulators.card_reader", str(SCENARIOS / "card-demo.toml"), "--link", str(link)],
+                [
+                    "-m",
+                    "simulators.card_reader",
+                    str(SCENARIOS / "card-demo.toml"),
+                    "--link",
+                    str(link),
+                ],
                 sim_log,
             )
             procs.append(cards)
-            print(f"demo: card reader simulator on {_first_line(cards, 'the card reader simulator')}")
+            print(
+                f"demo: card reader simulator on {_first_line(cards, 'the card reader simulator')}"
+            )
             ble = _spawn(
-                ["-m", "simulators.ble_scenario", str(SCENARIOS / "ble-walkthrough.toml"), "--repeat"],
+                [
+                    "-m",
+                    "simulators.ble_scenario",
+                    str(SCENARIOS / "ble-walkthrough.toml"),
+                    "--repeat",
+                ],
                 sim_log,
             )
             procs.append(ble)

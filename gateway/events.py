@@ -13,15 +13,45 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_quote = json.encoder.encode_basestring
+# One C encoder built once: JSONEncoder.encode builds a new one on every call.  Compact
+# separators, no NaN (ValueError), insertion order.
+_c_encode = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None, None, _quote, None, ":", ",", False, False, False
+)
+
+
+def _dumps_obj(obj: Any) -> str:
+    return "".join(_c_encode(obj, 0))
+
+
+_ts_cache: tuple[int, str] = (-1, "")
 
 
 def rfc3339(at: float) -> str:
-    """RFC 3339 UTC, whole seconds, ``Z`` suffix."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(at)))
+    """RFC 3339 UTC, whole seconds, ``Z`` suffix (the last second is cached)."""
+    global _ts_cache  # noqa: PLW0603 - a one-entry cache on the hot path
+    sec = int(at)
+    if _ts_cache[0] != sec:
+        _ts_cache = (sec, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sec)))
+    return _ts_cache[1]
 
 
 def new_stream_id() -> str:
     return secrets.token_hex(8)
+
+
+_str_cache: dict[str, str] = {}
+_purposes_cache: dict[tuple[str, ...], str] = {}
+
+
+def _jstr(value: str) -> str:
+    out = _str_cache.get(value)
+    if out is None:
+        out = _dumps(value)
+        if len(_str_cache) < 4096:
+            _str_cache[value] = out
+    return out
 
 
 def event_tail(
@@ -33,13 +63,20 @@ def event_tail(
     purposes: Sequence[str],
     attrs: Mapping[str, Any],
 ) -> str:
-    """The JSON of an event after its ``seq`` (starting with ``"type"``, ending with ``}``)."""
-    body: dict[str, Any] = {"type": type_, "ts": rfc3339(at), "source": source}
-    if subject is not None:
-        body["subject"] = subject
-    body["purposes"] = sorted(purposes)
-    body["attrs"] = dict(attrs)
-    return _dumps(body)[1:]
+    """The JSON of an event after its ``seq`` (starting with ``"type"``, ending with ``}``).
+
+    Keys in contract order; type, source and purposes come from small caches, so the hot
+    path encodes only the subject and the attrs.
+    """
+    key = tuple(purposes)
+    purp = _purposes_cache.get(key)
+    if purp is None:
+        purp = _purposes_cache[key] = _dumps(sorted(purposes))
+    subj = "" if subject is None else f',"subject":{_quote(subject)}'
+    return (
+        f'"type":{_jstr(type_)},"ts":"{rfc3339(at)}","source":{_jstr(source)}{subj},'
+        f'"purposes":{purp},"attrs":{_dumps_obj(attrs)}}}'
+    )
 
 
 def with_seq(seq: int, tail: str) -> str:

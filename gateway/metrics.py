@@ -1,7 +1,8 @@
 """Counters and gauges, labelled, kept in memory and read by status, health and the demo.
 
 Single-threaded by design: only the event loop thread updates them (callbacks from
-library threads enqueue to the loop first).
+library threads enqueue to the loop first).  Hot paths take a ``Cell`` once with
+``counter(name, **labels)`` and bump ``cell.value``; everything else calls ``inc``.
 """
 
 from __future__ import annotations
@@ -18,15 +19,29 @@ def _key(name: str, labels: dict[str, str]) -> LabelKey:
     return name, tuple(sorted(labels.items()))
 
 
+class Cell:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+
 class Metrics:
     def __init__(self) -> None:
-        self._counters: defaultdict[LabelKey, float] = defaultdict(float)
+        self._counters: dict[LabelKey, Cell] = {}
         self._gauges: dict[LabelKey, float] = {}
         self.sources: dict[str, dict[str, Any]] = {}
         self.last_error: dict[str, str] = {}
 
+    def counter(self, name: str, **labels: str) -> Cell:
+        key = _key(name, labels)
+        cell = self._counters.get(key)
+        if cell is None:
+            cell = self._counters[key] = Cell()
+        return cell
+
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
-        self._counters[_key(name, labels)] += amount
+        self.counter(name, **labels).value += amount
 
     def set(self, name: str, value: float, **labels: str) -> None:
         self._gauges[_key(name, labels)] = value
@@ -35,18 +50,21 @@ class Metrics:
         key = _key(name, labels)
         if key in self._gauges:
             return self._gauges[key]
-        return self._counters.get(key, 0.0)
+        cell = self._counters.get(key)
+        return cell.value if cell is not None else 0.0
 
     def total(self, name: str, **labels: str) -> float:
         """Sum of a counter over every label set that includes ``labels``."""
         want = set(labels.items())
-        return sum(v for (n, lab), v in self._counters.items() if n == name and want <= set(lab))
+        return sum(
+            c.value for (n, lab), c in self._counters.items() if n == name and want <= set(lab)
+        )
 
     def by_label(self, name: str, label: str) -> dict[str, float]:
         out: defaultdict[str, float] = defaultdict(float)
-        for (n, lab), v in self._counters.items():
+        for (n, lab), c in self._counters.items():
             if n == name:
-                out[dict(lab).get(label, "")] += v
+                out[dict(lab).get(label, "")] += c.value
         return dict(out)
 
     def set_source_state(self, source: str, state: str, detail: str = "") -> None:
@@ -56,8 +74,8 @@ class Metrics:
         self.last_error[component] = message
 
     def counters(self) -> Iterator[tuple[str, dict[str, str], float]]:
-        for (name, labels), value in sorted(self._counters.items()):
-            yield name, dict(labels), value
+        for (name, labels), cell in sorted(self._counters.items()):
+            yield name, dict(labels), cell.value
 
     def gauges(self) -> Iterator[tuple[str, dict[str, str], float]]:
         for (name, labels), value in sorted(self._gauges.items()):

@@ -15,15 +15,15 @@ import sqlite_utils
 
 def _m001_outbox(db: sqlite_utils.Database) -> None:
     db.table("meta").create({"key": str, "value": str}, pk="key")
+    # seq is assigned by the outbox writer; its high-water mark is meta 'last_seq'.
     db.execute(
-        "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL,"
-        " type TEXT NOT NULL, subject TEXT, body TEXT NOT NULL)"
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY, created REAL NOT NULL,"
+        " subject TEXT, body TEXT NOT NULL)"
     )
     db.table("dead_letters").create(
         {
             "seq": int,
             "created": float,
-            "type": str,
             "subject": str,
             "body": str,
             "reason_code": int,

@@ -24,7 +24,8 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,6 +74,9 @@ class _Cmd:
     kind: str  # "append" | "write" | "read"
     fn: Callable[[sqlite3.Connection], Any] | None = None
     events: list[Pending] = field(default_factory=list)
+    rows: list[tuple[int, float, str | None, str]] = field(default_factory=list)
+    # A write that may delete rows not yet fetched (expiry, erasure) empties the tail cache.
+    invalidates: bool = True
     future: asyncio.Future[Any] | None = None
     result: Any = None
     error: BaseException | None = None
@@ -106,6 +110,11 @@ class Outbox:
         self._next_seq = 1
         self._page_size = 4096
         self._open: list[Pending] = []
+        # Writer thread only: recently committed (seq, created, body), complete from
+        # seq ``_cache_from`` on, so the live path fetches without reading the database.
+        self._recent: deque[tuple[int, float, str]] = deque()
+        self._recent_max = 100_000
+        self._cache_from = 1
         self._open_future: asyncio.Future[list[int]] | None = None
         self._outstanding = 0
         self._max_outstanding = 4 * cfg.commit_max_events
@@ -134,10 +143,8 @@ class Outbox:
                 )
             else:
                 self.stream = str(row[0])
-            seqrow = conn.execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
-            ).fetchone()
-            self._next_seq = (int(seqrow[0]) if seqrow else 0) + 1
+            self._next_seq = _last_seq(conn) + 1
+            self._cache_from = self._next_seq
         except sqlite3.Error as exc:
             raise BufferError_(f"{path}: cannot open the buffer database: {exc}") from exc
         self._conn = conn
@@ -209,12 +216,19 @@ class Outbox:
     def outstanding(self) -> int:
         return self._outstanding
 
-    def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Run ``fn(conn)`` inside the next write transaction."""
+    def write(
+        self, fn: Callable[[sqlite3.Connection], T], *, invalidates: bool = True
+    ) -> asyncio.Future[T]:
+        """Run ``fn(conn)`` inside the next write transaction.
+
+        ``invalidates=False`` promises that ``fn`` deletes no event the forwarder has not
+        fetched yet (acks, dead letters, consent rows); anything else empties the cache of
+        recently committed events, so a deleted event is never served from memory.
+        """
         assert self._loop is not None
         self._flush_open()
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Cmd("write", fn=fn, future=fut))
+        self._queue.put(_Cmd("write", fn=fn, future=fut, invalidates=invalidates))
         return fut
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -228,8 +242,26 @@ class Outbox:
     def fetch(
         self, after: int, max_batches: int, max_events: int, max_bytes: int
     ) -> asyncio.Future[list[Batch]]:
-        """Committed events with seq > ``after``, cut into batches in seq order."""
-        return self.read(lambda c: _fetch(c, after, max_batches, max_events, max_bytes))
+        """Committed events with seq > ``after``, cut into batches in seq order.
+
+        Served from the writer's cache of recently committed rows when it holds every
+        row after ``after`` (the live path); from the database otherwise (a backlog).
+        """
+        return self.read(lambda c: self._fetch(c, after, max_batches, max_events, max_bytes))
+
+    def _fetch(
+        self, c: sqlite3.Connection, after: int, max_batches: int, max_events: int, max_bytes: int
+    ) -> list[Batch]:
+        recent = self._recent
+        if after >= self._cache_from - 1:
+            while recent and recent[0][0] <= after:
+                recent.popleft()
+            return _batches(iter(recent), max_batches, max_events, max_bytes)
+        rows = c.execute(
+            "SELECT seq, created, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, max_batches * max_events),
+        )
+        return _batches(rows, max_batches, max_events, max_bytes)
 
     def ack(self, batch: Batch) -> asyncio.Future[int]:
         """Delete a delivered batch's rows and record the time of the last publish."""
@@ -243,7 +275,7 @@ class Outbox:
             )
             return n.rowcount
 
-        return self.write(fn)
+        return self.write(fn, invalidates=False)
 
     def dead_letter(self, batch: Batch, reason_code: int, reason: str) -> asyncio.Future[int]:
         """Move a batch the broker refused into ``dead_letters`` (visible in status)."""
@@ -251,15 +283,15 @@ class Outbox:
 
         def fn(c: sqlite3.Connection) -> int:
             c.execute(
-                "INSERT OR REPLACE INTO dead_letters(seq, created, type, subject, body,"
-                " reason_code, reason, failed_at) SELECT seq, created, type, subject, body,"
+                "INSERT OR REPLACE INTO dead_letters(seq, created, subject, body,"
+                " reason_code, reason, failed_at) SELECT seq, created, subject, body,"
                 " ?, ?, ? FROM events WHERE seq BETWEEN ? AND ?",
                 (reason_code, reason, now, batch.lo, batch.hi),
             )
             n = c.execute("DELETE FROM events WHERE seq BETWEEN ? AND ?", (batch.lo, batch.hi))
             return n.rowcount
 
-        return self.write(fn)
+        return self.write(fn, invalidates=False)
 
     def expire(self, now: float | None = None) -> asyncio.Future[int]:
         """Delete rows older than ``max_age_s``, oldest first, in bounded chunks."""
@@ -313,6 +345,7 @@ class Outbox:
         appended = 0
         if writes:
             appended = self._commit(conn, writes)
+            self._remember(writes)
         for cmd in group:
             if cmd.kind == "read" and cmd.fn is not None:
                 try:
@@ -334,10 +367,15 @@ class Outbox:
                     if cmd.error is not None:
                         continue
                     if cmd.kind == "append":
-                        cmd.result = self._insert(conn, cmd.events)
+                        cmd.result = self._insert(conn, cmd)
                         appended += len(cmd.events)
                     elif cmd.fn is not None:
                         cmd.result = cmd.fn(conn)
+                if appended:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_seq', ?)",
+                        (str(self._next_seq - 1),),
+                    )
                 conn.execute("COMMIT")
                 return appended
             except sqlite3.Error as exc:
@@ -353,18 +391,37 @@ class Outbox:
                 return 0
         return 0
 
-    def _insert(self, conn: sqlite3.Connection, events: list[Pending]) -> list[int]:
-        seq = self._next_seq
+    def _insert(self, conn: sqlite3.Connection, cmd: _Cmd) -> list[int]:
+        first = seq = self._next_seq
         rows = []
-        for ev in events:
-            rows.append((seq, ev.created, ev.type, ev.subject, with_seq(seq, ev.tail)))
+        for ev in cmd.events:
+            rows.append((seq, ev.created, ev.subject, with_seq(seq, ev.tail)))
             seq += 1
         conn.executemany(
-            "INSERT INTO events(seq, created, type, subject, body) VALUES (?, ?, ?, ?, ?)", rows
+            "INSERT INTO events(seq, created, subject, body) VALUES (?, ?, ?, ?)", rows
         )
-        first = self._next_seq
+        cmd.rows = rows
         self._next_seq = seq
         return list(range(first, seq))
+
+    def _remember(self, writes: list[_Cmd]) -> None:
+        """Keep committed rows in the tail cache; drop it after a deleting write."""
+        recent = self._recent
+        for cmd in writes:
+            if cmd.error is not None:
+                continue
+            if cmd.kind == "append":
+                recent.extend((seq, created, body) for seq, created, _s, body in cmd.rows)
+                cmd.rows = []
+            elif cmd.invalidates:
+                self._forget()
+        while len(recent) > self._recent_max:
+            recent.popleft()
+            self._cache_from = recent[0][0]
+
+    def _forget(self) -> None:
+        self._recent.clear()
+        self._cache_from = self._next_seq
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
@@ -379,6 +436,7 @@ class Outbox:
                     cmd.error = BufferFull("buffer full: event dropped (policy drop_new)")
             self._count_on_loop("events_dropped_total", incoming, reason="buffer_full")
             return
+        self._forget()
         total = int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
         n = max(EVICT_MIN_ROWS, incoming, total // 100)
         try:
@@ -417,13 +475,17 @@ class Outbox:
                 fut.set_result(cmd.result)
 
 
-def _fetch(
-    conn: sqlite3.Connection, after: int, max_batches: int, max_events: int, max_bytes: int
+def _last_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _batches(
+    rows: Iterable[tuple[int, float, str]] | Iterator[Any],
+    max_batches: int,
+    max_events: int,
+    max_bytes: int,
 ) -> list[Batch]:
-    rows = conn.execute(
-        "SELECT seq, created, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-        (after, max_batches * max_events),
-    ).fetchall()
     batches: list[Batch] = []
     bodies: list[str] = []
     times: list[float] = []
@@ -431,7 +493,7 @@ def _fetch(
     nbytes = 0
     overhead = 128  # the batch envelope
     for seq, created, body in rows:
-        size = len(body.encode()) + 1
+        size = (len(body) if body.isascii() else len(body.encode())) + 1
         if bodies and (len(bodies) >= max_events or nbytes + size + overhead > max_bytes):
             batches.append(Batch(lo, hi, bodies, nbytes, times))
             if len(batches) >= max_batches:
@@ -470,7 +532,6 @@ def buffer_stats(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     depth, oldest = conn.execute("SELECT count(*), min(created) FROM events").fetchone()
     dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    seqrow = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
     last_pub = meta.get("last_publish_at")
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
@@ -479,7 +540,7 @@ def buffer_stats(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
         "stream": meta.get("stream"),
         "depth": int(depth),
         "oldest_age_s": (now - float(oldest)) if oldest is not None else None,
-        "last_seq": int(seqrow[0]) if seqrow else 0,
+        "last_seq": _last_seq(conn),
         "last_publish_at": float(last_pub) if last_pub else None,
         "dead_letters": int(dead),
         "db_bytes": int(page_size) * int(pages),

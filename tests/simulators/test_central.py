@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import subprocess
@@ -13,12 +14,17 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from simulators.broker import Mosquitto
-from simulators.central import Central
+from simulators.central import Central, ContractSchemas, Invalid, contract_schemas
+from tests.gateway.test_contract_schemas import BAD_EVENTS, EXAMPLES, RECEIPT, REGISTRY, _mutate
+from tests.gateway.test_contract_schemas import batch as contract_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 STORE, DEVICE, STREAM = "nl-ams-001", "gw-01", "00112233aabbccdd"
@@ -304,3 +310,277 @@ def test_cli_help_describes_every_option() -> None:
     )
     for option in ("--mqtt-host", "--mqtt-port", "--out", "--stats", "--store"):
         assert option in result.stdout
+
+
+# -- the compiled validator against jsonschema ---------------------------------------------
+#
+# The central decides with fastjsonschema-compiled code (specialised per event type, $refs
+# inlined, redundant enum siblings dropped) for speed; jsonschema, through the contract
+# tests' own registry, stays the reference.  Every document here must get the same verdict.
+
+FAST = contract_schemas()
+SCHEMA_NAMES = (
+    "event.json",
+    "batch.json",
+    "status.json",
+    "consent-delta.json",
+    "consent-response.json",
+)
+REFERENCE = {
+    name: Draft202012Validator(REGISTRY.contents(name), registry=REGISTRY) for name in SCHEMA_NAMES
+}
+ONLINE = {"v": 1, "state": "online", "ts": "2026-11-22T10:15:00Z", "version": "0.1.0"}
+
+
+def same_verdict(name: str, doc: Any) -> bool:
+    """Assert the fast and the reference validator agree on ``doc``; return the verdict."""
+    expected = REFERENCE[name].is_valid(doc)
+    assert FAST.is_valid(name, doc) is expected, (name, expected, doc)
+    try:
+        FAST.check(name, doc)
+    except Invalid as exc:
+        assert not expected, (name, exc, doc)
+        assert exc.reason == "schema"
+    else:
+        assert expected, (name, doc)
+    return expected
+
+
+def both_ways(event: Any) -> list[bool]:
+    """An event alone and inside a batch (also with a valid event around it)."""
+    return [
+        same_verdict("event.json", event),
+        same_verdict("batch.json", contract_batch(event)),
+        same_verdict(
+            "batch.json", contract_batch(EXAMPLES["footfall"], event, EXAMPLES["qr.scan"])
+        ),
+    ]
+
+
+def edge_values() -> list[Any]:
+    """Values on the edges where draft 2020-12, jsonschema and fastjsonschema could part.
+
+    Only what json.loads can return: the central validates nothing else (a tuple, say, is an
+    array to fastjsonschema but not to jsonschema).
+    """
+    return [
+        None, True, False, 0, 1, -1, 1.0, 0.0, -0.0, 1.5, 2**64, -(2**64), "", "\n", [], {},
+        [None], {"": None}, "1", "true",
+        "nl-ams-001\n", "0123456789abcdef\n", "2026-11-22T10:15:00Z\n", "2026-11-22T10:15:00z",
+        "k1:y12r74-dyodquqc6XBqP4A\n", RECEIPT + "\n", RECEIPT.lower(), "till-2\n",
+        ["analytics", "linking"], ["analytics", "analytics"], ["ANALYTICS"],
+        [True], [1], [["analytics"]],
+    ]  # fmt: skip
+
+
+def test_fast_validator_matches_jsonschema_on_the_contract_corpus(vectors: dict[str, Any]) -> None:
+    verdicts: dict[str, list[bool]] = {"event": [], "batch": [], "status": [], "consent": []}
+    for example in EXAMPLES.values():
+        verdicts["event"] += both_ways(example)
+    for kind, path, value in BAD_EVENTS.values():
+        verdicts["event"] += both_ways(_mutate(kind, path, value))
+    for chosen in ([], ["analytics", "marketing"], ["marketing", "linking"], ["x"]):
+        verdicts["event"] += both_ways(_mutate("card.read", ("purposes",), chosen))
+    for case in vectors["pseudonyms"]:
+        verdicts["event"] += both_ways(_mutate("card.read", ("subject",), case["pseudonym"]))
+    for case in vectors["receipt_tokens"]:
+        verdicts["event"] += both_ways(
+            _mutate("receipt.printed", ("attrs", "receipt"), case["token"])
+        )
+    # Every example's attrs under every type, with and without a subject.
+    for kind, example in EXAMPLES.items():
+        for other in EXAMPLES.values():
+            event = _mutate(kind, ("attrs",), copy.deepcopy(other["attrs"]))
+            verdicts["event"] += both_ways(event)
+            verdicts["event"] += both_ways(_mutate(kind, ("type",), other["type"]))
+            if "subject" in example:
+                verdicts["event"] += both_ways({k: v for k, v in event.items() if k != "subject"})
+    # Each leaf of each example, set to each edge value.
+    for kind, example in EXAMPLES.items():
+        leaves = [(key,) for key in example] + [("attrs", key) for key in example["attrs"]]
+        for path in leaves:
+            for value in edge_values():
+                verdicts["event"] += both_ways(_mutate(kind, path, value))
+    for value in [*edge_values(), *EXAMPLES.values(), "[1]"]:
+        verdicts["event"] += both_ways(value)
+        verdicts["batch"].append(same_verdict("batch.json", value))
+        verdicts["status"].append(same_verdict("status.json", value))
+
+    good = contract_batch(*EXAMPLES.values())
+    verdicts["batch"].append(same_verdict("batch.json", good))
+    for key in good:
+        for value in [*edge_values(), "NL-AMS-001", "-gw", "0123456789ABCDEF", "a" * 33]:
+            verdicts["batch"].append(same_verdict("batch.json", {**good, key: value}))
+        verdicts["batch"].append(
+            same_verdict("batch.json", {k: v for k, v in good.items() if k != key})
+        )
+    verdicts["batch"].append(same_verdict("batch.json", {**good, "extra": True}))
+
+    verdicts["status"].append(same_verdict("status.json", ONLINE))
+    for key in ONLINE:
+        for value in [*edge_values(), "offline", "sleeping", "2026-11-22T10:15:00.1Z"]:
+            verdicts["status"].append(same_verdict("status.json", {**ONLINE, key: value}))
+        verdicts["status"].append(
+            same_verdict("status.json", {k: v for k, v in ONLINE.items() if k != key})
+        )
+
+    records = [
+        {"subject": case["pseudonym"], "purposes": ["analytics", "linking"], "expires": None}
+        for case in vectors["pseudonyms"]
+    ]
+    records += [
+        {"subject": EXAMPLES["card.read"]["subject"], "purposes": [], "expires": expires}
+        for expires in ("2027-01-01T00:00:00.25+01:00", "2026-11-22T10:15:00Z", "2026-11-22", 0)
+    ]
+    for record in records:
+        for doc in (
+            {"v": 1, "records": [record]},
+            {"cursor": "c-42", "reset": False, "records": [record]},
+            {"cursor": "c-42", "reset": "no", "records": [record]},
+        ):
+            for name in ("consent-delta.json", "consent-response.json"):
+                verdicts["consent"].append(same_verdict(name, doc))
+
+    for kind, found in verdicts.items():
+        assert True in found and False in found, kind  # the corpus exercises both verdicts
+
+
+# Values a mutation may put in: edge cases, pieces of valid events, strings from the
+# contract's own patterns (with and without a trailing newline), and arbitrary JSON.
+PATTERNS = sorted(
+    {
+        "^[a-z0-9][a-z0-9-]{0,31}$",
+        "^[0-9a-f]{16}$",
+        "^[a-z0-9]{1,16}:[A-Za-z0-9_-]{22}$",
+        "^[A-Z2-7]{16,}$",
+        "^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:"
+        "([0-5][0-9]|60)Z$",
+    }
+)
+PIECES = [
+    piece
+    for example in EXAMPLES.values()
+    for piece in (
+        example["attrs"],
+        example["purposes"],
+        example["type"],
+        *example["attrs"].values(),
+    )
+]
+KEYS = sorted(
+    {key for example in EXAMPLES.values() for key in (*example, *example["attrs"])}
+    | {"v", "store", "device", "stream", "events", "state", "version", "extra"}
+)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+PATTERN_STRINGS = st.sampled_from(PATTERNS).flatmap(lambda p: st.from_regex(p, fullmatch=True))
+SUFFIXES = st.sampled_from(["", "\n", " ", "x", "\n\n"])
+VALUES = st.one_of(
+    st.sampled_from(edge_values()).map(copy.deepcopy),
+    st.sampled_from(PIECES).map(copy.deepcopy),
+    st.tuples(PATTERN_STRINGS, SUFFIXES).map("".join),
+    st.integers(-3, 3),
+    JSON,
+)
+
+
+def _containers(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [path]
+    children = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, child in children:
+        if isinstance(child, dict | list):
+            found += _containers(child, (*path, key))
+    return found
+
+
+def mutate(data: st.DataObject, doc: Any) -> Any:
+    """``doc`` after one to three random edits: set, delete, add or duplicate something."""
+    doc = copy.deepcopy(doc)
+    for _ in range(data.draw(st.integers(1, 3))):
+        if not isinstance(doc, dict | list):
+            break
+        target = doc
+        for key in data.draw(st.sampled_from(_containers(doc))):
+            target = target[key]
+        op = data.draw(st.sampled_from(["set", "delete", "add", "duplicate"]))
+        if isinstance(target, dict):
+            keys = sorted(target)
+            if op == "add" or not keys:
+                target[data.draw(st.sampled_from(KEYS) | st.text(max_size=4))] = data.draw(VALUES)
+            elif op == "delete":
+                del target[data.draw(st.sampled_from(keys))]
+            else:
+                key = data.draw(st.sampled_from(keys))
+                target[key] = copy.deepcopy(target[key]) if op == "duplicate" else data.draw(VALUES)
+        elif op == "add" or not target:
+            target.append(data.draw(VALUES))
+        else:
+            index = data.draw(st.integers(0, len(target) - 1))
+            if op == "delete":
+                del target[index]
+            elif op == "duplicate":
+                target.insert(index, copy.deepcopy(target[index]))
+            else:
+                target[index] = data.draw(VALUES)
+    return doc
+
+
+MUTATIONS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@MUTATIONS
+@given(st.data())
+def test_fast_validator_matches_jsonschema_on_mutated_events(data: st.DataObject) -> None:
+    event = mutate(data, EXAMPLES[data.draw(st.sampled_from(sorted(EXAMPLES)))])
+    both_ways(event)
+
+
+@MUTATIONS
+@given(st.data())
+def test_fast_validator_matches_jsonschema_on_mutated_batches(data: st.DataObject) -> None:
+    events = data.draw(st.lists(st.sampled_from(sorted(EXAMPLES)), min_size=1, max_size=5))
+    same_verdict("batch.json", mutate(data, contract_batch(*(EXAMPLES[kind] for kind in events))))
+
+
+@MUTATIONS
+@given(st.data())
+def test_fast_validator_matches_jsonschema_on_mutated_status(data: st.DataObject) -> None:
+    same_verdict("status.json", mutate(data, ONLINE))
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON | VALUES)
+def test_fast_validator_matches_jsonschema_on_arbitrary_json(doc: Any) -> None:
+    for name in REFERENCE:
+        same_verdict(name, doc)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "array", "prefixItems": [{"type": "integer"}]},
+        {"type": "object", "unevaluatedProperties": False},
+        {"type": "string", "format": "date-time"},
+        {"properties": {"a": {"$ref": "#/$defs/a", "minimum": 1}}, "$defs": {"a": {}}},
+        {"properties": {"a": {"$ref": "https://example.com/a.json"}}},
+    ],
+)
+def test_fast_validator_refuses_keywords_it_could_read_differently(
+    tmp_path: Path, schema: dict[str, Any]
+) -> None:
+    full = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "x.json", **schema}
+    (tmp_path / "x.json").write_text(json.dumps(full), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"not supported|sibling|local schema"):
+        ContractSchemas(tmp_path)

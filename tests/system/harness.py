@@ -124,7 +124,7 @@ summary_interval_s = 1
             conn.close()
 
     def last_seq(self) -> int:
-        row = self.query("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+        row = self.query("SELECT value FROM meta WHERE key = 'last_seq'")
         return int(row[0]) if row else 0
 
     def stream(self) -> str:

@@ -1,0 +1,122 @@
+"""Every command answers --help; the tools print what support staff and IT rely on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def commands() -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sorted(sub.choices)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("command", commands())
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: touchpoint-gateway {command}" in out
+    assert len(out.splitlines()) > 3
+
+
+def test_top_level_help_lists_commands() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("run", "check-config", "status", "pseudonym", "demo", "bench"):
+        assert command in out
+
+
+def test_pseudonym_prints_the_contract_vector(
+    vectors: dict[str, Any], key_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    case = vectors["pseudonyms"][0]
+    rc = main(
+        [
+            "pseudonym",
+            "--key-file",
+            str(key_file),
+            "--key-id",
+            "k1",
+            case["namespace"],
+            case["input"],
+        ]
+    )
+    assert rc == 0
+    assert capsys.readouterr().out.strip() == case["pseudonym"]
+
+
+def test_pseudonym_rejects_bad_input_without_echoing_it(
+    key_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["pseudonym", "--key-file", str(key_file), "--key-id", "k1", "loyalty", "12x"]) == 2
+    assert "12x" not in capsys.readouterr().err
+
+
+def test_check_config_lists_problems_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[gateway]\nstore = "X"\ndevice = "gw-01"\n', encoding="utf-8")
+    assert main(["check-config", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"{bad}: gateway.store:" in out
+    assert f"{bad}: keyring:" in out
+
+
+def test_check_config_ok(
+    tmp_path: Path, key_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(
+        f'[gateway]\nstore = "nl-ams-001"\ndevice = "gw-01"\n[keyring]\nactive = "k1"\n'
+        f'[keyring.keys]\nk1 = "{key_file}"\n',
+        encoding="utf-8",
+    )
+    assert main(["check-config", str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_check_config_short_key_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "k.key").write_text("AAEC\n", encoding="ascii")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[gateway]\nstore = "s"\ndevice = "d"\n'
+        '[keyring]\nactive = "k1"\n[keyring.keys]\nk1 = "k.key"\n',
+        encoding="utf-8",
+    )
+    assert main(["check-config", str(cfg)]) == 1
+    assert "at least 32" in capsys.readouterr().out
+
+
+def test_status_without_database_says_so(
+    tmp_path: Path, key_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[gateway]\nstore = "s"\ndevice = "d"\n'
+        f'[keyring]\nactive = "k1"\n[keyring.keys]\nk1 = "{key_file}"\n'
+        f'[buffer]\npath = "{tmp_path}/none.db"\n',
+        encoding="utf-8",
+    )
+    assert main(["status", "--config", str(cfg)]) == 1
+    assert "has not run yet" in capsys.readouterr().err
+
+
+def test_config_schema_matches_the_shipped_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config-schema"]) == 0
+    shipped = (ROOT / "firmware-config" / "gateway.schema.json").read_text(encoding="utf-8")
+    assert capsys.readouterr().out == shipped

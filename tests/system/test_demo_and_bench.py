@@ -1,0 +1,56 @@
+"""The README's demo command and the benchmark command run and report."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_the_daemon_against_the_simulators(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "demo",
+            "--seconds",
+            "14",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    last = out.strip().splitlines()[-1]
+    fields = dict(re.findall(r"([a-z()]+(?: accepted)?) (\d+)", last))
+    assert int(fields["forwarded"]) > 0, out
+    assert int(fields["central accepted"]) == int(fields["forwarded"]), out
+    assert int(fields["dropped(consent)"]) > 0, "the demo shows a shopper without consent"
+    assert int(fields["cards"]) > 0 and int(fields["presence"]) > 0, out
+    events = [json.loads(x) for x in (tmp_path / "central-events.jsonl").read_text().splitlines()]
+    assert {e["type"] for e in events} >= {"card.read", "presence.enter"}
+
+
+def test_bench_pipeline_prints_its_figures_as_json() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "bench", "pipeline", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    figures = json.loads(out)
+    for key in ("events_per_s", "reference_events_per_s", "ratio", "p99_ms", "wan_events_per_s"):
+        assert figures[key] > 0, key
+    assert figures["ratio"] == pytest.approx(
+        figures["events_per_s"] / figures["reference_events_per_s"], rel=0.01
+    )
