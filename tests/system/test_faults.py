@@ -136,3 +136,23 @@ def test_acl_denied_topic_goes_to_dead_letters(tmp_path: Path) -> None:
         assert status["dead_letters"] > 0
         assert status["last_publish_at"] is None, "a refused publish is not a success"
         assert "moved to dead letters" in gw.log.read_text()
+
+
+def test_full_buffer_while_offline_applies_the_policy(tmp_path: Path) -> None:
+    from simulators.broker import free_port
+
+    gw = make_gateway(
+        tmp_path, free_port(), rate=20000, buffer_extra="max_bytes = 1048576\ncommit_max_events = 500"
+    )
+    gw.start()
+    gw.wait_ready()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "buffer full: evicted" not in gw.log.read_text():
+        time.sleep(0.2)
+    assert gw.alive(), "the daemon keeps running with a full buffer"
+    assert gw.stop() == 0
+    log = gw.log.read_text()
+    assert "buffer full: evicted" in log
+    status = gw.status_json()
+    assert status["db_bytes"] <= 1048576
+    assert status["depth"] > 0 and status["last_seq"] > status["depth"]
