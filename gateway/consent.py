@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError
+from gateway.events import purposes_json
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,19 @@ class ConsentRegistry:
         self._passed = metrics.counter(
             "consent_decisions_total", decision="pass", reason="consented"
         )
-        self._sorted: dict[frozenset[str], list[str]] = {}
+        self._json: dict[frozenset[str], str] = {}
 
     # -- the gate (event loop, hot path) ------------------------------------------------
 
     def purposes_for(self, type_: str, subject: str | None, now: float) -> list[str] | None:
         """The purposes to put on the event, or None when it must be dropped."""
+        encoded = self.purposes_json(type_, subject, now)
+        return None if encoded is None else json.loads(encoded)
+
+    def purposes_json(self, type_: str, subject: str | None, now: float) -> str | None:
+        """Like ``purposes_for``, encoded as the event's JSON list (the hot path)."""
         if subject is None:
-            return []
+            return "[]"
         needed = self.required.get(type_)
         if not needed:
             self.metrics.inc("consent_decisions_total", decision="drop", reason="no_policy")
@@ -100,9 +106,9 @@ class ConsentRegistry:
             self.metrics.inc("consent_decisions_total", decision="drop", reason=reason)
             return None
         self._passed.value += 1
-        out = self._sorted.get(granted)
+        out = self._json.get(granted)
         if out is None:
-            out = self._sorted[granted] = sorted(granted)
+            out = self._json[granted] = purposes_json(sorted(granted))
         return out
 
     # -- changes (applied in memory; persisted by the caller through the outbox) ---------

@@ -23,7 +23,7 @@ from gateway import __version__
 from gateway.config import Config
 from gateway.consent import ConsentRegistry, load_seed_file
 from gateway.errors import GatewayError, SourceError
-from gateway.events import event_tail, status_payload, topic_prefix
+from gateway.events import EventEncoder, status_payload, topic_prefix
 from gateway.forwarder import Forwarder
 from gateway.identity import Keyring
 from gateway.metrics import Cell, Metrics
@@ -50,7 +50,13 @@ class Gateway:
         self.now = now
         self.metrics = Metrics()
         self.keyring = Keyring.from_files(cfg.keyring.keys, cfg.keyring.active)
-        self.outbox = Outbox(cfg.buffer, self.metrics, now=now)
+        self.outbox = Outbox(
+            cfg.buffer,
+            self.metrics,
+            now=now,
+            chunk_events=cfg.mqtt.batch_max_events,
+            chunk_bytes=cfg.mqtt.batch_max_bytes - 1024,  # room for the batch envelope
+        )
         self.consent = ConsentRegistry(cfg.consent.required, self.metrics)
         self.prefix = topic_prefix(cfg.gateway.store, cfg.gateway.device)
         self.notifier = notifier or Notifier()
@@ -61,7 +67,7 @@ class Gateway:
         self._extra_sources = sources or []
         self.latencies: list[float] | None = None  # set to a list to record (bench)
         self.last_stats: dict[str, Any] = {}
-        self._reading_cells: dict[tuple[str, str], Cell] = {}
+        self._encoders: dict[tuple[str, str], tuple[EventEncoder, Cell]] = {}
         self._dropped_consent = self.metrics.counter("events_dropped_total", reason="consent")
 
     # -- start-up ---------------------------------------------------------------------
@@ -103,26 +109,21 @@ class Gateway:
 
     def accept(self, reading: Reading) -> bool:
         """Gate and buffer one reading; False when consent drops it."""
-        key = (reading.source, reading.type)
-        cell = self._reading_cells.get(key)
-        if cell is None:
-            cell = self._reading_cells[key] = self.metrics.counter(
-                "readings_total", source=reading.source, type=reading.type
+        type_ = reading.type
+        key = (reading.source, type_)
+        enc = self._encoders.get(key)
+        if enc is None:
+            enc = self._encoders[key] = (
+                EventEncoder(type_, reading.source),
+                self.metrics.counter("readings_total", source=reading.source, type=type_),
             )
-        cell.value += 1
-        purposes = self.consent.purposes_for(reading.type, reading.subject, reading.at)
+        enc[1].value += 1
+        purposes = self.consent.purposes_json(type_, reading.subject, reading.at)
         if purposes is None:
             self._dropped_consent.value += 1
             return False
-        tail = event_tail(
-            type_=reading.type,
-            at=reading.at,
-            source=reading.source,
-            subject=reading.subject,
-            purposes=purposes,
-            attrs=reading.attrs,
-        )
-        self.outbox.submit(Pending(reading.at, reading.type, reading.subject, tail))
+        tail = enc[0].tail(reading.at, reading.subject, purposes, reading.attrs)
+        self.outbox.submit(Pending(reading.at, type_, reading.subject, tail))
         return True
 
     async def _pipeline(self, source: Source) -> None:

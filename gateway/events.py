@@ -41,16 +41,38 @@ def new_stream_id() -> str:
     return secrets.token_hex(8)
 
 
-_str_cache: dict[str, str] = {}
 _purposes_cache: dict[tuple[str, ...], str] = {}
 
 
-def _jstr(value: str) -> str:
-    out = _str_cache.get(value)
+class EventEncoder:
+    """Encodes the events of one (type, source) pair: the constant parts are built once."""
+
+    __slots__ = ("_head", "_mid")
+
+    def __init__(self, type_: str, source: str) -> None:
+        self._head = f'"type":{_dumps(type_)},"ts":"'
+        self._mid = f'","source":{_dumps(source)}'
+
+    def tail(
+        self, at: float, subject: str | None, purposes_json: str, attrs: Mapping[str, Any]
+    ) -> str:
+        """The event's JSON after its seq; ``purposes_json`` is the sorted list, encoded."""
+        if subject is None:
+            return (
+                f'{self._head}{rfc3339(at)}{self._mid},"purposes":{purposes_json},'
+                f'"attrs":{_dumps_obj(attrs)}}}'
+            )
+        return (
+            f'{self._head}{rfc3339(at)}{self._mid},"subject":{_quote(subject)},'
+            f'"purposes":{purposes_json},"attrs":{_dumps_obj(attrs)}}}'
+        )
+
+
+def purposes_json(purposes: Sequence[str]) -> str:
+    key = tuple(purposes)
+    out = _purposes_cache.get(key)
     if out is None:
-        out = _dumps(value)
-        if len(_str_cache) < 4096:
-            _str_cache[value] = out
+        out = _purposes_cache[key] = _dumps(sorted(purposes))
     return out
 
 
@@ -68,15 +90,7 @@ def event_tail(
     Keys in contract order; type, source and purposes come from small caches, so the hot
     path encodes only the subject and the attrs.
     """
-    key = tuple(purposes)
-    purp = _purposes_cache.get(key)
-    if purp is None:
-        purp = _purposes_cache[key] = _dumps(sorted(purposes))
-    subj = "" if subject is None else f',"subject":{_quote(subject)}'
-    return (
-        f'"type":{_jstr(type_)},"ts":"{rfc3339(at)}","source":{_jstr(source)}{subj},'
-        f'"purposes":{purp},"attrs":{_dumps_obj(attrs)}}}'
-    )
+    return EventEncoder(type_, source).tail(at, subject, purposes_json(purposes), attrs)
 
 
 def with_seq(seq: int, tail: str) -> str:

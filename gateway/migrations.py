@@ -15,22 +15,26 @@ import sqlite_utils
 
 def _m001_outbox(db: sqlite_utils.Database) -> None:
     db.table("meta").create({"key": str, "value": str}, pk="key")
-    # seq is assigned by the outbox writer; its high-water mark is meta 'last_seq'.
-    db.execute(
-        "CREATE TABLE events (seq INTEGER PRIMARY KEY, created REAL NOT NULL,"
-        " subject TEXT, body TEXT NOT NULL)"
+    # One row per chunk of consecutive events (seq lo..hi), body = the events' JSON
+    # objects joined by ","; subjects = the chunk's distinct pseudonyms, space-separated.
+    db.table("chunks").create(
+        {"lo": int, "hi": int, "n": int, "created": float, "subjects": str, "body": str},
+        pk="lo",
+        not_null={"hi", "n", "created", "body"},
     )
     db.table("dead_letters").create(
         {
-            "seq": int,
+            "lo": int,
+            "hi": int,
+            "n": int,
             "created": float,
-            "subject": str,
+            "subjects": str,
             "body": str,
             "reason_code": int,
             "reason": str,
             "failed_at": float,
         },
-        pk="seq",
+        pk="lo",
     )
 
 

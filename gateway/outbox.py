@@ -6,8 +6,15 @@ commit runs are grouped into the next transaction (up to ``commit_max_events`` e
 futures resolved: an event is acknowledged to its source after it is durable.  Reads run
 after the commit, so nothing uncommitted is ever handed to the forwarder.
 
-``seq`` is assigned here, in commit order, from an AUTOINCREMENT sequence: a seq is never
-reused, even after the rows are deleted.  The stream id is created once with the database.
+``seq`` is assigned here, in commit order; its high-water mark is stored in the same
+transaction, so a seq is never reused, even after the rows are deleted.  The stream id is
+created once with the database.
+
+Events are stored in chunks: one row holds a run of consecutive events (at most a batch's
+worth of events and bytes), already encoded as the inside of a batch's ``events`` array.
+The forwarder publishes one or more whole chunks per batch and a PUBACK deletes whole
+rows, so per-event database work is one string join — not an index insert and a delete.
+Each row lists its subjects, so an erasure finds and rewrites the rows of one subject.
 
 Bounds: ``max_page_count`` caps the file (deletes still work when it is full), rows older
 than ``max_age_s`` are expired, and when full the configured policy applies
@@ -39,7 +46,7 @@ from gateway.migrations import migrate
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-EVICT_MIN_ROWS = 100
+EVICT_MIN_EVENTS = 100
 
 
 @dataclass(slots=True)
@@ -54,15 +61,18 @@ class Pending:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
+    """Whole chunks to publish together: ``bodies`` join with "," into the events array."""
+
     lo: int
     hi: int
+    count: int
     bodies: list[str]
     nbytes: int
     created: list[float]
 
-    @property
-    def count(self) -> int:
-        return len(self.bodies)
+
+# A stored chunk: (lo, hi, n, created (per event in memory, oldest from the database), body)
+Chunk = tuple[int, int, int, list[float] | float, str]
 
 
 class BufferFull(BufferError_):
@@ -74,7 +84,7 @@ class _Cmd:
     kind: str  # "append" | "write" | "read"
     fn: Callable[[sqlite3.Connection], Any] | None = None
     events: list[Pending] = field(default_factory=list)
-    rows: list[tuple[int, float, str | None, str]] = field(default_factory=list)
+    rows: list[Chunk] = field(default_factory=list)
     # A write that may delete rows not yet fetched (expiry, erasure) empties the tail cache.
     invalidates: bool = True
     future: asyncio.Future[Any] | None = None
@@ -96,9 +106,17 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
 
 class Outbox:
     def __init__(
-        self, cfg: BufferConfig, metrics: Metrics, *, now: Callable[[], float] = time.time
+        self,
+        cfg: BufferConfig,
+        metrics: Metrics,
+        *,
+        now: Callable[[], float] = time.time,
+        chunk_events: int = 500,
+        chunk_bytes: int = 255 * 1024,
     ) -> None:
         self.cfg = cfg
+        self.chunk_events = chunk_events
+        self.chunk_bytes = chunk_bytes
         self.metrics = metrics
         self.now = now
         self.stream = ""
@@ -110,10 +128,10 @@ class Outbox:
         self._next_seq = 1
         self._page_size = 4096
         self._open: list[Pending] = []
-        # Writer thread only: recently committed (seq, created, body), complete from
-        # seq ``_cache_from`` on, so the live path fetches without reading the database.
-        self._recent: deque[tuple[int, float, str]] = deque()
-        self._recent_max = 100_000
+        # Writer thread only: recently committed chunks, complete from seq ``_cache_from``
+        # on, so the live path fetches without reading the database.
+        self._recent: deque[Chunk] = deque()
+        self._recent_max = 2000
         self._cache_from = 1
         self._open_future: asyncio.Future[list[int]] | None = None
         self._outstanding = 0
@@ -258,8 +276,8 @@ class Outbox:
                 recent.popleft()
             return _batches(iter(recent), max_batches, max_events, max_bytes)
         rows = c.execute(
-            "SELECT seq, created, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, max_batches * max_events),
+            "SELECT lo, hi, n, created, body FROM chunks WHERE lo > ? ORDER BY lo LIMIT ?",
+            (after, max_batches * 20),
         )
         return _batches(rows, max_batches, max_events, max_bytes)
 
@@ -268,7 +286,7 @@ class Outbox:
         now = self.now()
 
         def fn(c: sqlite3.Connection) -> int:
-            n = c.execute("DELETE FROM events WHERE seq BETWEEN ? AND ?", (batch.lo, batch.hi))
+            n = c.execute("DELETE FROM chunks WHERE lo BETWEEN ? AND ?", (batch.lo, batch.hi))
             c.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_publish_at', ?)",
                 (str(now),),
@@ -283,12 +301,12 @@ class Outbox:
 
         def fn(c: sqlite3.Connection) -> int:
             c.execute(
-                "INSERT OR REPLACE INTO dead_letters(seq, created, subject, body,"
-                " reason_code, reason, failed_at) SELECT seq, created, subject, body,"
-                " ?, ?, ? FROM events WHERE seq BETWEEN ? AND ?",
+                "INSERT OR REPLACE INTO dead_letters(lo, hi, n, created, subjects, body,"
+                " reason_code, reason, failed_at) SELECT lo, hi, n, created, subjects, body,"
+                " ?, ?, ? FROM chunks WHERE lo BETWEEN ? AND ?",
                 (reason_code, reason, now, batch.lo, batch.hi),
             )
-            n = c.execute("DELETE FROM events WHERE seq BETWEEN ? AND ?", (batch.lo, batch.hi))
+            n = c.execute("DELETE FROM chunks WHERE lo BETWEEN ? AND ?", (batch.lo, batch.hi))
             return n.rowcount
 
         return self.write(fn, invalidates=False)
@@ -362,14 +380,10 @@ class Outbox:
             start_seq = self._next_seq
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                appended = 0
+                appends = [c for c in writes if c.kind == "append" and c.error is None]
+                appended = self._insert(conn, appends) if appends else 0
                 for cmd in writes:
-                    if cmd.error is not None:
-                        continue
-                    if cmd.kind == "append":
-                        cmd.result = self._insert(conn, cmd)
-                        appended += len(cmd.events)
-                    elif cmd.fn is not None:
+                    if cmd.error is None and cmd.kind == "write" and cmd.fn is not None:
                         cmd.result = cmd.fn(conn)
                 if appended:
                     conn.execute(
@@ -391,18 +405,48 @@ class Outbox:
                 return 0
         return 0
 
-    def _insert(self, conn: sqlite3.Connection, cmd: _Cmd) -> list[int]:
-        first = seq = self._next_seq
-        rows = []
-        for ev in cmd.events:
-            rows.append((seq, ev.created, ev.subject, with_seq(seq, ev.tail)))
-            seq += 1
+    def _insert(self, conn: sqlite3.Connection, appends: list[_Cmd]) -> int:
+        """Assign seqs, cut the events into chunks and insert them.  Returns the count."""
+        seq = self._next_seq
+        limit_n, limit_bytes = self.chunk_events, self.chunk_bytes
+        rows: list[tuple[int, int, int, float, str, str]] = []
+        chunks: list[Chunk] = []
+        bodies: list[str] = []
+        times: list[float] = []
+        subjects: set[str] = set()
+        nbytes = 0
+
+        def cut() -> None:
+            body = ",".join(bodies)
+            lo = seq - len(bodies)
+            rows.append((lo, seq - 1, len(bodies), min(times), " ".join(subjects), body))
+            chunks.append((lo, seq - 1, len(bodies), times, body))
+
+        for cmd in appends:
+            first = seq
+            for ev in cmd.events:
+                body = with_seq(seq, ev.tail)
+                size = (len(body) if body.isascii() else len(body.encode())) + 1
+                if bodies and (len(bodies) >= limit_n or nbytes + size > limit_bytes):
+                    cut()
+                    bodies, times, subjects, nbytes = [], [], set(), 0
+                bodies.append(body)
+                times.append(ev.created)
+                if ev.subject is not None:
+                    subjects.add(ev.subject)
+                nbytes += size
+                seq += 1
+            cmd.result = list(range(first, seq))
+        if bodies:
+            cut()
         conn.executemany(
-            "INSERT INTO events(seq, created, subject, body) VALUES (?, ?, ?, ?)", rows
+            "INSERT INTO chunks(lo, hi, n, created, subjects, body) VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
         )
-        cmd.rows = rows
+        appends[0].rows = chunks
+        appended = seq - self._next_seq
         self._next_seq = seq
-        return list(range(first, seq))
+        return appended
 
     def _remember(self, writes: list[_Cmd]) -> None:
         """Keep committed rows in the tail cache; drop it after a deleting write."""
@@ -411,7 +455,7 @@ class Outbox:
             if cmd.error is not None:
                 continue
             if cmd.kind == "append":
-                recent.extend((seq, created, body) for seq, created, _s, body in cmd.rows)
+                recent.extend(cmd.rows)
                 cmd.rows = []
             elif cmd.invalidates:
                 self._forget()
@@ -437,21 +481,25 @@ class Outbox:
             self._count_on_loop("events_dropped_total", incoming, reason="buffer_full")
             return
         self._forget()
-        total = int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-        n = max(EVICT_MIN_ROWS, incoming, total // 100)
+        total, chunks = conn.execute("SELECT coalesce(sum(n), 0), count(*) FROM chunks").fetchone()
+        want = max(EVICT_MIN_EVENTS, incoming, int(total) // 100)
+        evicted = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
-            cur = conn.execute(
-                "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT ?)",
-                (n,),
-            )
+            for lo, n in conn.execute(
+                "SELECT lo, n FROM chunks ORDER BY lo LIMIT ?", (max(1, int(chunks)),)
+            ).fetchall():
+                if evicted >= want:
+                    break
+                conn.execute("DELETE FROM chunks WHERE lo = ?", (lo,))
+                evicted += int(n)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(conn)
             log.error("buffer full and eviction failed: %s", exc)
             return
-        log.warning("buffer full: evicted the %d oldest events (policy evict_oldest)", cur.rowcount)
-        self._count_on_loop("events_evicted_total", cur.rowcount)
+        log.warning("buffer full: evicted the %d oldest events (policy evict_oldest)", evicted)
+        self._count_on_loop("events_evicted_total", evicted)
 
     def _count_on_loop(self, name: str, amount: int, **labels: str) -> None:
         assert self._loop is not None
@@ -481,56 +529,62 @@ def _last_seq(conn: sqlite3.Connection) -> int:
 
 
 def _batches(
-    rows: Iterable[tuple[int, float, str]] | Iterator[Any],
+    rows: Iterable[Chunk] | Iterator[Any],
     max_batches: int,
     max_events: int,
     max_bytes: int,
 ) -> list[Batch]:
+    """Merge consecutive whole chunks into batches within the event and byte limits."""
     batches: list[Batch] = []
     bodies: list[str] = []
     times: list[float] = []
-    lo = hi = 0
-    nbytes = 0
+    lo = hi = count = nbytes = 0
     overhead = 128  # the batch envelope
-    for seq, created, body in rows:
+    for c_lo, c_hi, n, created, body in rows:
         size = (len(body) if body.isascii() else len(body.encode())) + 1
-        if bodies and (len(bodies) >= max_events or nbytes + size + overhead > max_bytes):
-            batches.append(Batch(lo, hi, bodies, nbytes, times))
+        if bodies and (count + n > max_events or nbytes + size + overhead > max_bytes):
+            batches.append(Batch(lo, hi, count, bodies, nbytes, times))
             if len(batches) >= max_batches:
                 return batches
-            bodies, times, nbytes = [], [], 0
+            bodies, times, count, nbytes = [], [], 0, 0
         if not bodies:
-            lo = seq
+            lo = c_lo
         bodies.append(body)
-        times.append(created)
-        hi = seq
+        if isinstance(created, list):
+            times.extend(created)
+        else:
+            times.extend([created] * n)
+        hi = c_hi
+        count += n
         nbytes += size
     if bodies:
-        batches.append(Batch(lo, hi, bodies, nbytes, times))
+        batches.append(Batch(lo, hi, count, bodies, nbytes, times))
     return batches
 
 
-def _expire(conn: sqlite3.Connection, cutoff: float, chunk: int = 5000) -> int:
+def _expire(conn: sqlite3.Connection, cutoff: float, chunk: int = 500) -> int:
+    """Delete the oldest chunks whose oldest event is older than ``cutoff``."""
     total = 0
     while True:
         rows = conn.execute(
-            "SELECT seq, created FROM events ORDER BY seq LIMIT ?", (chunk,)
+            "SELECT lo, n, created FROM chunks ORDER BY lo LIMIT ?", (chunk,)
         ).fetchall()
         last = None
-        for seq, created in rows:
+        for lo, n, created in rows:
             if created >= cutoff:
                 break
-            last = seq
+            last = lo
+            total += int(n)
         if last is None:
             return total
-        total += conn.execute("DELETE FROM events WHERE seq <= ?", (last,)).rowcount
+        conn.execute("DELETE FROM chunks WHERE lo <= ?", (last,))
         if last != rows[-1][0]:
             return total
 
 
 def buffer_stats(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    depth, oldest = conn.execute("SELECT count(*), min(created) FROM events").fetchone()
-    dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+    depth, oldest = conn.execute("SELECT coalesce(sum(n), 0), min(created) FROM chunks").fetchone()
+    dead = conn.execute("SELECT coalesce(sum(n), 0) FROM dead_letters").fetchone()[0]
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     last_pub = meta.get("last_publish_at")
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]

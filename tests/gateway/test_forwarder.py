@@ -26,10 +26,10 @@ async def until(cond: object, timeout: float = 5.0) -> None:
 def test_window_batches_and_verdicts(tmp_path: Path) -> None:
     async def run() -> None:
         metrics = Metrics()
-        box = Outbox(BufferConfig(path=tmp_path / "b.db"), metrics)
+        cfg = MqttConfig(inflight_window=3, batch_max_events=10, batch_max_bytes=1024 * 1024)
+        box = Outbox(BufferConfig(path=tmp_path / "b.db"), metrics, chunk_events=10)
         box.open()
         pub = FakePublisher()
-        cfg = MqttConfig(inflight_window=3, batch_max_events=10, batch_max_bytes=1024 * 1024)
         fwd = Forwarder(box, pub, cfg, store="s1", device="d1", topic="t/events", metrics=metrics)
         task = asyncio.create_task(fwd.run())
         await box.submit_many(
@@ -79,10 +79,10 @@ def test_window_batches_and_verdicts(tmp_path: Path) -> None:
 def test_batches_respect_the_byte_limit(tmp_path: Path) -> None:
     async def run() -> None:
         metrics = Metrics()
-        box = Outbox(BufferConfig(path=tmp_path / "b.db"), metrics)
+        cfg = MqttConfig(inflight_window=50, batch_max_events=500, batch_max_bytes=4096)
+        box = Outbox(BufferConfig(path=tmp_path / "b.db"), metrics, chunk_bytes=4096 - 1024)
         box.open()
         pub = FakePublisher()
-        cfg = MqttConfig(inflight_window=50, batch_max_events=500, batch_max_bytes=4096)
         fwd = Forwarder(box, pub, cfg, store="s1", device="d1", topic="t", metrics=metrics)
         task = asyncio.create_task(fwd.run())
         pad = "p" * 300

@@ -131,7 +131,7 @@ summary_interval_s = 1
         return str(self.query("SELECT value FROM meta WHERE key = 'stream'")[0])
 
     def depth(self) -> int:
-        return int(self.query("SELECT count(*) FROM events")[0])
+        return int(self.query("SELECT coalesce(sum(n), 0) FROM chunks")[0])
 
     def status_json(self) -> dict[str, Any]:
         out = subprocess.run(

@@ -142,7 +142,10 @@ def test_full_buffer_while_offline_applies_the_policy(tmp_path: Path) -> None:
     from simulators.broker import free_port
 
     gw = make_gateway(
-        tmp_path, free_port(), rate=20000, buffer_extra="max_bytes = 1048576\ncommit_max_events = 500"
+        tmp_path,
+        free_port(),
+        rate=20000,
+        buffer_extra="max_bytes = 1048576\ncommit_max_events = 500",
     )
     gw.start()
     gw.wait_ready()
