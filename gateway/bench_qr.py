@@ -42,7 +42,7 @@ def corpus(width: int, height: int, per_class: int, seed: int = SEED) -> Corpus:
         Ed25519PrivateKey,
     )
 
-    from simulators.camera import Look, qr_matrix, render_frame, sign_app_token  # noqa: PLC0415
+    from simulators.camera import Look, qr_matrix, render_frame  # noqa: PLC0415
 
     rng = np.random.default_rng([seed, width, height])
     key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -162,7 +162,8 @@ def print_qr(figures: dict[str, Any]) -> None:
         label = name + (" (ref)" if name == figures["reference_decoder"] else "")
         for size, row in sizes.items():
             rates = " ".join(f"{c}={v:.0%}" for c, v in row["success"].items())
-            print(f"{label:<14}{size:>10}{row['fps_empty']:>11.1f}{row['fps_code']:>10.1f}  {rates}")
+            fps = f"{row['fps_empty']:>11.1f}{row['fps_code']:>10.1f}"
+            print(f"{label:<14}{size:>10}{fps}  {rates}")
     print(
         f"default {figures['default_decoder']}: {figures['fps_1280x720']:.0f} fps at 1280x720, "
         f"upright {figures['success_upright']:.1%}, rotated {figures['success_rotated']:.1%}, "

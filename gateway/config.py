@@ -7,6 +7,7 @@ are resolved against the file's folder.
 
 from __future__ import annotations
 
+import base64
 import json
 import tomllib
 from pathlib import Path
@@ -238,8 +239,85 @@ class ReceiptTapSourceConfig(Model):
         return self
 
 
+class CameraSourceConfig(Model):
+    """A kiosk camera decoding QR codes: app tokens, receipt tokens, anything else."""
+
+    kind: Literal["camera"]
+    name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
+    url: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Network stream: http(s):// MJPEG or rtsp:// (one of url, device, file)",
+    )
+    device: int | Path | None = Field(
+        default=None, description="V4L2 camera: index (0) or path (/dev/video0, a udev link)"
+    )
+    file: Path | None = Field(default=None, description="A video file, played in real time")
+    zone: str | None = Field(default=None, min_length=1, max_length=64, description="or lane")
+    lane: str | None = Field(default=None, min_length=1, max_length=64, description="or zone")
+    roi: tuple[float, float, float, float] = Field(
+        default=(0.0, 0.0, 1.0, 1.0),
+        description="Region of interest [x, y, w, h] as fractions of the frame",
+    )
+    decode_fps: float = Field(default=10.0, gt=0, le=120, description="Target decode rate")
+    decoder: Literal["zxing", "pyzbar", "opencv-aruco", "opencv"] = Field(
+        default="zxing", description="zxing: fastest and best on low contrast (bench qr)"
+    )
+    min_module_px: float = Field(
+        default=3.0,
+        ge=1,
+        description="Smallest QR module expected, in frame pixels; frames are downscaled "
+        "only while it stays >= 3 px",
+    )
+    debounce_s: float = Field(
+        default=1.0, ge=0, description="A code absent this long and seen again is a new scan"
+    )
+    app_public_key: str | None = Field(
+        default=None, description="Central Ed25519 public key: base64 of the raw 32 bytes"
+    )
+    app_public_key_file: Path | None = Field(
+        default=None, description="...or a file holding that base64"
+    )
+    receipt_url_prefix: str = Field(
+        default="", max_length=200, description="Receipt QR text = this prefix + token"
+    )
+    token_consent_ttl_s: float = Field(
+        default=24 * 3600.0, gt=0, description="A valid app token is consent for this long"
+    )
+    width: int | None = Field(default=None, ge=16, le=8192, description="Capture width asked")
+    height: int | None = Field(default=None, ge=16, le=8192, description="Capture height asked")
+    open_timeout_s: float = Field(default=10.0, gt=0, description="Network stream open timeout")
+    read_timeout_s: float = Field(default=5.0, gt=0, description="No frame this long: lost")
+    reopen_min_s: float = Field(default=0.5, gt=0)
+    reopen_max_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> CameraSourceConfig:
+        if sum(v is not None for v in (self.url, self.device, self.file)) != 1:
+            raise ValueError("set exactly one of url, device or file")
+        if (self.zone is None) == (self.lane is None):
+            raise ValueError("set exactly one of zone or lane")
+        x, y, w, h = self.roi
+        if not (0 <= x < 1 and 0 <= y < 1 and w > 0 and h > 0) or x + w > 1 or y + h > 1:
+            raise ValueError("roi is [x, y, w, h] fractions inside the frame: 0 <= x, x+w <= 1")
+        if self.app_public_key is not None and self.app_public_key_file is not None:
+            raise ValueError("set app_public_key or app_public_key_file, not both")
+        if self.app_public_key is not None:
+            try:
+                raw = base64.b64decode("".join(self.app_public_key.split()), validate=True)
+            except ValueError:
+                raise ValueError("app_public_key is not base64") from None
+            if len(raw) != 32:
+                raise ValueError(f"app_public_key must hold 32 bytes, not {len(raw)}")
+        return self
+
+
 SourceConfig = Annotated[
-    SerialCardSource | SyntheticSource | BleSourceConfig | ReceiptTapSourceConfig,
+    SerialCardSource
+    | SyntheticSource
+    | BleSourceConfig
+    | ReceiptTapSourceConfig
+    | CameraSourceConfig,
     Field(discriminator="kind"),
 ]
 

@@ -287,7 +287,8 @@ class Gateway:
                 if self.last_stats["depth"] == 0:
                     break
                 await asyncio.sleep(0.02)
-            await self.forwarder.drain(max(0.0, deadline - loop.time()))
+            if publisher.connected:
+                await self.forwarder.drain(max(0.0, deadline - loop.time()))
         for task in core:
             task.cancel()
         await asyncio.gather(*core, return_exceptions=True)

@@ -11,7 +11,8 @@ import os
 import re
 import sys
 
-_DIGITS = re.compile(r"\d{8,}")
+# Standalone runs of 8+ digits (card numbers); not digits inside hex ids or words.
+_DIGITS = re.compile(r"(?<![0-9A-Za-z_])\d{8,}(?![0-9A-Za-z_])")
 _MAC = re.compile(r"\b(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}\b")
 
 

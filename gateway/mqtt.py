@@ -61,6 +61,37 @@ class _JitteredClient(mqtt.Client):
     def reset_backoff(self) -> None:
         self._tp_attempt = 0
 
+    def reconnect(self) -> MQTTErrorCode:
+        """paho's reconnect, remembering why it failed (paho's callback is not told)."""
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.last_connect_error = exc
+            raise
+
+    last_connect_error: OSError | None = None
+
+
+def _describe(exc: BaseException | None) -> str:
+    """A short, actionable reason for a failed connect."""
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({exc.verify_message}); check mqtt.tls.ca_file"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason}); check the client certificate and key"
+    for kind, text in _CONNECT_ERRORS:
+        if isinstance(exc, kind):
+            return text
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+_CONNECT_ERRORS: list[tuple[type[BaseException], str]] = [
+    (ConnectionRefusedError, "connection refused (is the broker running on that port?)"),
+    (TimeoutError, "timed out"),
+    (socket.gaierror, "host name does not resolve"),
+]
+
 
 class PahoPublisher:
     def __init__(
@@ -197,7 +228,8 @@ class PahoPublisher:
         self._post(self._connected_changed, not reason_code.is_failure, str(reason_code))
 
     def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._post(self._connect_failed)
+        exc = self.client.last_connect_error
+        self._post(self._connect_failed, _describe(exc))
 
     def _cb_disconnect(
         self,
@@ -239,14 +271,19 @@ class PahoPublisher:
             log.warning("disconnected from broker: %s; reconnecting with backoff", reason)
             self.metrics.inc("mqtt_reconnects_total")
         elif reason != "Success":
-            log.warning("broker refused the connection: %s", reason)
-            self.metrics.error("mqtt", f"connect refused: {reason}")
+            message = f"broker refused the connection: {reason}"
+            if self.metrics.last_error.get("mqtt") != message:
+                log.warning("%s", message)  # once per distinct cause, not per retry
+            self.metrics.error("mqtt", message)
         self._connected.clear()
         self.metrics.set("mqtt_connected", 0)
 
-    def _connect_failed(self) -> None:
+    def _connect_failed(self, why: str) -> None:
         self.metrics.inc("mqtt_connect_failures_total")
-        self.metrics.error("mqtt", f"cannot reach broker {self.cfg.host}:{self.cfg.port}")
+        message = f"cannot connect to broker {self.cfg.host}:{self.cfg.port}: {why}"
+        if self.metrics.last_error.get("mqtt") != message:
+            log.warning("%s; retrying with backoff", message)  # once per distinct cause
+        self.metrics.error("mqtt", message)
 
     def _published(self, mid: int, code: int, reason: str, failure: bool) -> None:
         fut = self._pending.pop(mid, None)

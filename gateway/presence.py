@@ -27,7 +27,6 @@ listening (scanner restart), so that gap is not mistaken for silence.
 
 from __future__ import annotations
 
-import statistics
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +71,8 @@ class Decision:
 
 @dataclass(slots=True)
 class _Track:
-    samples: deque[tuple[float, int]]
+    times: deque[float]  # sample times and values, oldest first (two deques: no tuples)
+    values: deque[int]
     last_seen: float
     arrived: float | None = None  # set while candidate or present
     present: bool = False
@@ -97,19 +97,42 @@ class PresenceTracker:
 
     def observe(self, subject: str, zone: str, rssi: int, *, now: float) -> list[Decision]:
         """Record one sighting; returns the decisions it (and expiries due by now) cause."""
-        out = self.tick(now=now)
+        p = self.params
+        tracks = self._tracks
+        out: list[Decision] = []
+        if tracks and now - next(iter(tracks.values())).last_seen >= p.silence_s:
+            out = self.tick(now=now)  # only when the least recently seen track is silent
         key = (subject, zone)
-        track = self._tracks.get(key)
+        track = tracks.get(key)
         if track is None:
             out.extend(self._make_room())
-            track = _Track(deque(maxlen=self.params.window_samples), now)
-            self._tracks[key] = track
+            size = p.window_samples
+            track = _Track(deque(maxlen=size), deque(maxlen=size), now)
+            tracks[key] = track
         else:
-            self._tracks.move_to_end(key)
-        track.samples.append((now, rssi))
-        track.last_seen = max(track.last_seen, now)
-        self._prune(track, now)
-        track.smoothed = statistics.median(r for _, r in track.samples)
+            tracks.move_to_end(key)
+            track.last_seen = max(track.last_seen, now)
+        times, values = track.times, track.values
+        times.append(now)
+        values.append(rssi)
+        horizon = now - p.window_s  # prune: keep the window, and always the newest sample
+        while times[0] < horizon and len(times) > 1:
+            times.popleft()
+            values.popleft()
+        n = len(values)
+        if n == 1:
+            smoothed: float = rssi
+        else:  # the median of at most window_samples values
+            ordered = sorted(values)
+            mid = n >> 1
+            smoothed = ordered[mid] if n & 1 else (ordered[mid - 1] + ordered[mid]) / 2
+        track.smoothed = smoothed
+        # the common cases, decided here: present and staying; absent and not qualifying
+        if track.present:
+            if smoothed >= p.exit_rssi:
+                return out
+        elif track.arrived is None and (n < p.min_samples or smoothed < p.enter_rssi):
+            return out
         out.extend(self._step(key, track, now))
         return out
 
@@ -141,14 +164,9 @@ class PresenceTracker:
         for track in self._tracks.values():
             track.last_seen = max(track.last_seen, now)
 
-    def _prune(self, track: _Track, now: float) -> None:
-        horizon = now - self.params.window_s
-        while len(track.samples) > 1 and track.samples[0][0] < horizon:
-            track.samples.popleft()
-
     def _step(self, key: tuple[str, str], track: _Track, now: float) -> list[Decision]:
         p = self.params
-        enough = len(track.samples) >= p.min_samples
+        enough = len(track.values) >= p.min_samples
         if track.present:
             if track.smoothed < p.exit_rssi:
                 return self._leave(key, track, at=now)

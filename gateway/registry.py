@@ -18,6 +18,7 @@ SOURCE_KINDS: dict[str, str] = {
     "synthetic": "gateway.synthetic:SyntheticSource",
     "ble": "drivers.ble:BleSource",
     "receipt_tap": "drivers.receipt_tap:ReceiptTapSource",
+    "camera": "drivers.camera:CameraSource",
 }
 
 

@@ -45,9 +45,11 @@ class Mosquitto:
         self,
         workdir: str | Path,
         port: int | None = None,
+        *,
         acl: str | None = None,
         extra_conf: str = "",
         persistence: bool = False,
+        allow_anonymous: bool = True,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -55,13 +57,14 @@ class Mosquitto:
         self.acl = acl
         self.extra_conf = extra_conf
         self.persistence = persistence
+        self.allow_anonymous = allow_anonymous
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "mosquitto.log"
 
     def _write_conf(self) -> Path:
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "max_inflight_messages 0",

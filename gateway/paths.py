@@ -1,0 +1,125 @@
+"""Credential references in the config: ``${CREDENTIALS_DIRECTORY}/NAME``.
+
+Under systemd the tenant keys and the broker password arrive through ``LoadCredential=``:
+systemd copies each file into a private, read-only directory and passes its path in
+``$CREDENTIALS_DIRECTORY``.  A config names such a file as::
+
+    [keyring.keys]
+    k1 = "${CREDENTIALS_DIRECTORY}/k1.key"
+
+where ``k1.key`` is the credential's ID (the part before the colon in
+``LoadCredential=k1.key:/etc/touchpoint-gateway/credstore/k1.key``).  The variable must
+open the value and be followed by exactly one file name; no other ``${...}`` variable is
+expanded, and an unknown one is an error rather than a literal path, so a typo cannot
+turn into a confusing "file not found".
+
+To check a config by hand outside the service, point the variable at the credstore the
+unit loads from (the IDs are the file names there)::
+
+    sudo CREDENTIALS_DIRECTORY=/etc/touchpoint-gateway/credstore \\
+        touchpoint-gateway check-config /etc/touchpoint-gateway/gateway.toml
+
+Pure functions: the caller passes the directory (read from the environment when the
+config is loaded, never at import time).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+CREDENTIALS_VAR = "CREDENTIALS_DIRECTORY"
+_REFERENCE = "${" + CREDENTIALS_VAR + "}"
+_ANY_VAR = re.compile(r"\$\{([^}]*)\}")
+# systemd's rule for credential IDs: a valid file name (no '/', not '.' or '..').
+_CREDENTIAL_NAME = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.@:+-]{1,255}$")
+
+
+class CredentialPathError(ValueError):
+    """A value misuses ``${...}``; the message says what to write instead."""
+
+
+def credential_name(value: str) -> str | None:
+    """The credential ID a value refers to, or None when it names no credential."""
+    if not value.startswith(_REFERENCE + "/"):
+        return None
+    return value[len(_REFERENCE) + 1 :]
+
+
+def expand_credentials(value: str, credentials_directory: str | None) -> str:
+    """Expand ``${CREDENTIALS_DIRECTORY}/NAME`` in one config value.
+
+    Values without ``${`` come back unchanged.  Raises CredentialPathError when the
+    reference is malformed, names another variable, or the directory is not set.
+    """
+    if "${" not in value:
+        return value
+    for match in _ANY_VAR.finditer(value):
+        if match.group(1) != CREDENTIALS_VAR:
+            raise CredentialPathError(
+                f"unknown variable ${{{match.group(1)}}}: only {_REFERENCE} is expanded"
+            )
+    name = credential_name(value)
+    if name is None or not _CREDENTIAL_NAME.fullmatch(name):
+        raise CredentialPathError(
+            f"write credentials as {_REFERENCE}/NAME, NAME being the LoadCredential= ID "
+            "(one file name, no '/')"
+        )
+    if not credentials_directory:
+        raise CredentialPathError(
+            f"{_REFERENCE} is not set: the service gets it from LoadCredential=; to check "
+            f"by hand, run with {CREDENTIALS_VAR}=/etc/touchpoint-gateway/credstore"
+        )
+    if not credentials_directory.startswith("/"):
+        raise CredentialPathError(
+            f"{CREDENTIALS_VAR}={credentials_directory!r} is not an absolute path"
+        )
+    return credentials_directory.rstrip("/") + "/" + name
+
+
+def expand_credentials_in(
+    data: Any, credentials_directory: str | None, *, at: str = ""
+) -> tuple[Any, list[tuple[str, str]]]:
+    """Expand every string in parsed TOML data.
+
+    Returns the new data (the input is not modified) and a list of (key path, why) for
+    each bad value, in the key-path form ConfigError uses (``keyring.keys.k1``,
+    ``sources[0].device``), so the caller can report them all at once.
+    """
+    problems: list[tuple[str, str]] = []
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, str):
+            try:
+                return expand_credentials(value, credentials_directory)
+            except CredentialPathError as exc:
+                problems.append((path, str(exc)))
+                return value
+        if isinstance(value, Mapping):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    return walk(data, at), problems
+
+
+def credential_references(data: Any) -> dict[str, str]:
+    """Every ``${CREDENTIALS_DIRECTORY}/NAME`` in parsed TOML data: key path -> NAME."""
+    found: dict[str, str] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, str):
+            name = credential_name(value)
+            if name is not None:
+                found[path] = name
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{path}[{i}]")
+
+    walk(data, "")
+    return found

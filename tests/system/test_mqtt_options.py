@@ -1,0 +1,243 @@
+"""The forwarder over TLS with a client certificate and a password file, and over MQTT 3.1.1,
+against a real mosquitto."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from simulators.broker import Mosquitto
+from tests.system.harness import GatewayProc, card_number, synthetic
+
+pytestmark = pytest.mark.slow
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: str,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool = False,
+    ip: str | None = None,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ip:
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False
+        )
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _write(
+    path: Path, cert: x509.Certificate | None = None, key: ec.EllipticCurvePrivateKey | None = None
+) -> Path:
+    if cert is not None:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    if key is not None:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return path
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    d = tmp_path / "pki"
+    d.mkdir()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("test-ca", ca_key, "test-ca", ca_key, ca=True)
+    srv_key = ec.generate_private_key(ec.SECP256R1())
+    cli_key = ec.generate_private_key(ec.SECP256R1())
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_ca = _cert("other-ca", other_key, "other-ca", other_key, ca=True)
+    files = {
+        "ca": _write(d / "ca.pem", ca),
+        "other_ca": _write(d / "other-ca.pem", other_ca),
+        "server": _write(
+            d / "server.pem", _cert("broker", srv_key, "test-ca", ca_key, ip="127.0.0.1")
+        ),
+        "server_key": _write(d / "server.key", key=srv_key),
+        "client": _write(d / "client.pem", _cert("nl-ams-001-gw-01", cli_key, "test-ca", ca_key)),
+        "client_key": _write(d / "client.key", key=cli_key),
+        "passwd": d / "passwd",
+        "password": d / "mqtt.password",
+    }
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(files["passwd"]), "nl-ams-001-gw-01", "s3cret"],
+        check=True,
+        capture_output=True,
+    )
+    files["password"].write_text("s3cret\n", encoding="utf-8")
+    return files
+
+
+def consented() -> list[str]:
+    from gateway.identity import Keyring, decode_key
+    from tests.system.harness import KEY_B64
+
+    ring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")
+    return [ring.pseudonym("loyalty", card_number(i)) for i in range(50)]
+
+
+def run_until_published(gw: GatewayProc, timeout: float = 20) -> dict[str, object]:
+    gw.start()
+    gw.wait_ready()
+    deadline = time.monotonic() + timeout
+    status = gw.status_json()
+    while time.monotonic() < deadline and status["last_publish_at"] is None:
+        time.sleep(0.2)
+        status = gw.status_json()
+    assert gw.stop() == 0
+    return gw.status_json()
+
+
+def tls_conf(pki: dict[str, Path]) -> str:
+    return (
+        f"cafile {pki['ca']}\ncertfile {pki['server']}\nkeyfile {pki['server_key']}\n"
+        f"require_certificate true\npassword_file {pki['passwd']}\n"
+    )
+
+
+def tls_mqtt(pki: dict[str, Path], ca: str = "ca", password: str = "password") -> str:
+    return (
+        f'username = "nl-ams-001-gw-01"\npassword_file = "{pki[password]}"\n'
+        f'[mqtt.tls]\nca_file = "{pki[ca]}"\n'
+        f'cert_file = "{pki["client"]}"\nkey_file = "{pki["client_key"]}"\n'
+    )
+
+
+def test_tls_client_certificate_and_password(tmp_path: Path, pki: dict[str, Path]) -> None:
+    with Mosquitto(tmp_path / "mq", extra_conf=tls_conf(pki), allow_anonymous=False) as b:
+        gw = GatewayProc(
+            tmp_path / "gw",
+            b.port,
+            sources=synthetic(200),
+            consented=consented(),
+            mqtt_extra=tls_mqtt(pki),
+        )
+        status = run_until_published(gw)
+    assert status["last_publish_at"] is not None
+    assert "connected to broker" in gw.log.read_text()
+
+
+def test_tls_with_the_wrong_ca_never_publishes_and_says_so(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    with Mosquitto(tmp_path / "mq", extra_conf=tls_conf(pki), allow_anonymous=False) as b:
+        gw = GatewayProc(
+            tmp_path / "gw",
+            b.port,
+            sources=synthetic(200),
+            consented=consented(),
+            mqtt_extra=tls_mqtt(pki, ca="other_ca"),
+        )
+        status = run_until_published(gw, timeout=4)
+    assert status["last_publish_at"] is None
+    assert status["depth"] > 0, "events stay buffered"
+    log = gw.log.read_text()
+    assert "connected to broker" not in log
+    assert "TLS certificate not trusted" in log
+
+
+def test_wrong_password_is_reported(tmp_path: Path, pki: dict[str, Path]) -> None:
+    (tmp_path / "bad.password").write_text("nope\n", encoding="utf-8")
+    pki = {**pki, "bad": tmp_path / "bad.password"}
+    with Mosquitto(tmp_path / "mq", extra_conf=tls_conf(pki), allow_anonymous=False) as b:
+        gw = GatewayProc(
+            tmp_path / "gw",
+            b.port,
+            sources=synthetic(200),
+            consented=consented(),
+            mqtt_extra=tls_mqtt(pki, password="bad"),
+        )
+        status = run_until_published(gw, timeout=4)
+    assert status["last_publish_at"] is None
+    assert "refused the connection" in gw.log.read_text()
+
+
+def test_mqtt_311(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path / "mq") as b:
+        gw = GatewayProc(
+            tmp_path / "gw",
+            b.port,
+            sources=synthetic(200),
+            consented=consented(),
+            mqtt_extra='protocol = "3.1.1"',
+        )
+        status = run_until_published(gw)
+    assert status["last_publish_at"] is not None
+
+
+def test_status_is_retained_online_and_offline_is_the_will(tmp_path: Path) -> None:
+    from simulators.central import Central
+
+    with Mosquitto(tmp_path / "mq") as b:
+        gw = GatewayProc(tmp_path / "gw", b.port, sources=synthetic(50), consented=consented())
+        gw.start()
+        gw.wait_log("connected to broker")
+        with Central("127.0.0.1", b.port) as central:  # subscribes after: sees the retained one
+            status = central.wait_for(lambda s: bool(s["status"]), timeout=10)["status"]
+            assert status["nl-ams-001/gw-01"]["state"] == "online"
+            assert status["nl-ams-001/gw-01"]["retained"] is True
+            gw.kill9()  # no goodbye: the broker publishes the will
+            central.wait_for(
+                lambda s: s["status"]["nl-ams-001/gw-01"]["state"] == "offline", timeout=10
+            )
+
+
+def test_publisher_socket_has_nodelay(tmp_path: Path) -> None:
+    import asyncio
+    import socket
+
+    from gateway.config import MqttConfig
+    from gateway.metrics import Metrics
+    from gateway.mqtt import PahoPublisher
+
+    async def run(port: int) -> int:
+        pub = PahoPublisher(
+            MqttConfig(host="127.0.0.1", port=port),
+            client_id="nodelay-test",
+            will_topic="t/status",
+            will_payload=b"offline",
+            metrics=Metrics(),
+        )
+        await pub.start()
+        await asyncio.wait_for(pub.wait_connected(), 10)
+        sock = pub.client.socket()
+        assert isinstance(sock, socket.socket)
+        value = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        verdict = await asyncio.wait_for(pub.publish("t/x", b"1"), 5)
+        assert verdict.ok
+        await pub.close()
+        return value
+
+    with Mosquitto(tmp_path / "mq") as b:
+        assert asyncio.run(run(b.port)) == 1
