@@ -50,27 +50,39 @@ class Forwarder:
         self.last_progress = time.monotonic()
         self._window = asyncio.Semaphore(cfg.inflight_window)
         self._settling: set[asyncio.Task[None]] = set()
+        self._queued: deque[Batch] = deque()  # fetched, not yet handed to the client
+        self._cursor = 0  # the highest seq fetched
+        self._published = 0  # the highest seq handed to the client
+
+    def discard_prefetched(self) -> None:
+        """Forget fetched batches not yet published (after an erasure rewrote the rows):
+        the next fetch reads them again from the database."""
+        self._queued.clear()
+        self._cursor = self._published
 
     async def run(self) -> None:
         prefix = batch_prefix(self.store, self.device, self.outbox.stream)
-        cursor = 0
-        queued: deque[Batch] = deque()
+        queued = self._queued
         while True:
             await self._window.acquire()
             while not queued:
                 self.outbox.new_data.clear()
+                after = self._cursor
                 batches = await self.outbox.fetch(
-                    cursor,
+                    after,
                     self.cfg.inflight_window,
                     self.cfg.batch_max_events,
                     self.cfg.batch_max_bytes,
                 )
+                if self._cursor != after:
+                    continue  # discarded while fetching: fetch again
                 if batches:
                     queued.extend(batches)
-                    cursor = batches[-1].hi
+                    self._cursor = batches[-1].hi
                     break
                 await self.outbox.new_data.wait()
             batch = queued.popleft()
+            self._published = batch.hi
             verdict = self.publisher.publish(self.topic, batch_payload(prefix, batch.bodies))
             task = asyncio.create_task(self._settle(batch, verdict), name=f"settle:{batch.lo}")
             self._settling.add(task)

@@ -25,6 +25,7 @@ import random
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -110,6 +111,7 @@ class PahoPublisher:
         self._connected = asyncio.Event()
         self._on_connect_hooks: list[Any] = []
         self._closing = False
+        self._subscriptions: dict[str, Callable[[bytes], None]] = {}
         v5 = cfg.protocol == "5"
         self._v5 = v5
         client = _JitteredClient(
@@ -148,6 +150,7 @@ class PahoPublisher:
         client.on_publish = self._cb_publish
         client.on_connect_fail = self._cb_connect_fail
         client.on_socket_open = self._cb_socket_open
+        client.on_message = self._cb_message
         self.client = client
 
     # -- Publisher port -----------------------------------------------------------------
@@ -159,6 +162,11 @@ class PahoPublisher:
             kwargs["clean_start"] = True  # the database is the session
         self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s, **kwargs)
         self.client.loop_start()
+
+    def subscribe(self, topic: str, callback: Callable[[bytes], None]) -> None:
+        """Receive ``topic`` at QoS 1 on every connection; ``callback(payload)`` runs on
+        the event loop.  Call before ``start``."""
+        self._subscriptions[topic] = callback
 
     def on_connect(self, hook: Any) -> None:
         """Call ``hook()`` on the event loop after every successful connect."""
@@ -213,6 +221,11 @@ class PahoPublisher:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 self._loop.call_soon_threadsafe(fn, *args)
 
+    def _cb_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        callback = self._subscriptions.get(msg.topic)
+        if callback is not None:
+            self._post(callback, bytes(msg.payload))
+
     def _cb_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         if isinstance(sock, socket.socket | ssl.SSLSocket):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -260,6 +273,8 @@ class PahoPublisher:
             if not self._connected.is_set():
                 log.info("connected to broker %s:%d", self.cfg.host, self.cfg.port)
             self.client.reset_backoff()
+            for topic in self._subscriptions:
+                self.client.subscribe(topic, qos=1)
             self._connected.set()
             self.metrics.set("mqtt_connected", 1)
             for hook in self._on_connect_hooks:

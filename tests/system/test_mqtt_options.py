@@ -241,3 +241,58 @@ def test_publisher_socket_has_nodelay(tmp_path: Path) -> None:
 
     with Mosquitto(tmp_path / "mq") as b:
         assert asyncio.run(run(b.port)) == 1
+
+
+def test_publisher_subscription_delivers_on_the_loop_after_reconnects(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from gateway.config import MqttConfig
+    from gateway.metrics import Metrics
+    from gateway.mqtt import PahoPublisher
+
+    async def run(broker: Mosquitto) -> list[tuple[bytes, bool]]:
+        got: list[tuple[bytes, bool]] = []
+        loop_thread = threading.get_ident()
+        pub = PahoPublisher(
+            MqttConfig(
+                host="127.0.0.1", port=broker.port, reconnect_min_s=0.1, reconnect_max_s=0.5
+            ),
+            client_id="sub-test",
+            will_topic="t/status",
+            will_payload=b"offline",
+            metrics=Metrics(),
+        )
+        pub.subscribe(
+            "touchpoint/v1/s1/consent",
+            lambda p: got.append((p, threading.get_ident() == loop_thread)),
+        )
+        await pub.start()
+        for round_ in range(2):
+            await asyncio.wait_for(pub.wait_connected(), 10)
+            await asyncio.sleep(0.3)  # the SUBSCRIBE is in
+            sender = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+            sender.connect("127.0.0.1", broker.port)
+            sender.loop_start()
+            sender.publish(
+                "touchpoint/v1/s1/consent", f"delta-{round_}".encode(), qos=1
+            ).wait_for_publish(5)
+            sender.disconnect()
+            sender.loop_stop()
+            for _ in range(100):
+                if len(got) > round_:
+                    break
+                await asyncio.sleep(0.05)
+            if round_ == 0:
+                broker.stop()
+                broker.start()
+                await asyncio.sleep(0.2)
+        await pub.close()
+        return got
+
+    with Mosquitto(tmp_path / "mq") as b:
+        got = asyncio.run(run(b))
+    assert got == [(b"delta-0", True), (b"delta-1", True)]
