@@ -233,6 +233,15 @@ def bench_pipeline(quick: bool = False) -> dict[str, Any]:
 
 
 def run_bench(which: str, *, as_json: bool, quick: bool) -> int:
+    if which == "qr":
+        from gateway.bench_qr import bench_qr, print_qr
+
+        qr = bench_qr(quick=quick)
+        if as_json:
+            print(json.dumps(qr, sort_keys=True))
+        else:
+            print_qr(qr)
+        return 0
     figures = bench_pipeline(quick=quick)
     if as_json:
         print(json.dumps(figures, sort_keys=True))

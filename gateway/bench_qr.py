@@ -97,15 +97,20 @@ def _measure(decoder: Any, frames: list[tuple[bytes | None, Any]]) -> tuple[floa
     return spent, ok, float(len(frames))
 
 
-def bench_qr(quick: bool = False, decoders: tuple[str, ...] | None = None) -> dict[str, Any]:
+def bench_qr(
+    quick: bool = False,
+    decoders: tuple[str, ...] | None = None,
+    per_class: int | None = None,
+) -> dict[str, Any]:
     """Decode the corpus with every decoder; figures per decoder, size and class.
 
-    ``quick``: 10 frames per class and size (about 20 s on a 2-core box), else 50.
+    ``quick``: 10 frames per class and size (about 20 s on a 2-core box), else 50;
+    ``per_class`` overrides both.  ``decoders``: a subset of DECODERS (default: all).
     """
     from drivers.qr_decoders import DECODERS, DEFAULT_DECODER, make_decoder  # noqa: PLC0415
 
     names = decoders or DECODERS
-    per_class = 10 if quick else 50
+    per_class = per_class or (10 if quick else 50)
     per_decoder: dict[str, Any] = {}
     pooled: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     for width, height in SIZES:

@@ -17,10 +17,11 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.config import Config
+from gateway.config import Config, load_config
 from gateway.consent import ConsentRegistry, load_seed_file
 from gateway.errors import GatewayError, SourceError
 from gateway.events import EventEncoder, status_payload, topic_prefix
@@ -45,8 +46,11 @@ class Gateway:
         publisher: Publisher | None = None,
         sources: list[Source] | None = None,
         notifier: Notifier | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        self.config_path = config_path
+        self.reload_to: Config | None = None  # set by SIGHUP with a valid new config
         self.now = now
         self.metrics = Metrics()
         self.keyring = Keyring.from_files(cfg.keyring.keys, cfg.keyring.active)
@@ -211,6 +215,7 @@ class Gateway:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop_event.set)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             self._open_buffer()
             await self._load_consent()
@@ -258,10 +263,31 @@ class Gateway:
                 )
         finally:
             if install_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             self.outbox.close()
             self.notifier.close()
+
+    def request_reload(self) -> None:
+        """SIGHUP: validate the config file again; if it is good, stop this instance
+        gracefully so the caller runs a new one with it (the buffer is the state, so
+        nothing is lost); if not, say why and keep running the old one."""
+        if self.config_path is None:
+            log.warning("reload requested, but the daemon was not started from a config file")
+            return
+        try:
+            new = load_config(self.config_path)
+            Keyring.from_files(new.keyring.keys, new.keyring.active)
+        except GatewayError as exc:
+            log.error("reload refused, the running config stays in force:\n%s", exc)
+            self.metrics.inc("reloads_total", result="refused")
+            self.metrics.error("config", f"reload refused: {exc}")
+            return
+        log.info("reloading %s", self.config_path)
+        self.metrics.inc("reloads_total", result="accepted")
+        self.reload_to = new
+        self.notifier.reloading()
+        self.stop_event.set()
 
     async def _stop_sequence(
         self,
@@ -293,7 +319,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*core, return_exceptions=True)
         await self.forwarder.cancel()
-        if publisher.connected:
+        if publisher.connected and self.reload_to is None:  # a reload is not going offline
             fut = publisher.publish(
                 f"{self.prefix}/status",
                 status_payload("offline", self.now(), __version__),

@@ -159,3 +159,50 @@ def test_full_buffer_while_offline_applies_the_policy(tmp_path: Path) -> None:
     status = gw.status_json()
     assert status["db_bytes"] <= 1048576
     assert status["depth"] > 0 and status["last_seq"] > status["depth"]
+
+
+def test_sighup_reload_under_load_loses_and_resends_nothing(
+    tmp_path: Path, pbroker: Mosquitto, central: Central
+) -> None:
+    import signal
+
+    gw = make_gateway(tmp_path, pbroker.port)
+    gw.start()
+    gw.wait_ready()
+    time.sleep(1.5)
+    gw.set_sources(synthetic(800))  # a changed source: applied by the reload
+    assert gw.proc is not None
+    pid = gw.proc.pid
+    gw.proc.send_signal(signal.SIGHUP)
+    gw.wait_log("reloading")
+    deadline = time.monotonic() + 15
+    while gw.log.read_text().count("touchpoint-gateway 0.1.0:") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)
+    assert gw.alive() and gw.proc.pid == pid, "a reload is not a restart of the process"
+    assert gw.stop() == 0
+    gw.drain_and_stop()
+    assert_all_delivered(gw, central, max_dupes=0)
+
+
+def test_sighup_with_an_invalid_config_keeps_the_old_one_running(
+    tmp_path: Path, pbroker: Mosquitto, central: Central
+) -> None:
+    import signal
+
+    gw = make_gateway(tmp_path, pbroker.port)
+    gw.start()
+    gw.wait_ready()
+    good = gw.config.read_text()
+    gw.config.write_text(good.replace('store = "nl-ams-001"', 'store = "NOT VALID"'))
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGHUP)
+    gw.wait_log("reload refused")
+    before = gw.last_seq()
+    time.sleep(1.5)
+    assert gw.alive() and gw.last_seq() > before, "the old config keeps running"
+    assert "gateway.store" in gw.log.read_text(), "the refusal names the key"
+    gw.config.write_text(good)
+    assert gw.stop() == 0
+    gw.drain_and_stop()
+    assert_all_delivered(gw, central, max_dupes=0)
