@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -86,6 +87,12 @@ _REASON_PRIORITY = (
     "apple_other",
     "manufacturer_other",
 )
+_RANK = {reason: rank for rank, reason in enumerate(_REASON_PRIORITY)}
+_SKIPS = (*(Skip(reason) for reason in _REASON_PRIORITY), Skip("no_beacon"))
+_SKIP = {skip.reason: skip for skip in _SKIPS}  # shared: Skip is frozen, no per-advert object
+_NO_BEACON = len(_SKIPS) - 1
+_APPLE_OTHER = _RANK["apple_other"]
+_MANUFACTURER_OTHER = _RANK["manufacturer_other"]
 
 
 def full_uuid16(short: int) -> str:
@@ -96,9 +103,9 @@ def full_uuid16(short: int) -> str:
 def parse_ibeacon(data: bytes) -> ParseResult:
     """Parse Apple manufacturer data (company id 0x004C already removed)."""
     if not data.startswith(_IBEACON_PREFIX):
-        return Skip("apple_other")  # phones' Nearby/Handoff payloads: never an identity
+        return _SKIP["apple_other"]  # phones' Nearby/Handoff payloads: never an identity
     if len(data) != _IBEACON_LEN:
-        return Skip("ibeacon_malformed")
+        return _SKIP["ibeacon_malformed"]
     major, minor, tx = struct.unpack_from(">HHb", data, 18)
     h = data[2:18].hex()  # uuid 8-4-4-4-12, lowercase (str(uuid.UUID) is 3x slower)
     canonical = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}:{major}:{minor}"
@@ -108,9 +115,9 @@ def parse_ibeacon(data: bytes) -> ParseResult:
 def parse_altbeacon(data: bytes) -> ParseResult:
     """Parse manufacturer data (company id removed) that may be an AltBeacon."""
     if not data.startswith(_ALTBEACON_PREFIX):
-        return Skip("manufacturer_other")
+        return _SKIP["manufacturer_other"]
     if len(data) != _ALTBEACON_LEN:
-        return Skip("altbeacon_malformed")
+        return _SKIP["altbeacon_malformed"]
     ref_rssi = struct.unpack_from(">b", data, 22)[0]
     return BeaconId("altbeacon", data[2:22].hex(), ref_rssi)
 
@@ -170,25 +177,27 @@ def parse_advert(
     When nothing is an identity the most specific reason wins (a malformed beacon frame
     over an unrelated payload), so counters show broken beacons apart from phones.
     """
-    reasons: list[str] = []
+    rank = _NO_BEACON
     for company, data in manufacturer_data.items():
-        results = [parse_altbeacon(data)]
-        if company == APPLE_COMPANY_ID:
-            results.insert(0, parse_ibeacon(data))
-        for result in results:
-            if isinstance(result, BeaconId):
-                return result
-        reasons.extend(r.reason for r in results if isinstance(r, Skip))
+        # the two-byte prefix picks the one parser that can say more than "other"
+        prefix = data[:2]
+        if prefix == _IBEACON_PREFIX and company == APPLE_COMPANY_ID:
+            result = parse_ibeacon(data)
+        elif prefix == _ALTBEACON_PREFIX:
+            result = parse_altbeacon(data)
+        else:
+            rank = min(rank, _APPLE_OTHER if company == APPLE_COMPANY_ID else _MANUFACTURER_OTHER)
+            continue
+        if isinstance(result, BeaconId):
+            return result
+        rank = min(rank, _RANK[result.reason])
     eddystone = service_data.get(EDDYSTONE_UUID)
     if eddystone is not None:
         result = parse_eddystone(eddystone)
         if isinstance(result, BeaconId):
             return result
-        reasons.append(result.reason)
-    for reason in _REASON_PRIORITY:
-        if reason in reasons:
-            return Skip(reason)
-    return Skip("no_beacon")
+        rank = min(rank, _RANK[result.reason])
+    return _SKIPS[rank]
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,3 +298,64 @@ class AllowList:
         if beacon.namespace == "altbeacon":
             return beacon.canonical.startswith(self.altbeacon_prefixes)
         return False
+
+
+OURS = "ours"
+FOREIGN = "foreign"
+_PayloadKey = tuple[tuple[int | str, bytes], ...]
+
+
+class AdvertResolver:
+    """Advert fields -> ``(result, subject)``: parse, allow-list and pseudonym, memoised.
+
+    ``result`` is ``"ours"`` (``subject`` is the pseudonym), ``"foreign"`` (a beacon that
+    is not the retailer's) or a ``Skip`` reason (``subject`` is None).
+
+    A beacon sends the same payload in every advert, so payloads that hold an identity are
+    remembered in a bounded LRU keyed on the raw fields: a repeat costs one look-up, with
+    no parsing, no allow-list check and no HMAC.  Payloads without one (phones, whose
+    payloads keep changing; malformed frames) are not remembered: they parse cheaply and
+    would only churn the cache.  ``pseudonym`` is only called on a miss (pass a
+    ``PseudonymCache.get`` so two payloads of one beacon still cost one HMAC).  Raw
+    payloads stay in memory; nothing here logs.
+    """
+
+    def __init__(
+        self, allow: AllowList, pseudonym: Callable[[str, str], str], maxsize: int = 4096
+    ) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be >= 1")
+        self.allow = allow
+        self._pseudonym = pseudonym
+        self._maxsize = maxsize
+        self._cache: OrderedDict[_PayloadKey, tuple[str, str | None]] = OrderedDict()
+        self.misses = 0  # identity payloads parsed (hits are not counted: the hot path)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def resolve(
+        self, manufacturer_data: Mapping[int, bytes], service_data: Mapping[str, bytes]
+    ) -> tuple[str, str | None]:
+        """The outcome for one advert's fields (see the class docstring)."""
+        if service_data:
+            key: _PayloadKey = (*manufacturer_data.items(), *service_data.items())
+        else:
+            key = tuple(manufacturer_data.items())
+        cache = self._cache
+        outcome = cache.get(key)
+        if outcome is not None:
+            cache.move_to_end(key)
+            return outcome
+        result = parse_advert(manufacturer_data, service_data)
+        if not isinstance(result, BeaconId):
+            return result.reason, None
+        self.misses += 1
+        if self.allow.allows(result):
+            outcome = (OURS, self._pseudonym(result.namespace, result.canonical))
+        else:
+            outcome = (FOREIGN, None)
+        cache[key] = outcome
+        if len(cache) > self._maxsize:
+            cache.popitem(last=False)
+        return outcome

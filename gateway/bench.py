@@ -233,6 +233,15 @@ def bench_pipeline(quick: bool = False) -> dict[str, Any]:
 
 
 def run_bench(which: str, *, as_json: bool, quick: bool) -> int:
+    if which == "ble":
+        from gateway.bench_ble import bench_ble, print_ble
+
+        ble = bench_ble(quick=quick)
+        if as_json:
+            print(json.dumps(ble, sort_keys=True))
+        else:
+            print_ble(ble)
+        return 0
     if which == "qr":
         from gateway.bench_qr import bench_qr, print_qr
 

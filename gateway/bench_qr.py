@@ -37,12 +37,12 @@ Corpus = dict[str, list[tuple[bytes | None, Any]]]
 
 def corpus(width: int, height: int, per_class: int, seed: int = SEED) -> Corpus:
     """``per_class`` grey frames per difficulty class, with the payload each one shows."""
-    import numpy as np  # noqa: PLC0415 - the CLI's other commands never load numpy
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
         Ed25519PrivateKey,
     )
 
-    from simulators.camera import Look, qr_matrix, render_frame  # noqa: PLC0415
+    from simulators.camera import Look, qr_matrix, render_frame
 
     rng = np.random.default_rng([seed, width, height])
     key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -78,7 +78,7 @@ def corpus(width: int, height: int, per_class: int, seed: int = SEED) -> Corpus:
 
 
 def _token(key: Any, i: int) -> bytes:
-    from simulators.camera import sign_app_token  # noqa: PLC0415
+    from simulators.camera import sign_app_token
 
     iat = 1_795_000_000 + i
     return sign_app_token(key, f"app-user-{i:06d}", iat, iat + 300, f"nonce-{i:08d}",
@@ -107,7 +107,7 @@ def bench_qr(
     ``quick``: 10 frames per class and size (about 20 s on a 2-core box), else 50;
     ``per_class`` overrides both.  ``decoders``: a subset of DECODERS (default: all).
     """
-    from drivers.qr_decoders import DECODERS, DEFAULT_DECODER, make_decoder  # noqa: PLC0415
+    from drivers.qr_decoders import DECODERS, DEFAULT_DECODER, make_decoder
 
     names = decoders or DECODERS
     per_class = per_class or (10 if quick else 50)

@@ -254,9 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="pipeline",
-        choices=["pipeline", "qr"],
+        choices=["pipeline", "qr", "ble"],
         help="pipeline: events end to end beside bare SQLite + paho; "
-        "qr: frames/s and success per QR decoder beside OpenCV's detector (default pipeline)",
+        "qr: frames/s and success per QR decoder beside OpenCV's detector; "
+        "ble: adverts/s and CPU per advert beside bare bleak and TheengsGateway "
+        "(default pipeline)",
     )
     s.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     s.add_argument("--quick", action="store_true", help="smaller run (for CI smoke tests)")

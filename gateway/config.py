@@ -111,6 +111,22 @@ def _default_required() -> dict[str, tuple[Purpose, ...]]:
     }
 
 
+class ConsentSyncBackoff(Model):
+    min_s: float = Field(default=1.0, gt=0, description="First retry after a failure")
+    max_s: float = Field(default=300.0, gt=0, description="Retry delay cap (full jitter)")
+
+
+class ConsentSyncConfig(Model):
+    base_url: str = Field(
+        pattern=r"^https?://[^\s]+$", description="Central service base URL (https://...)"
+    )
+    token_file: Path = Field(description="File holding the bearer token (re-read each poll)")
+    ca_file: Path | None = Field(default=None, description="Private CA bundle (PEM) to trust")
+    poll_interval_s: float = Field(default=60.0, gt=0, description="Delta poll interval")
+    timeout_s: float = Field(default=10.0, gt=0, description="Per-request timeout")
+    backoff: ConsentSyncBackoff = ConsentSyncBackoff()
+
+
 class ConsentConfig(Model):
     seed_file: Path | None = Field(
         default=None, description="JSON {records:[...]} loaded into the registry at start"
@@ -119,7 +135,26 @@ class ConsentConfig(Model):
         default_factory=_default_required,
         description="Per event type, the purposes it needs (any one suffices)",
     )
-    policy: Literal["drop"] = "drop"
+    policy: Literal["drop", "hold", "aggregate"] = Field(
+        default="drop",
+        description="Subject without consent: drop; hold (quarantine up to hold_ttl_s, "
+        "released if consent arrives); aggregate (counted into footfall, no subject)",
+    )
+    hold_ttl_s: float = Field(
+        default=900.0, gt=0, le=7 * 24 * 3600, description="hold: erased unsent after this"
+    )
+    footfall_k: int = Field(
+        default=5, ge=1, description="aggregate: a window count below k is suppressed"
+    )
+    footfall_window_s: int = Field(
+        default=900, ge=1, le=24 * 3600, description="aggregate: footfall window length"
+    )
+    token_consent_ttl_s: float = Field(
+        default=24 * 3600.0, gt=0, description="A valid app token is consent for this long"
+    )
+    sync: ConsentSyncConfig | None = Field(
+        default=None, description="Registry sync over HTTPS (contract §5); off when absent"
+    )
 
 
 class SerialCardSource(Model):
@@ -280,9 +315,6 @@ class CameraSourceConfig(Model):
     )
     receipt_url_prefix: str = Field(
         default="", max_length=200, description="Receipt QR text = this prefix + token"
-    )
-    token_consent_ttl_s: float = Field(
-        default=24 * 3600.0, gt=0, description="A valid app token is consent for this long"
     )
     width: int | None = Field(default=None, ge=16, le=8192, description="Capture width asked")
     height: int | None = Field(default=None, ge=16, le=8192, description="Capture height asked")

@@ -6,7 +6,15 @@ the gate when its subject has an unexpired consent for at least one purpose its 
 needs; the event then carries exactly those purposes (contract §3).  Subject-less events
 (``receipt.printed``, ``footfall``) pass with ``purposes: []``.
 
-Decisions are counted: ``consent_decisions_total{decision, reason}``.
+Sources of consent: ``sync`` (the registry, polled or pushed), ``seed`` (a file read at
+start) and ``token`` (a verified app token, contract §6: fresh evidence for ``app:<sub>``
+until ``token_ttl_s`` unless the registry holds a live record for the subject).  A
+withdrawal erases the record and leaves a tombstone (``withdrawn``, rebuilt from the
+erasure log at start): token evidence never revives a withdrawn subject; only a new
+grant from the registry does.  Expired consent is no consent.
+
+Decisions are counted: ``consent_decisions_total{decision, reason}`` at the gate and
+``consent_evidence_total{outcome}`` for app-token evidence.
 """
 
 from __future__ import annotations
@@ -23,10 +31,16 @@ from typing import Any
 from gateway.errors import ConfigError
 from gateway.events import purposes_json
 from gateway.metrics import Metrics
+from gateway.ports import ConsentEvidence
 
 log = logging.getLogger(__name__)
 
 PURPOSES = frozenset({"analytics", "linking", "marketing"})
+EVIDENCE_SOURCE = "token"  # consent recorded from an app token
+# A snapshot (reset) replaces the records of these sources; token evidence is local.
+REGISTRY_SOURCES = frozenset({"sync", "seed"})
+
+Row = tuple[str, str, float | None, str, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +86,19 @@ def parse_records(data: Any) -> list[tuple[str, frozenset[str], float | None]]:
 
 
 class ConsentRegistry:
-    def __init__(self, required: Mapping[str, Sequence[str]], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        required: Mapping[str, Sequence[str]],
+        metrics: Metrics,
+        *,
+        token_ttl_s: float = 24 * 3600.0,
+    ) -> None:
         self.required = {k: frozenset(v) for k, v in required.items()}
         self.metrics = metrics
+        self.token_ttl_s = token_ttl_s
         self.records: dict[str, Consent] = {}
+        # Tombstones: subject -> time of its last withdrawal (no record while present).
+        self.withdrawn: dict[str, float] = {}
         self._passed = metrics.counter(
             "consent_decisions_total", decision="pass", reason="consented"
         )
@@ -98,7 +121,8 @@ class ConsentRegistry:
             return None
         rec = self.records.get(subject)
         if rec is None:
-            self.metrics.inc("consent_decisions_total", decision="drop", reason="unknown_subject")
+            reason = "withdrawn" if subject in self.withdrawn else "unknown_subject"
+            self.metrics.inc("consent_decisions_total", decision="drop", reason=reason)
             return None
         granted = needed & rec.active(now)
         if not granted:
@@ -111,6 +135,12 @@ class ConsentRegistry:
             out = self._json[granted] = purposes_json(sorted(granted))
         return out
 
+    def allows(self, type_: str, subject: str, now: float) -> bool:
+        """Whether the gate would pass this event now (not counted; for held readings)."""
+        needed = self.required.get(type_)
+        rec = self.records.get(subject)
+        return bool(needed and rec is not None and needed & rec.active(now))
+
     # -- changes (applied in memory; persisted by the caller through the outbox) ---------
 
     def apply(
@@ -118,23 +148,78 @@ class ConsentRegistry:
         records: Iterable[tuple[str, frozenset[str], float | None]],
         source: str,
         now: float,
-    ) -> list[tuple[str, str, float | None, str, float]]:
-        """Apply records in memory; return the rows to persist."""
+    ) -> list[Row]:
+        """Apply records in memory; return the rows to persist.
+
+        A grant (non-empty purposes) clears the subject's tombstone.  Withdrawals
+        (``purposes`` empty) are the eraser's job (gateway.erasure), not this method's.
+        """
         rows = []
         for subject, purposes, expires in records:
             self.records[subject] = Consent(purposes, expires, source, now)
+            if purposes:
+                self.withdrawn.pop(subject, None)
             rows.append((subject, json.dumps(sorted(purposes)), expires, source, now))
         return rows
 
+    def replace(
+        self,
+        records: Sequence[tuple[str, frozenset[str], float | None]],
+        source: str,
+        now: float,
+    ) -> tuple[list[Row], list[str]]:
+        """Apply a full snapshot: registry records absent from it end (token evidence
+        stays).  Returns (rows to persist, subjects whose record was removed)."""
+        present = {subject for subject, _, _ in records}
+        removed = [
+            subject
+            for subject, rec in self.records.items()
+            if rec.source in REGISTRY_SOURCES and subject not in present
+        ]
+        for subject in removed:
+            del self.records[subject]
+        return self.apply(records, source, now), removed
+
+    def apply_evidence(self, evidence: ConsentEvidence, now: float) -> Row | None:
+        """Record a verified app token's purposes (contract §6); the row to persist, or
+        None when it changes nothing: the subject withdrew, or the registry has a live
+        record for it (the registry says otherwise), or no known purpose is named."""
+        subject = evidence.subject
+        purposes = frozenset(evidence.purposes) & PURPOSES
+        if subject in self.withdrawn:
+            outcome = "withdrawn"
+        elif not purposes:
+            outcome = "no_purpose"
+        else:
+            rec = self.records.get(subject)
+            outcome = (
+                "registry"
+                if rec is not None and rec.source != EVIDENCE_SOURCE and rec.active(now)
+                else "applied"
+            )
+        self.metrics.inc("consent_evidence_total", outcome=outcome)
+        if outcome != "applied":
+            return None
+        expires = min(evidence.expires, now + self.token_ttl_s)
+        self.records[subject] = Consent(purposes, expires, EVIDENCE_SOURCE, now)
+        return (subject, json.dumps(sorted(purposes)), expires, EVIDENCE_SOURCE, now)
+
+    def erase(self, subject: str, now: float) -> bool:
+        """Forget a subject's consent and remember the withdrawal; True if it had one."""
+        self.withdrawn[subject] = now
+        return self.records.pop(subject, None) is not None
+
     @staticmethod
-    def persist(
-        conn: sqlite3.Connection, rows: list[tuple[str, str, float | None, str, float]]
-    ) -> None:
+    def persist(conn: sqlite3.Connection, rows: list[Row]) -> None:
         conn.executemany(
             "INSERT OR REPLACE INTO consent(subject, purposes, expires, source, updated_at)"
             " VALUES (?, ?, ?, ?, ?)",
             rows,
         )
+
+    @staticmethod
+    def delete(conn: sqlite3.Connection, subjects: Sequence[str]) -> None:
+        conn.executemany("DELETE FROM consent WHERE subject = ?", [(s,) for s in subjects])
 
     def load(self, conn: sqlite3.Connection) -> int:
         for subject, purposes, expires, source, updated in conn.execute(
@@ -143,6 +228,14 @@ class ConsentRegistry:
             self.records[subject] = Consent(
                 frozenset(json.loads(purposes)), expires, source, updated
             )
+        has_log = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'erasure_log'"
+        ).fetchone()
+        if has_log:
+            for subject, erased_at in conn.execute("SELECT subject, erased_at FROM erasure_log"):
+                rec = self.records.get(subject)
+                if rec is None or rec.updated_at < erased_at:
+                    self.withdrawn[subject] = erased_at
         return len(self.records)
 
 

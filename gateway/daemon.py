@@ -23,6 +23,8 @@ from typing import Any
 from gateway import __version__
 from gateway.config import Config, load_config
 from gateway.consent import ConsentRegistry, load_seed_file
+from gateway.consent_sync import ConsentSync, RegistryUpdater
+from gateway.erasure import Eraser
 from gateway.errors import GatewayError, SourceError
 from gateway.events import EventEncoder, status_payload, topic_prefix
 from gateway.forwarder import Forwarder
@@ -31,6 +33,7 @@ from gateway.metrics import Cell, Metrics
 from gateway.mqtt import PahoPublisher
 from gateway.notify import Notifier, watchdog_interval
 from gateway.outbox import Outbox, Pending
+from gateway.policy import ConsentPolicy
 from gateway.ports import Publisher, Reading, Source, SourceContext
 from gateway.registry import build_source
 
@@ -61,7 +64,29 @@ class Gateway:
             chunk_events=cfg.mqtt.batch_max_events,
             chunk_bytes=cfg.mqtt.batch_max_bytes - 1024,  # room for the batch envelope
         )
-        self.consent = ConsentRegistry(cfg.consent.required, self.metrics)
+        self.consent = ConsentRegistry(
+            cfg.consent.required, self.metrics, token_ttl_s=cfg.consent.token_consent_ttl_s
+        )
+        self.policy = ConsentPolicy.from_config(
+            cfg.consent, self.consent, self.outbox, self.metrics
+        )
+        self.eraser = Eraser(
+            self.outbox, self.consent, self.metrics, hold=self.policy.hold, now=now
+        )
+        self.consent_updater = RegistryUpdater(
+            self.consent,
+            self.outbox,
+            self.eraser,
+            self.metrics,
+            policy=self.policy,
+            submit=self.accept,
+            now=now,
+        )
+        self.consent_sync = (  # raises ConfigError for an unreadable ca_file
+            ConsentSync(cfg.consent.sync, cfg.gateway.store, self.consent_updater)
+            if cfg.consent.sync is not None
+            else None
+        )
         self.prefix = topic_prefix(cfg.gateway.store, cfg.gateway.device)
         self.notifier = notifier or Notifier()
         self.stop_event = asyncio.Event()
@@ -81,10 +106,11 @@ class Gateway:
 
     async def _load_consent(self) -> None:
         n = await self.outbox.read(self.consent.load)
+        if self.policy.hold is not None:
+            await self.policy.hold.load()
         if self.cfg.consent.seed_file is not None:
             records = load_seed_file(self.cfg.consent.seed_file)
-            rows = self.consent.apply(records, "seed", self.now())
-            await self.outbox.write(lambda c: ConsentRegistry.persist(c, rows), invalidates=False)
+            await self.consent_updater.apply_records(records, "seed")  # withdrawals erase too
             n = len(self.consent.records)
         log.info("consent registry: %d subjects", n)
 
@@ -122,9 +148,12 @@ class Gateway:
                 self.metrics.counter("readings_total", source=reading.source, type=type_),
             )
         enc[1].value += 1
+        if reading.evidence is not None:
+            self.consent_updater.apply_evidence(reading.evidence)
         purposes = self.consent.purposes_json(type_, reading.subject, reading.at)
         if purposes is None:
-            self._dropped_consent.value += 1
+            if self.policy.denied(reading, self.now()).startswith("dropped"):
+                self._dropped_consent.value += 1
             return False
         tail = enc[0].tail(reading.at, reading.subject, purposes, reading.attrs)
         self.outbox.submit(Pending(reading.at, type_, reading.subject, tail))
@@ -153,6 +182,9 @@ class Gateway:
                 ctx.set_state("disabled", str(exc))
                 self.metrics.error(f"source:{name}", str(exc))
                 return
+        forget = getattr(source, "forget", None)
+        if callable(forget):  # erasure clears the source's in-memory state of a subject
+            self.eraser.hooks.append(forget)
         delay = 0.5
         while True:
             started = time.monotonic()
@@ -178,6 +210,8 @@ class Gateway:
             mono = time.monotonic()
             self.last_stats = await self.outbox.stats()
             self.metrics.set("buffer_depth", self.last_stats["depth"])
+            for reading in self.policy.tick(self.now()):  # hold expiry, footfall windows
+                self.accept(reading)
             if mono - last_expire >= 60:
                 last_expire = mono
                 n = await self.outbox.expire()
@@ -244,6 +278,11 @@ class Gateway:
                 self.outbox.stream,
                 len(self.cfg.sources) + len(self._extra_sources),
             )
+            self.eraser.after_commit.append(self.forwarder.discard_prefetched)
+            if isinstance(publisher, PahoPublisher):
+                publisher.subscribe(
+                    f"touchpoint/v1/{self.cfg.gateway.store}/consent", self.consent_updater.on_push
+                )
             self.notifier.ready(self.status_line())
             self.ready.set()
             await publisher.start()
@@ -257,8 +296,11 @@ class Gateway:
                     tg.create_task(self._supervise(None, src), name=f"source:{src.name}")
                     for src in self._extra_sources
                 ]
+                core = [fwd, hk]
+                if self.consent_sync is not None:
+                    core.append(tg.create_task(self.consent_sync.run(), name="consent-sync"))
                 tg.create_task(
-                    self._stop_sequence(publisher, srcs, [fwd, hk], drain_timeout),
+                    self._stop_sequence(publisher, srcs, core, drain_timeout),
                     name="stop-sequence",
                 )
         finally:

@@ -51,9 +51,35 @@ def _m002_consent(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m003_consent_policy(db: sqlite_utils.Database) -> None:
+    # Readings held for consent (policy "hold"); no index on subject, so a deleted row
+    # leaves no copy of the pseudonym in an index page.
+    db.table("held").create(
+        {
+            "id": int,
+            "subject": str,
+            "type": str,
+            "source": str,
+            "at": float,
+            "attrs": str,
+            "expires": float,
+        },
+        pk="id",
+        not_null={"subject", "type", "source", "at", "attrs", "expires"},
+    )
+    # One row per erased pseudonym: the pseudonym and the time of its last erasure, only.
+    # A rowid table without an index: the log's row is the pseudonym's one copy on disk.
+    db.table("erasure_log").create(
+        {"id": int, "subject": str, "erased_at": float},
+        pk="id",
+        not_null={"subject", "erased_at"},
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_outbox", _m001_outbox),
     ("002_consent", _m002_consent),
+    ("003_consent_policy", _m003_consent_policy),
 ]
 
 

@@ -27,6 +27,7 @@ listening (scanner restart), so that gap is not mistaken for silence.
 
 from __future__ import annotations
 
+from bisect import insort
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,8 +72,9 @@ class Decision:
 
 @dataclass(slots=True)
 class _Track:
-    times: deque[float]  # sample times and values, oldest first (two deques: no tuples)
+    times: deque[float]  # the window's sample times and RSSI values, oldest first
     values: deque[int]
+    ordered: list[int]  # the same values, sorted: the median is an index, not a sort
     last_seen: float
     arrived: float | None = None  # set while candidate or present
     present: bool = False
@@ -85,6 +87,7 @@ class PresenceTracker:
     def __init__(self, params: PresenceParams) -> None:
         self.params = params
         self._tracks: OrderedDict[tuple[str, str], _Track] = OrderedDict()
+        self._head: _Track | None = None  # the least recently seen track; None: look it up
         self._blind_since: float | None = None
         self.stats: dict[str, int] = {"passers_by": 0, "evicted": 0, "evicted_present": 0}
 
@@ -100,32 +103,36 @@ class PresenceTracker:
         p = self.params
         tracks = self._tracks
         out: list[Decision] = []
-        if tracks and now - next(iter(tracks.values())).last_seen >= p.silence_s:
+        head = self._head
+        if head is None:
+            head = self._head = next(iter(tracks.values()), None)
+        if head is not None and now - head.last_seen >= p.silence_s:
             out = self.tick(now=now)  # only when the least recently seen track is silent
         key = (subject, zone)
         track = tracks.get(key)
         if track is None:
             out.extend(self._make_room())
             size = p.window_samples
-            track = _Track(deque(maxlen=size), deque(maxlen=size), now)
+            track = _Track(deque(maxlen=size), deque(maxlen=size), [], now)
             tracks[key] = track
         else:
             tracks.move_to_end(key)
+            if track is self._head:
+                self._head = None
             track.last_seen = max(track.last_seen, now)
-        times, values = track.times, track.values
+        times, values, ordered = track.times, track.values, track.ordered
+        if len(values) == values.maxlen:
+            ordered.remove(values[0])  # the deque drops its oldest value on append
         times.append(now)
         values.append(rssi)
-        horizon = now - p.window_s  # prune: keep the window, and always the newest sample
+        insort(ordered, rssi)
+        horizon = now - p.window_s  # keep the window, and always the newest sample
         while times[0] < horizon and len(times) > 1:
             times.popleft()
-            values.popleft()
-        n = len(values)
-        if n == 1:
-            smoothed: float = rssi
-        else:  # the median of at most window_samples values
-            ordered = sorted(values)
-            mid = n >> 1
-            smoothed = ordered[mid] if n & 1 else (ordered[mid - 1] + ordered[mid]) / 2
+            ordered.remove(values.popleft())
+        n = len(ordered)
+        mid = n >> 1
+        smoothed = ordered[mid] if n & 1 else (ordered[mid - 1] + ordered[mid]) / 2
         track.smoothed = smoothed
         # the common cases, decided here: present and staying; absent and not qualifying
         if track.present:
@@ -142,6 +149,7 @@ class PresenceTracker:
             return []
         out: list[Decision] = []
         silence = self.params.silence_s
+        self._head = None
         # tracks are in last-seen order: stop at the first one that is not yet silent
         while self._tracks:
             key, track = next(iter(self._tracks.items()))
@@ -198,6 +206,7 @@ class PresenceTracker:
 
     def _make_room(self) -> list[Decision]:
         out: list[Decision] = []
+        self._head = None
         while len(self._tracks) >= self.params.max_tracks:
             key, track = self._tracks.popitem(last=False)
             self.stats["evicted"] += 1

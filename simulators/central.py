@@ -24,6 +24,14 @@ only enqueue; one worker thread validates, writes and keeps the stats file fresh
 
     python -m simulators.central --mqtt-host 127.0.0.1 --mqtt-port 1883 \\
         --out events.jsonl --stats stats.json
+
+With ``consent=ConsentAPI(...)`` (or ``--http-port``) it also serves the consent registry
+over HTTP (contract §5, see ``simulators.consent_api``) and publishes each change made
+with ``push=True`` on ``touchpoint/v1/<store>/consent`` (§4, QoS 1, not retained),
+validated against ``consent-delta.json`` first.
+
+    python -m simulators.central --http-port 8080 --consent-token-file token \\
+        --consent-script consent.toml --store nl-ams-001
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from referencing import Registry, Resource
+
+from simulators.consent_api import ConsentAPI, Record, load_script
 
 log = logging.getLogger(__name__)
 
@@ -395,8 +405,12 @@ class Central:
         store: str | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         schema_dir: Path = SCHEMA_DIR,
+        consent: ConsentAPI | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.consent = consent
+        if consent is not None:
+            consent.on_change = self.push_consent
         self.out_path, self.stats_path = out, stats_path
         self.max_payload = max_payload
         self.topics = [f"{TOPIC_ROOT}/{store or '+'}/+/{kind}" for kind in ("events", "status")]
@@ -421,6 +435,7 @@ class Central:
                 "reordered",
                 "restored",
                 "connects",
+                "consent_pushes",
             ),
             0,
         )
@@ -442,6 +457,8 @@ class Central:
         if self.out_path is not None:
             self._restore(self.out_path)
             self._out = self.out_path.open("a", encoding="utf-8")
+        if self.consent is not None:
+            self.consent.start()
         self._write_stats()
         self._worker = threading.Thread(target=self._run, name="central-worker", daemon=True)
         self._worker.start()
@@ -456,6 +473,8 @@ class Central:
 
     def stop(self) -> None:
         """Disconnect, process what was already received, write the stats a last time."""
+        if self.consent is not None:
+            self.consent.stop()
         self._client.disconnect()
         self._client.loop_stop()
         if self._worker is not None:
@@ -473,6 +492,15 @@ class Central:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def push_consent(self, store: str, records: list[Record]) -> mqtt.MQTTMessageInfo:
+        """Publish a consent delta to the store's gateways (QoS 1, not retained)."""
+        doc = {"v": 1, "records": records}
+        self._schemas.check("consent-delta.json", doc)
+        payload = json.dumps(doc, separators=(",", ":")).encode()
+        with self._cond:
+            self._counts["consent_pushes"] += 1
+        return self._client.publish(f"{TOPIC_ROOT}/{store}/consent", payload, qos=1)
 
     # -- reading state -----------------------------------------------------------------
 
@@ -699,8 +727,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_MAX_PAYLOAD,
         help="reject larger messages as too_large (bytes)",
     )
+    parser.add_argument(
+        "--http-port", type=int, help="serve the consent registry API on 127.0.0.1:PORT"
+    )
+    parser.add_argument(
+        "--consent-token-file", type=Path, help="file holding the bearer token it accepts"
+    )
+    parser.add_argument(
+        "--consent-script", type=Path, help="JSON or TOML [[steps]] of consent changes"
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level (WARNING)")
     args = parser.parse_args(argv)
+    consent = None
+    if args.http_port is not None:
+        if args.consent_token_file is None or args.store is None:
+            parser.error("--http-port needs --consent-token-file and --store")
+        token = args.consent_token_file.read_text(encoding="utf-8").strip()
+        consent = ConsentAPI(token=token, port=args.http_port)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -720,8 +763,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats_path=args.stats,
         store=args.store,
         max_payload=args.max_payload,
+        consent=consent,
     )
     central.start()
+    if consent is not None:
+        print(f"central: consent API on {consent.base_url}", flush=True)
+        if args.consent_script is not None:
+            consent.run_script(load_script(args.consent_script), args.store)
     where = f"mqtt://{args.mqtt_host}:{args.mqtt_port}"
     if central.wait_subscribed(timeout=5.0):
         print(f"central: listening on {where}, topics {' '.join(central.topics)}", flush=True)

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from drivers.ble_adverts import (
     EDDYSTONE_UUID,
+    FOREIGN,
+    OURS,
+    AdvertResolver,
     AllowList,
     BeaconId,
     Skip,
@@ -218,3 +221,110 @@ def test_allow_list() -> None:
 def test_allow_list_rejects_malformed_config(kwargs: dict[str, list[str]]) -> None:
     with pytest.raises(ValueError):
         AllowList.build(**kwargs)
+
+
+def _reference_parse(manufacturer: dict[int, bytes], service: dict[str, bytes]) -> Any:
+    """The first, slower form of parse_advert: the fast one must agree with it."""
+    priority = ["ibeacon_malformed", "altbeacon_malformed", "eddystone_malformed",
+                "eddystone_url", "eddystone_tlm", "eddystone_eid", "apple_other",
+                "manufacturer_other"]  # fmt: skip
+    reasons: list[str] = []
+    for company, data in manufacturer.items():
+        results = [parse_altbeacon(data)]
+        if company == 0x004C:
+            results.insert(0, parse_ibeacon(data))
+        for result in results:
+            if isinstance(result, BeaconId):
+                return result
+        reasons.extend(r.reason for r in results if isinstance(r, Skip))
+    if EDDYSTONE_UUID in service:
+        result = parse_eddystone(service[EDDYSTONE_UUID])
+        if isinstance(result, BeaconId):
+            return result
+        reasons.append(result.reason)
+    return next((Skip(r) for r in priority if r in reasons), Skip("no_beacon"))
+
+
+_payloads = st.one_of(
+    st.binary(max_size=30),
+    st.builds(
+        lambda p, b: p + b, st.sampled_from([b"\x02\x15", b"\xbe\xac"]), st.binary(max_size=30)
+    ),
+    st.just(IBEACON_RAW[7:]),
+    st.just(ALTBEACON),
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.dictionaries(st.sampled_from([0x004C, 0x0118, 0x0059]), _payloads, max_size=3),
+    st.one_of(st.none(), st.binary(max_size=24), st.just(EDDYSTONE_UID)),
+)
+def test_parse_advert_agrees_with_the_reference(
+    manufacturer: dict[int, bytes], eddystone: bytes | None
+) -> None:
+    service = {} if eddystone is None else {EDDYSTONE_UUID: eddystone}
+    assert parse_advert(manufacturer, service) == _reference_parse(manufacturer, service)
+
+
+ALLOW = AllowList.build(
+    ibeacon_uuids=["83256B74-78D0-43A4-8269-05F9DC8A44BA"],
+    eddystone_namespaces=["E157BD5DF90AAD1DC2FB"],
+)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            st.dictionaries(st.sampled_from([0x004C, 0x0118]), _payloads, max_size=2),
+            st.one_of(st.none(), st.just(EDDYSTONE_UID), st.binary(max_size=20)),
+        ),
+        max_size=20,
+    )
+)
+def test_resolver_agrees_with_parse_allow_pseudonym(
+    adverts: list[tuple[dict[int, bytes], bytes | None]],
+) -> None:
+    """Cached or not, the resolver's outcome is parse -> allow-list -> pseudonym's."""
+    resolver = AdvertResolver(ALLOW, lambda ns, canonical: f"p:{ns}:{canonical}", maxsize=3)
+    for manufacturer, eddystone in adverts * 2:  # twice: the second pass hits the cache
+        service = {} if eddystone is None else {EDDYSTONE_UUID: eddystone}
+        parsed = parse_advert(manufacturer, service)
+        if isinstance(parsed, Skip):
+            expected: tuple[str, str | None] = (parsed.reason, None)
+        elif ALLOW.allows(parsed):
+            expected = (OURS, f"p:{parsed.namespace}:{parsed.canonical}")
+        else:
+            expected = (FOREIGN, None)
+        assert resolver.resolve(manufacturer, service) == expected
+        assert len(resolver) <= 3
+
+
+def test_resolver_remembers_beacons_not_phones(keyring: Keyring) -> None:
+    calls: list[str] = []
+
+    def pseudonym(namespace: str, canonical: str) -> str:
+        calls.append(canonical)
+        return keyring.pseudonym_of_canonical(namespace, canonical)
+
+    resolver = AdvertResolver(ALLOW, pseudonym, maxsize=2)
+    ours = {0x004C: IBEACON_RAW[7:]}
+    for _ in range(100):  # fresh bytes objects each time, as bleak hands them
+        assert resolver.resolve({0x004C: bytes(IBEACON_RAW[7:])}, {}) == (
+            OURS, "k1:eP6urfab4yzJ9mpD9_RcmQ",
+        )  # fmt: skip
+    assert (resolver.misses, len(calls), len(resolver)) == (1, 1, 1)
+    foreign = {0x004C: b"\x02\x15" + bytes(16) + IBEACON_RAW[-5:]}
+    assert resolver.resolve(foreign, {}) == (FOREIGN, None)
+    for i in range(50):  # phones: parsed every time, never remembered
+        assert resolver.resolve({0x004C: b"\x10\x05" + bytes([i]) * 5}, {}) == ("apple_other", None)
+    assert len(resolver) == 2
+    eddystone = {EDDYSTONE_UUID: EDDYSTONE_UID}
+    assert resolver.resolve({}, eddystone)[0] == OURS  # evicts the least recently used
+    assert len(resolver) == 2
+    resolver.resolve(foreign, {})
+    resolver.resolve(ours, {})  # evicted before: parsed again
+    assert resolver.misses == 4
+    with pytest.raises(ValueError):
+        AdvertResolver(ALLOW, pseudonym, maxsize=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -227,3 +229,21 @@ def test_bench_runs_and_hashes_once_per_subject() -> None:
     assert result["events"] > 0
     assert result["hmac_computed"] <= 50
     assert result["tracked_at_end"] == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(-100, -30), st.floats(0, 4)), min_size=1, max_size=60),
+    st.integers(1, 9),
+)
+def test_smoothed_is_the_median_of_the_window(samples: list[tuple[int, float]], size: int) -> None:
+    """The incrementally kept median equals statistics.median of the window's samples."""
+    params = PresenceParams(window_s=5, window_samples=size, min_samples=1, silence_s=1000)
+    tracker = PresenceTracker(params)
+    now, seen = 0.0, []
+    for rssi, gap in samples:
+        now += gap
+        tracker.observe("s", "z", rssi, now=now)
+        seen.append((now, rssi))
+        window = [r for t, r in seen[-size:] if t >= now - 5] or [rssi]
+        assert tracker._tracks[("s", "z")].smoothed == statistics.median(window)
