@@ -263,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     s.add_argument("--quick", action="store_true", help="smaller run (for CI smoke tests)")
     s.set_defaults(fn=cmd_bench)
+
+    from gateway.provision import add_parser as add_provision_parser
+
+    add_provision_parser(sub)
     return p
 
 

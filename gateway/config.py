@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import ConfigError
+from gateway.paths import CREDENTIALS_VAR, expand_credentials_in
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
 KEY_ID_PATTERN = r"^[a-z0-9]{1,16}$"
@@ -358,6 +360,21 @@ class StatusConfig(Model):
     summary_interval_s: float = Field(default=60.0, gt=0, description="Log a summary this often")
 
 
+class HealthConfig(Model):
+    listen: str = Field(
+        default="127.0.0.1:9464",
+        pattern=r"^(127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}|localhost|\[::1\]):[0-9]{1,5}$",
+        description="Loopback address:port of /healthz and /metrics",
+    )
+    broker_down_s: float = Field(default=120.0, gt=0, description="Unhealthy: broker down longer")
+    source_down_s: float = Field(
+        default=300.0, gt=0, description="Unhealthy: a source in error/absent longer"
+    )
+    consent_max_age_s: float | None = Field(
+        default=None, gt=0, description="Unhealthy: consent registry not synced for longer"
+    )
+
+
 class Config(Model):
     gateway: GatewayIdentity
     keyring: KeyringConfig
@@ -365,6 +382,7 @@ class Config(Model):
     mqtt: MqttConfig = MqttConfig()
     consent: ConsentConfig = ConsentConfig()
     status: StatusConfig = StatusConfig()
+    health: HealthConfig | None = Field(default=None, description="Off when absent")
     sources: list[SourceConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -424,8 +442,12 @@ def parse_config(data: dict[str, Any], file: str, base: Path) -> Config:
     return resolved
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a config file, or raise ConfigError naming file, key and why."""
+def load_config(path: str | Path, *, credentials_directory: str | None = None) -> Config:
+    """Read and validate a config file, or raise ConfigError naming file, key and why.
+
+    ``${CREDENTIALS_DIRECTORY}/NAME`` values (gateway.paths) expand to
+    ``credentials_directory``, by default ``$CREDENTIALS_DIRECTORY`` as systemd sets it.
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -437,6 +459,11 @@ def load_config(path: str | Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([(str(p), "", f"not valid TOML: {exc}")]) from None
+    if credentials_directory is None:
+        credentials_directory = os.environ.get(CREDENTIALS_VAR)
+    data, problems = expand_credentials_in(data, credentials_directory)
+    if problems:
+        raise ConfigError([(str(p), key, why) for key, why in problems])
     return parse_config(data, str(p), p.resolve().parent)
 
 

@@ -28,6 +28,7 @@ from gateway.erasure import Eraser
 from gateway.errors import GatewayError, SourceError
 from gateway.events import EventEncoder, status_payload, topic_prefix
 from gateway.forwarder import Forwarder
+from gateway.health import HealthMonitor, HealthRules, Histogram, serve_health
 from gateway.identity import Keyring
 from gateway.metrics import Cell, Metrics
 from gateway.mqtt import PahoPublisher
@@ -36,6 +37,7 @@ from gateway.outbox import Outbox, Pending
 from gateway.policy import ConsentPolicy
 from gateway.ports import Publisher, Reading, Source, SourceContext
 from gateway.registry import build_source
+from gateway.watchdog import ProgressWatch
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class Gateway:
         self.publisher: Publisher | None = publisher
         self._extra_sources = sources or []
         self.latencies: list[float] | None = None  # set to a list to record (bench)
+        self.publish_latency = Histogram()
         self.last_stats: dict[str, Any] = {}
         self._encoders: dict[tuple[str, str], tuple[EventEncoder, Cell]] = {}
         self._dropped_consent = self.metrics.counter("events_dropped_total", reason="consent")
@@ -204,7 +207,8 @@ class Gateway:
     async def _housekeeping(self) -> None:
         last_expire = last_summary = time.monotonic()
         wd = watchdog_interval()
-        last_forwarded = -1.0
+        # a hung broker is paho's to notice (~1.5 x keepalive); only then call it a stall
+        watch = ProgressWatch(stall_after_s=max(60.0, 3.0 * self.cfg.mqtt.keepalive_s))
         while True:
             await asyncio.sleep(min(1.0, wd or 1.0))
             mono = time.monotonic()
@@ -220,13 +224,17 @@ class Gateway:
                         "expired %d events older than %ds unsent", n, self.cfg.buffer.max_age_s
                     )
                     self.metrics.inc("events_expired_total", n)
-            forwarded = self.metrics.get("events_forwarded_total")
-            # Watchdog: the loop runs, the buffer answers, and the pipeline is not wedged
-            # (no backlog, or the backlog moves).
-            progressing = self.last_stats["depth"] == 0 or forwarded != last_forwarded
+            # Watchdog (gateway/watchdog.py): the loop runs, the buffer answers and its last
+            # write succeeded, and the backlog moves unless the broker is away.
+            progressing = watch.progressing(
+                mono=mono,
+                buffer_ok=self.metrics.get("buffer_write_ok") == 1,
+                connected=self.publisher is not None and self.publisher.connected,
+                depth=self.last_stats["depth"],
+                forwarded=self.metrics.get("events_forwarded_total"),
+            )
             if wd is not None and progressing:
                 self.notifier.watchdog()
-            last_forwarded = forwarded
             self.notifier.status(self.status_line())
             if mono - last_summary >= self.cfg.status.summary_interval_s:
                 last_summary = mono
@@ -246,6 +254,7 @@ class Gateway:
 
     async def run(self, *, install_signals: bool = True, drain_timeout: float = 5.0) -> None:
         loop = asyncio.get_running_loop()
+        health: asyncio.Server | None = None
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop_event.set)
@@ -255,7 +264,7 @@ class Gateway:
             await self._load_consent()
             publisher = self._make_publisher()
             topic = f"{self.prefix}/events"
-            on_latency = None
+            on_latency: Callable[[list[float]], None] = self.publish_latency.observe_many
             if self.latencies is not None:
                 lat = self.latencies
                 on_latency = lat.extend
@@ -286,6 +295,7 @@ class Gateway:
             self.notifier.ready(self.status_line())
             self.ready.set()
             await publisher.start()
+            health = await self._start_health()
             async with asyncio.TaskGroup() as tg:
                 fwd = tg.create_task(self.forwarder.run(), name="forwarder")
                 hk = tg.create_task(self._housekeeping(), name="housekeeping")
@@ -304,11 +314,25 @@ class Gateway:
                     name="stop-sequence",
                 )
         finally:
+            if health is not None:
+                health.close()
+                await health.wait_closed()
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             self.outbox.close()
             self.notifier.close()
+
+    async def _start_health(self) -> asyncio.Server | None:
+        hc = self.cfg.health
+        if hc is None:
+            return None
+        host, _, port = hc.listen.rpartition(":")
+        rules = HealthRules(hc.broker_down_s, hc.source_down_s, hc.consent_max_age_s)
+        monitor = HealthMonitor(self, rules, now=self.now)
+        return await serve_health(
+            self, host.strip("[]"), int(port), monitor=monitor, latency=self.publish_latency
+        )
 
     def request_reload(self) -> None:
         """SIGHUP: validate the config file again; if it is good, stop this instance
@@ -341,7 +365,8 @@ class Gateway:
         """On a stop request: stop reading, commit what was read, give the forwarder a
         bounded time to empty the buffer, publish ``offline`` and disconnect."""
         await self.stop_event.wait()
-        self.notifier.stopping()
+        if self.reload_to is None:  # a reload said RELOADING=1; READY=1 follows
+            self.notifier.stopping()
         log.info("stopping: flushing the buffer (up to %.0fs)", drain_timeout)
         for task in sources:
             task.cancel()

@@ -2,8 +2,12 @@
 
 It starts a mosquitto on a free loopback port, the fake central service, the card-reader
 simulator on a pty and the BLE simulator (a fake BlueZ on a private D-Bus), writes a config
-for them, and runs the same Gateway object ``run`` runs, printing a live summary.  The
-consent registry is seeded so that some shoppers have consented and some have not.
+for them, and runs the same Gateway object ``run`` runs, printing a live summary.
+
+The consent registry comes from the fake central over HTTP: some shoppers have consented,
+one never has.  Then the story: the broker goes down for a while (events buffer), a
+consented shopper withdraws meanwhile (the poll brings it: their buffered events are
+erased), and the broker comes back (the others' events flow, none of the leaver's).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,8 +32,11 @@ from gateway.identity import Keyring
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "simulators" / "scenarios"
 CONSENTED_CARDS = ["13005D1DA5", "7F00A1B2C3"]  # 0A1B2C3D4E has not consented
-IBEACON = "83256b74-78d0-43a4-8269-05f9dc8a44ba:16:32"  # consented; the Eddystone one is not
-EDDYSTONE = "e157bd5df90aad1dc2fb:000000000001"
+IBEACON = "83256b74-78d0-43a4-8269-05f9dc8a44ba:16:32"  # consents, then withdraws
+EDDYSTONE = "e157bd5df90aad1dc2fb:000000000001"  # never consented
+TOKEN = "demo-consent-token"  # noqa: S105 - the fake central's demo credential
+OUTAGE = (12.0, 27.0)  # broker down between these seconds of the demo
+WITHDRAW_AT = 18.0  # the iBeacon shopper withdraws, while the broker is down
 
 
 def _spawn(
@@ -51,7 +59,7 @@ def _first_line(proc: subprocess.Popen[bytes], what: str, timeout: float = 20) -
     raise RuntimeError(f"{what} did not start within {timeout}s")
 
 
-def _config(work: Path, port: int, card_link: Path) -> str:
+def _config(work: Path, port: int, card_link: Path, http_port: int) -> str:
     return f"""
 [gateway]
 store = "nl-ams-001"
@@ -71,8 +79,10 @@ port = {port}
 reconnect_min_s = 0.2
 reconnect_max_s = 5
 
-[consent]
-seed_file = "consent-seed.json"
+[consent.sync]
+base_url = "http://127.0.0.1:{http_port}"
+token_file = "consent.token"
+poll_interval_s = 2
 
 [status]
 summary_interval_s = 30
@@ -102,15 +112,24 @@ watchdog_s = 20
 """
 
 
-def _seed(work: Path, ring: Keyring) -> None:
-    records = [
-        {"subject": ring.pseudonym("rfid", c), "purposes": ["linking"], "expires": None}
+def _consent_script(work: Path, ring: Keyring) -> Path:
+    """The central's consent story: grants at once, one withdrawal later."""
+    steps: list[dict[str, Any]] = [
+        {
+            "at_s": 0,
+            "action": "grant",
+            "subject": ring.pseudonym("rfid", c),
+            "purposes": ["linking"],
+        }
         for c in CONSENTED_CARDS
     ]
-    records.append(
-        {"subject": ring.pseudonym("ibeacon", IBEACON), "purposes": ["analytics"], "expires": None}
-    )
-    (work / "consent-seed.json").write_text(json.dumps({"records": records}), encoding="utf-8")
+    leaver = ring.pseudonym("ibeacon", IBEACON)
+    steps.append({"at_s": 0, "action": "grant", "subject": leaver, "purposes": ["analytics"]})
+    steps.append({"at_s": WITHDRAW_AT, "action": "withdraw", "subject": leaver, "push": True})
+    path = work / "consent-script.json"
+    path.write_text(json.dumps({"steps": steps}, indent=1), encoding="utf-8")
+    (work / "consent.token").write_text(TOKEN + "\n", encoding="utf-8")
+    return path
 
 
 class _Summary:
@@ -139,10 +158,14 @@ class _Summary:
             f"forwarded {m.get('events_forwarded_total'):.0f}  "
             f"dropped(consent) {m.total('events_dropped_total', reason='consent'):.0f}  "
             f"depth {self.gw.last_stats.get('depth', 0)}  "
+            f"erased {m.get('erased_events_total'):.0f}  "
             f"rejected {m.total('readings_rejected_total'):.0f}  "
             f"broker {'up' if m.get('mqtt_connected') else 'down'}  "
             f"central accepted {c.get('accepted', 0)}"
         )
+
+    def note(self, text: str) -> None:
+        print(("\n" if self.tty else "") + f"demo: {text}", flush=True)
 
     def show(self, final: bool = False) -> None:
         now = time.monotonic()
@@ -154,11 +177,22 @@ class _Summary:
             print(("\n" if self.tty else "") + self.line(), flush=True)
 
 
-async def _run(gw: Gateway, summary: _Summary, seconds: float | None) -> None:
+async def _run(gw: Gateway, summary: _Summary, seconds: float | None, broker: Any) -> None:
     task = asyncio.create_task(gw.run())
     await gw.ready.wait()
-    deadline = None if seconds is None else time.monotonic() + seconds
+    start = time.monotonic()
+    deadline = None if seconds is None else start + seconds
+    story: list[tuple[float, str, Callable[[], None] | None]] = [
+        (OUTAGE[0], "the broker goes down: events stay in the buffer", broker.stop),
+        (WITHDRAW_AT + 1, "the iBeacon shopper withdraws consent; the poll brings it", None),
+        (OUTAGE[1], "the broker is back: the buffer drains, none of the leaver's", broker.start),
+    ]
     while not task.done():
+        if story and time.monotonic() - start >= story[0][0]:
+            _, text, action = story.pop(0)
+            summary.note(text)
+            if action is not None:
+                await asyncio.to_thread(action)
         summary.show()
         if deadline is not None and time.monotonic() >= deadline:
             gw.stop_event.set()
@@ -168,7 +202,7 @@ async def _run(gw: Gateway, summary: _Summary, seconds: float | None) -> None:
 
 
 def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
-    from simulators.broker import Mosquitto
+    from simulators.broker import Mosquitto, free_port
 
     tmp = None
     if workdir is None:
@@ -184,8 +218,9 @@ def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
     sim_log = (work / "simulators.log").open("ab")
     print(f"demo: files in {work} (simulator output in simulators.log)")
     try:
-        with Mosquitto(work / "mosquitto") as broker:
+        with Mosquitto(work / "mosquitto", persistence=True) as broker:
             print(f"demo: mosquitto on 127.0.0.1:{broker.port}")
+            http_port = free_port()
             central = _spawn(
                 [
                     "-m",
@@ -198,6 +233,14 @@ def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
                     str(work / "central-events.jsonl"),
                     "--stats",
                     str(work / "central-stats.json"),
+                    "--store",
+                    "nl-ams-001",
+                    "--http-port",
+                    str(http_port),
+                    "--consent-token-file",
+                    str(work / "consent.token"),
+                    "--consent-script",
+                    str(_consent_script(work, Keyring.from_files({"k1": key}, "k1"))),
                 ],
                 sim_log,
             )
@@ -231,14 +274,15 @@ def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
             bus = _first_line(ble, "the BLE simulator")
             os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.partition("=")[2]
             print("demo: fake BlueZ on a private D-Bus, replaying a store walk-through")
-            (work / "gateway.toml").write_text(_config(work, broker.port, link), encoding="utf-8")
+            (work / "gateway.toml").write_text(
+                _config(work, broker.port, link, http_port), encoding="utf-8"
+            )
             cfg = load_config(work / "gateway.toml")
             gw = Gateway(cfg)
-            _seed(work, gw.keyring)
             print("demo: running the daemon; Ctrl-C stops it\n")
             summary = _Summary(gw, work / "central-stats.json")
             with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(_run(gw, summary, seconds))
+                asyncio.run(_run(gw, summary, seconds, broker))
             summary.show(final=True)
     finally:
         for p in procs:

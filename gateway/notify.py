@@ -27,6 +27,8 @@ class Notifier:
             return False
         if self._sock is None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Never block the event loop on a slow reader: a full queue drops the message.
+            self._sock.setblocking(False)
         try:
             self._sock.sendto("\n".join(lines).encode(), self.address)
         except OSError:

@@ -137,6 +137,7 @@ class Outbox:
         self._outstanding = 0
         self._max_outstanding = 4 * cfg.commit_max_events
         self._capacity = asyncio.Event()
+        self._last_write_ok: bool | None = None  # writer thread only
 
     # -- lifecycle (blocking; call before the pipeline starts) ------------------------
 
@@ -167,6 +168,8 @@ class Outbox:
             raise BufferError_(f"{path}: cannot open the buffer database: {exc}") from exc
         self._conn = conn
         self._loop = loop or asyncio.get_running_loop()
+        self._last_write_ok = True
+        self.metrics.set("buffer_write_ok", 1)  # the writer thread reports changes
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
         self._thread.start()
 
@@ -391,6 +394,7 @@ class Outbox:
                         (str(self._next_seq - 1),),
                     )
                 conn.execute("COMMIT")
+                self._write_ok(True)
                 return appended
             except sqlite3.Error as exc:
                 self._rollback(conn)
@@ -400,6 +404,7 @@ class Outbox:
                     continue
                 err = BufferError_(f"buffer write failed: {exc}")
                 log.error("buffer write failed: %s", exc)
+                self._write_ok(False, str(err))
                 for cmd in writes:
                     cmd.error = cmd.error or err
                 return 0
@@ -500,6 +505,22 @@ class Outbox:
             return
         log.warning("buffer full: evicted the %d oldest events (policy evict_oldest)", evicted)
         self._count_on_loop("events_evicted_total", evicted)
+
+    def _write_ok(self, ok: bool, error: str = "") -> None:
+        """Writer thread: tell the loop (gauge buffer_write_ok) when the outcome changes."""
+        if ok is self._last_write_ok:
+            return
+        self._last_write_ok = ok
+        assert self._loop is not None
+
+        def post() -> None:
+            self.metrics.set("buffer_write_ok", 1 if ok else 0)
+            if not ok:
+                self.metrics.error("buffer", error)
+                self.metrics.inc("buffer_write_errors_total")
+
+        with contextlib.suppress(RuntimeError):  # the loop closed
+            self._loop.call_soon_threadsafe(post)
 
     def _count_on_loop(self, name: str, amount: int, **labels: str) -> None:
         assert self._loop is not None
