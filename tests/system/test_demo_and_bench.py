@@ -21,7 +21,7 @@ def test_demo_runs_the_daemon_against_the_simulators(tmp_path: Path) -> None:
             "gateway.cli",
             "demo",
             "--seconds",
-            "14",
+            "34",
             "--workdir",
             str(tmp_path),
         ],
@@ -35,6 +35,8 @@ def test_demo_runs_the_daemon_against_the_simulators(tmp_path: Path) -> None:
     assert int(fields["forwarded"]) > 0, out
     assert int(fields["central accepted"]) == int(fields["forwarded"]), out
     assert int(fields["dropped(consent)"]) > 0, "the demo shows a shopper without consent"
+    assert int(fields["erased"]) > 0, "the withdrawing shopper's buffered events are erased"
+    assert "the broker is back" in out
     assert int(fields["cards"]) > 0 and int(fields["presence"]) > 0, out
     events = [json.loads(x) for x in (tmp_path / "central-events.jsonl").read_text().splitlines()]
     assert {e["type"] for e in events} >= {"card.read", "presence.enter"}
