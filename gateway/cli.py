@@ -129,6 +129,24 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_erase(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.erasure import erase_offline
+
+    cfg = load_config(args.config)
+    path = Path(cfg.buffer.path)
+    if not path.exists():
+        print(f"no buffer database at {path}", file=sys.stderr)
+        return 1
+    out = erase_offline(path, args.pseudonyms)
+    print(
+        f"erased {len(args.pseudonyms)} subject(s): {out.events} buffered event(s), "
+        f"{out.held} held, {out.consent} consent record(s); the erasure log keeps "
+        "the pseudonym and the time"
+    )
+    return 0
+
+
 def cmd_config_schema(args: argparse.Namespace) -> int:
     from gateway.config import json_schema
 
@@ -209,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("value", help="the raw identifier")
     s.set_defaults(fn=cmd_pseudonym)
+
+    s = sub.add_parser(
+        "erase",
+        help="erase a subject's buffered events (daemon stopped)",
+        description="Erase every buffered and held event and the consent record of the "
+        "given pseudonyms from the buffer database, overwriting the bytes (secure_delete, "
+        "WAL checkpoint). Stop the service first; while it runs, withdraw consent at the "
+        "central service instead, which reaches the gateway within seconds. Find a "
+        "customer's pseudonym with the pseudonym command.",
+    )
+    s.add_argument("--config", required=True, type=Path, help="the gateway's TOML config file")
+    s.add_argument("pseudonyms", nargs="+", help="pseudonyms such as k1:y12r74-dyodquqc6XBqP4A")
+    s.set_defaults(fn=cmd_erase)
 
     s = sub.add_parser(
         "config-schema",

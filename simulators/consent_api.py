@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 import tomllib
@@ -68,8 +69,10 @@ class ConsentAPI:
         host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.time,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.token = token
+        self.tls = tls  # (certificate chain PEM, key PEM): serve HTTPS
         self.host, self.port = host, port
         self.clock = clock
         self.on_change: Callable[[str, list[Record]], object] | None = None
@@ -96,6 +99,10 @@ class ConsentAPI:
 
         server = ThreadingHTTPServer((self.host, self.port), Handler)
         server.daemon_threads = True
+        if self.tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
+            server.socket = ctx.wrap_socket(server.socket, server_side=True)
         self._server = server
         self.port = server.server_address[1]
         self._thread = threading.Thread(
@@ -125,7 +132,8 @@ class ConsentAPI:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     # -- scripting ---------------------------------------------------------------------
 

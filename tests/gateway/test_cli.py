@@ -120,3 +120,45 @@ def test_config_schema_matches_the_shipped_file(capsys: pytest.CaptureFixture[st
     assert main(["config-schema"]) == 0
     shipped = (ROOT / "firmware-config" / "gateway.schema.json").read_text(encoding="utf-8")
     assert capsys.readouterr().out == shipped
+
+
+def test_erase_removes_a_subjects_events_offline(
+    tmp_path: Path, key_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+    import time
+
+    from gateway.config import BufferConfig
+    from gateway.metrics import Metrics
+    from gateway.outbox import Outbox, Pending
+
+    db = tmp_path / "buffer.db"
+
+    async def fill() -> None:
+        box = Outbox(BufferConfig(path=db), Metrics(), chunk_events=3)
+        box.open()
+        events = [
+            Pending(time.time(), "card.read", s, f'"type":"card.read","subject":"{s}"}}')
+            for s in ["k1:leaver", "k1:stayer"] * 5
+        ]
+        await box.submit_many(events)
+        box.close()
+
+    asyncio.run(fill())
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[gateway]\nstore = "s"\ndevice = "d"\n'
+        f'[keyring]\nactive = "k1"\n[keyring.keys]\nk1 = "{key_file}"\n'
+        f'[buffer]\npath = "{db}"\n',
+        encoding="utf-8",
+    )
+    assert main(["erase", "--config", str(cfg), "k1:leaver"]) == 0
+    assert "5 buffered event(s)" in capsys.readouterr().out
+    data = db.read_bytes() + (
+        db.with_name("buffer.db-wal").read_bytes()
+        if db.with_name("buffer.db-wal").exists()
+        else b""
+    )
+    assert b'"subject":"k1:leaver"' not in data
+    assert data.count(b'"subject":"k1:stayer"') == 5
+    assert main(["erase", "--config", str(cfg), "k1:leaver"]) == 0, "idempotent"

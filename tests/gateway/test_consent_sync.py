@@ -396,3 +396,29 @@ def test_tls_private_ca(tmp_path: Path) -> None:
 def test_cursor_key_is_in_meta(tmp_path: Path) -> None:
     assert CURSOR_KEY == "consent_cursor"
     assert httpx.codes.GONE == 410
+
+
+def test_https_with_a_private_ca(tmp_path: Path, token_file: Path) -> None:
+    """The real handshake: trusted through consent.sync.ca_file, refused without it."""
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+
+    async def run(server: ConsentAPI) -> None:
+        rig = Rig(tmp_path / "b.db", Clock())
+        await rig.open()
+        server.grant(STORE, A, ["linking"])
+        untrusted = fast(rig, server, token_file)
+        async with untrusted.client() as client:
+            delay = await untrusted.step(client)
+        assert A not in rig.registry.records and delay > 0
+        assert rig.metrics.get("consent_sync_polls_total", outcome="unavailable") == 1
+        trusted = fast(rig, server, token_file, ca_file=pki["ca"])
+        async with trusted.client() as client:
+            await trusted.step(client)
+        assert A in rig.registry.records
+        rig.close()
+
+    with ConsentAPI(token="s3cret", tls=(pki["server"], pki["server_key"])) as server:
+        assert server.base_url.startswith("https://")
+        asyncio.run(run(server))

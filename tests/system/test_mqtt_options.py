@@ -3,93 +3,24 @@ against a real mosquitto."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from simulators.broker import Mosquitto
+from tests.pki import make_pki
 from tests.system.harness import GatewayProc, card_number, synthetic
 
 pytestmark = pytest.mark.slow
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: str,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    *,
-    ca: bool = False,
-    ip: str | None = None,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ip:
-        b = b.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False
-        )
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _write(
-    path: Path, cert: x509.Certificate | None = None, key: ec.EllipticCurvePrivateKey | None = None
-) -> Path:
-    if cert is not None:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if key is not None:
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return path
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Path]:
-    d = tmp_path / "pki"
-    d.mkdir()
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test-ca", ca_key, "test-ca", ca_key, ca=True)
-    srv_key = ec.generate_private_key(ec.SECP256R1())
-    cli_key = ec.generate_private_key(ec.SECP256R1())
-    other_key = ec.generate_private_key(ec.SECP256R1())
-    other_ca = _cert("other-ca", other_key, "other-ca", other_key, ca=True)
-    files = {
-        "ca": _write(d / "ca.pem", ca),
-        "other_ca": _write(d / "other-ca.pem", other_ca),
-        "server": _write(
-            d / "server.pem", _cert("broker", srv_key, "test-ca", ca_key, ip="127.0.0.1")
-        ),
-        "server_key": _write(d / "server.key", key=srv_key),
-        "client": _write(d / "client.pem", _cert("nl-ams-001-gw-01", cli_key, "test-ca", ca_key)),
-        "client_key": _write(d / "client.key", key=cli_key),
-        "passwd": d / "passwd",
-        "password": d / "mqtt.password",
-    }
+    files = make_pki(tmp_path / "pki")
+    files["passwd"] = tmp_path / "pki" / "passwd"
+    files["password"] = tmp_path / "pki" / "mqtt.password"
     subprocess.run(
         ["mosquitto_passwd", "-b", "-c", str(files["passwd"]), "nl-ams-001-gw-01", "s3cret"],
         check=True,

@@ -1,0 +1,61 @@
+"""/healthz and /metrics of the real daemon process, healthy and with the broker gone."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.identity import Keyring, decode_key
+from simulators.broker import Mosquitto, free_port
+from tests.system.harness import KEY_B64, GatewayProc, card_number, synthetic
+
+pytestmark = pytest.mark.slow
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def test_health_and_metrics_of_the_running_daemon(tmp_path: Path) -> None:
+    ring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")
+    consented = [ring.pseudonym("loyalty", card_number(i)) for i in range(50)]
+    port = free_port()
+    with Mosquitto(tmp_path / "mq") as broker:
+        gw = GatewayProc(tmp_path / "gw", broker.port, sources=synthetic(200), consented=consented)
+        gw._template += f'[health]\nlisten = "127.0.0.1:{port}"\nbroker_down_s = 2\n'
+        gw.set_sources(synthetic(200))
+        gw.start()
+        gw.wait_log("connected to broker")
+        time.sleep(2.5)
+        status, body = get(port, "/healthz")
+        assert status == 200, body
+        health = json.loads(body)
+        assert health["broker"]["connected"] is True
+        assert "load" in json.dumps(health["sources"])
+        status, metrics = get(port, "/metrics")
+        assert status == 200
+        forwarded = [
+            line for line in metrics.splitlines() if line.startswith("touchpoint_events_forwarded_total")
+        ]
+        assert forwarded and float(forwarded[0].split()[-1]) > 0
+        assert "# TYPE touchpoint_readings_total counter" in metrics
+        broker.stop()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            status, body = get(port, "/healthz")
+            if status == 503:
+                break
+            time.sleep(0.3)
+        assert status == 503, body
+        assert gw.alive(), "unhealthy is reported, not a crash"
+        assert gw.stop() == 0
