@@ -44,9 +44,8 @@ def test_health_and_metrics_of_the_running_daemon(tmp_path: Path) -> None:
         assert "load" in json.dumps(health["sources"])
         status, metrics = get(port, "/metrics")
         assert status == 200
-        forwarded = [
-            line for line in metrics.splitlines() if line.startswith("touchpoint_events_forwarded_total")
-        ]
+        name = "touchpoint_events_forwarded_total"
+        forwarded = [line for line in metrics.splitlines() if line.startswith(name)]
         assert forwarded and float(forwarded[0].split()[-1]) > 0
         assert "# TYPE touchpoint_readings_total counter" in metrics
         broker.stop()
