@@ -20,7 +20,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,34 +232,11 @@ def bench_pipeline(quick: bool = False) -> dict[str, Any]:
     }
 
 
-def run_bench(which: str, *, as_json: bool, quick: bool) -> int:
-    if which == "ble":
-        from gateway.bench_ble import bench_ble, print_ble
-
-        ble = bench_ble(quick=quick)
-        if as_json:
-            print(json.dumps(ble, sort_keys=True))
-        else:
-            print_ble(ble)
-        return 0
-    if which == "qr":
-        from gateway.bench_qr import bench_qr, print_qr
-
-        qr = bench_qr(quick=quick)
-        if as_json:
-            print(json.dumps(qr, sort_keys=True))
-        else:
-            print_qr(qr)
-        return 0
-    figures = bench_pipeline(quick=quick)
-    if as_json:
-        print(json.dumps(figures, sort_keys=True))
-        return 0
-    print(f"pipeline benchmark ({figures['events']} events, window {WINDOW}, batch {BATCH})")
-    print(f"  ours (durable, end to end)   {figures['events_per_s']:>10,} events/s")
-    print(f"  reference (SQLite + paho)    {figures['reference_events_per_s']:>10,} events/s")
-    print(f"  ratio                        {figures['ratio']:>10}")
-    f = figures
+def print_pipeline(f: dict[str, Any]) -> None:
+    print(f"pipeline benchmark ({f['events']} events, window {WINDOW}, batch {BATCH})")
+    print(f"  ours (durable, end to end)   {f['events_per_s']:>10,} events/s")
+    print(f"  reference (SQLite + paho)    {f['reference_events_per_s']:>10,} events/s")
+    print(f"  ratio                        {f['ratio']:>10}")
     print(
         f"  latency at {f['latency_rate_per_s']:.0f}/s capture->PUBACK"
         f"  p50 {f['p50_ms']} ms  p99 {f['p99_ms']} ms"
@@ -268,4 +245,27 @@ def run_bench(which: str, *, as_json: bool, quick: bool) -> int:
         f"  through +{f['wan_rtt_ms']:.0f} ms RTT        {f['wan_events_per_s']:>10,} events/s"
         f"  (limit window x batch / RTT = {f['wan_limit_events_per_s']:,})"
     )
+
+
+def _benchmarks() -> dict[
+    str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, Any]], None]]
+]:
+    from gateway.bench_ble import bench_ble, print_ble
+    from gateway.bench_qr import bench_qr, print_qr
+
+    return {
+        "pipeline": (bench_pipeline, print_pipeline),
+        "qr": (bench_qr, print_qr),
+        "ble": (bench_ble, print_ble),
+    }
+
+
+def run_bench(which: str, *, as_json: bool, quick: bool) -> int:
+    """Run one benchmark; print its figures (one JSON object with ``as_json``)."""
+    measure, show = _benchmarks()[which]
+    figures = measure(quick=quick)
+    if as_json:
+        print(json.dumps(figures, sort_keys=True))
+    else:
+        show(figures)
     return 0
