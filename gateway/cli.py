@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gateway import __version__
 from gateway.errors import ConfigError, GatewayError, RejectedInput
@@ -111,10 +112,49 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{stats['db_bytes'] / 1e6:.1f} MB (cap {cfg.buffer.max_bytes / 1e6:.0f} MB)",
         ),
     ]
+    rows += _live_rows(cfg)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _live_rows(cfg: Any) -> list[tuple[str, str]]:
+    """What the running daemon says on its loopback /healthz, when [health] is set."""
+    import http.client
+
+    if cfg.health is None:
+        return [("daemon", "no [health] section: live state not available")]
+    host, _, port = cfg.health.listen.rpartition(":")
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=2)
+    try:
+        conn.request("GET", "/healthz")
+        doc = json.loads(conn.getresponse().read())
+    except (OSError, ValueError):
+        return [("daemon", f"not answering on {cfg.health.listen} (stopped?)")]
+    finally:
+        conn.close()
+    rows = [("daemon", doc["status"] + "".join(f"; {p}" for p in doc.get("problems", [])))]
+    broker = doc["broker"]
+    rows.append(
+        ("broker", "connected" if broker["connected"] else f"down {_age(broker['down_for_s'])}")
+    )
+    for name, src in sorted(doc["sources"].items()):
+        detail = f" ({src['detail']})" if src.get("detail") else ""
+        rows.append(
+            (
+                f"source {name}",
+                f"{src['state']}{detail}, {src['readings']:.0f} readings, "
+                f"last {_age(src['last_reading_age_s'])} ago",
+            )
+        )
+    consent = doc.get("consent", {})
+    decisions = ", ".join(f"{k} {v:.0f}" for k, v in sorted(consent.get("decisions", {}).items()))
+    rows.append(("consent decisions", decisions or "-"))
+    rows.append(("consent synced", f"{_age(consent.get('sync_age_s'))} ago"))
+    for component, error in doc.get("last_error", {}).items():
+        rows.append((f"last error {component}", error))
+    return rows
 
 
 def cmd_pseudonym(args: argparse.Namespace) -> int:

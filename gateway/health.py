@@ -248,7 +248,12 @@ class HealthMonitor:
                 "last_write_ok": write_ok != 0,
             },
             "sources": sources,
-            "consent": {"sync_age_s": sync_age},
+            "consent": {
+                "sync_age_s": sync_age,
+                "subjects": len(getattr(getattr(self.gw, "consent", None), "records", {})),
+                "decisions": m.by_label("consent_decisions_total", "reason"),
+                "erased_events": m.get("erased_events_total"),
+            },
             "last_error": dict(sorted(m.last_error.items())),
         }
         return not problems, doc

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +50,15 @@ def test_health_and_metrics_of_the_running_daemon(tmp_path: Path) -> None:
         forwarded = [line for line in metrics.splitlines() if line.startswith(name)]
         assert forwarded and float(forwarded[0].split()[-1]) > 0
         assert "# TYPE touchpoint_readings_total counter" in metrics
+        table = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "status", "--config", str(gw.config)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "daemon" in table and "ok" in table
+        assert "source load" in table and "readings" in table
+        assert "consented" in table, "consent decisions by reason"
         broker.stop()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
