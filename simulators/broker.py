@@ -68,7 +68,8 @@ class Mosquitto:
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "max_inflight_messages 0",
-            "max_queued_messages 0",
+            # not 0 (unlimited): mosquitto 2.0.11 then drops a client after a refused publish
+            "max_queued_messages 1000000",
             "log_dest stderr",
             "log_type error",
             "log_type warning",

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -149,6 +150,77 @@ def check_markdown(path: Path) -> None:
     assert len(text.splitlines()) > 10
 
 
+def check_mosquitto_acl(path: Path) -> None:
+    user = None
+    rules = 0
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        words = line.split()
+        if words[0] == "user":
+            assert len(words) == 2, f"line {n}: user NAME"
+            user = words[1]
+        elif words[0] in ("topic", "pattern"):
+            assert len(words) == 3 and words[1] in ("read", "write", "readwrite", "deny"), n
+            assert user is not None or words[0] == "pattern", f"line {n}: topic before any user"
+            rules += 1
+        else:
+            raise AssertionError(f"line {n}: unknown ACL keyword {words[0]!r}")
+    assert rules > 0
+
+
+def check_mosquitto_conf(path: Path) -> None:
+    known = {
+        "listener",
+        "allow_anonymous",
+        "password_file",
+        "acl_file",
+        "persistence",
+        "persistence_location",
+        "max_queued_messages",
+        "max_inflight_messages",
+        "cafile",
+        "certfile",
+        "keyfile",
+        "require_certificate",
+        "use_identity_as_username",
+        "log_dest",
+        "log_type",
+        "max_packet_size",
+        "per_listener_settings",
+        "max_connections",
+        "message_size_limit",
+        "autosave_interval",
+        "set_tcp_nodelay",
+        "max_keepalive",
+        "persistent_client_expiration",
+        "tls_version",
+        "connection_messages",
+        "log_timestamp",
+        "log_timestamp_format",
+        "sys_interval",
+        "retain_available",
+        "protocol",
+    }
+    keys = set()
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key = line.split()[0]
+        assert key in known, f"line {n}: {key!r} is not a mosquitto option this test knows"
+        keys.add(key)
+    assert {"listener", "acl_file", "allow_anonymous"} <= keys
+
+
+def check_python_tool(path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, str(path), "--help"], capture_output=True, text=True, check=False
+    )
+    assert res.returncode == 0 and "usage" in res.stdout, res.stderr
+
+
 def checker(path: Path) -> Callable[..., None]:
     rel = path.relative_to(FIRMWARE).as_posix()
     if rel.startswith("gateway") and rel.endswith(".toml"):
@@ -168,6 +240,12 @@ def checker(path: Path) -> Callable[..., None]:
         return check_bluez_dropin
     if rel.endswith(".md"):
         return check_markdown
+    if rel.startswith("mosquitto/acl") and not rel.endswith(".py"):
+        return check_mosquitto_acl
+    if rel.startswith("mosquitto/") and rel.endswith(".conf"):
+        return check_mosquitto_conf
+    if rel.endswith(".py"):
+        return check_python_tool
     raise AssertionError(f"firmware-config/{rel} has no check: add one to {__file__}")
 
 

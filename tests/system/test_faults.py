@@ -135,7 +135,9 @@ def test_acl_denied_topic_goes_to_dead_letters(tmp_path: Path) -> None:
         status = gw.status_json()
         assert status["dead_letters"] > 0
         assert status["last_publish_at"] is None, "a refused publish is not a success"
-        assert "moved to dead letters" in gw.log.read_text()
+        log = gw.log.read_text()
+        assert "moved to dead letters" in log
+        assert "disconnected from broker" not in log, "a refusal is not a disconnect"
 
 
 def test_full_buffer_while_offline_applies_the_policy(tmp_path: Path) -> None:
