@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install system-deps lint soak bench clean help
+.PHONY: demo test install system-deps lint soak bench fuzz clean help
 
 help:
 	@echo "make demo   run the daemon against simulated hardware (Ctrl-C stops it)"
@@ -19,6 +19,7 @@ help:
 	@echo "make lint   ruff and mypy --strict"
 	@echo "make bench  run the benchmarks and print their figures"
 	@echo "make soak   the long-running tests"
+	@echo "make fuzz   the long fuzz run (hypothesis deep profile + atheris)"
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -50,6 +51,9 @@ lint: install
 
 bench: install
 	$(BIN)/touchpoint-gateway bench pipeline
+
+fuzz: install
+	TOUCHPOINT_FUZZ=deep $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=0 tests/fuzz $(PYTEST_ARGS)
 
 soak: install
 	$(BIN)/python -m pytest -q -m soak --override-ini="addopts=--strict-markers" $(PYTEST_ARGS)

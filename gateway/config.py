@@ -457,8 +457,9 @@ def load_config(path: str | Path, *, credentials_directory: str | None = None) -
         raise ConfigError([(str(p), "", f"cannot read: {exc}")]) from None
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([(str(p), "", f"not valid TOML: {exc}")]) from None
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, huge ints, deep nesting
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConfigError([(str(p), "", f"not valid TOML: {why}")]) from None
     if credentials_directory is None:
         credentials_directory = os.environ.get(CREDENTIALS_VAR)
     data, problems = expand_credentials_in(data, credentials_directory)

@@ -75,7 +75,11 @@ def parse_records(data: Any) -> list[tuple[str, frozenset[str], float | None]]:
         subject, purposes = rec.get("subject"), rec.get("purposes")
         if not isinstance(subject, str) or ":" not in subject:
             raise ValueError(f"records[{i}].subject: not a pseudonym")
-        if not isinstance(purposes, list) or not set(purposes) <= PURPOSES:
+        if (
+            not isinstance(purposes, list)
+            or not all(isinstance(p, str) for p in purposes)
+            or not set(purposes) <= PURPOSES
+        ):
             raise ValueError(f"records[{i}].purposes: must be a list of {sorted(PURPOSES)}")
         try:
             expires = parse_expiry(rec.get("expires"))
@@ -244,5 +248,6 @@ def load_seed_file(path: Path) -> list[tuple[str, frozenset[str], float | None]]
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         return parse_records(data)
-    except (OSError, ValueError) as exc:
-        raise ConfigError([(str(path), "consent.seed_file", str(exc))]) from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConfigError([(str(path), "consent.seed_file", why)]) from None

@@ -176,7 +176,7 @@ class RegistryUpdater:
             if not isinstance(doc, dict) or doc.get("v") != 1:
                 raise ValueError("not a v1 consent delta")
             records = parse_records(doc)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             self.metrics.inc("consent_push_total", outcome="invalid")
             log.warning("consent push ignored: %s", exc)
             return
@@ -373,7 +373,7 @@ class ConsentSync:
             raise SyncProtocolError(f"unexpected HTTP {status} from {self.url}")
         try:
             data = resp.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested absurdly deep
             self._count("bad_response")
             raise SyncProtocolError("the body is not JSON") from None
         try:

@@ -43,7 +43,7 @@ def _rfid(raw: str) -> str:
 
 
 def _int_in(text: str, low: int, high: int, reason: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:
         raise RejectedInput(reason, "not a decimal number")
     value = int(text)
     if not low <= value <= high:

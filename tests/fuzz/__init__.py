@@ -1,0 +1,1 @@
+"""Cross-cutting fuzz suite (issue 7): every parser and decoder boundary, one corpus."""
