@@ -215,6 +215,13 @@ class BleSource:
         return [Reading(type=d.type, source=self.name, at=d.at, subject=d.subject,
                         attrs=d.attrs) for d in decisions]  # fmt: skip
 
+    def forget(self, subject: str) -> None:
+        """An erasure: drop the subject's presence tracks (no exit is sent) and the
+        cached payloads and pseudonyms that resolve to it (called by the daemon)."""
+        self.tracker.forget(subject)
+        self.resolver.forget(subject)
+        self.pseudonyms.forget(subject)
+
     async def readings(self) -> AsyncIterator[Reading]:
         """Run the scanner and yield presence readings until cancelled or closed.
 

@@ -334,6 +334,13 @@ class AdvertResolver:
     def __len__(self) -> int:
         return len(self._cache)
 
+    def forget(self, subject: str) -> int:
+        """Drop the remembered payloads that resolve to ``subject`` (an erasure)."""
+        keys = [k for k, (_result, s) in self._cache.items() if s == subject]
+        for k in keys:
+            del self._cache[k]
+        return len(keys)
+
     def resolve(
         self, manufacturer_data: Mapping[int, bytes], service_data: Mapping[str, bytes]
     ) -> tuple[str, str | None]:

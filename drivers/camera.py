@@ -70,6 +70,9 @@ class ScanDebouncer:
     def __len__(self) -> int:
         return len(self._last)
 
+    def clear(self) -> None:
+        self._last.clear()
+
     def new_scans(self, payloads: list[bytes], now: float) -> list[bytes]:
         """The payloads that start a scan at ``now`` (each distinct payload once)."""
         while self._last and now - next(iter(self._last.values())) >= self.window_s:
@@ -234,6 +237,12 @@ class CameraSource:
             return load_public_key(base64.b64decode("".join(text.split()), validate=True))
         except (ValueError, binascii.Error) as exc:
             raise SourceError(f"{self.name}: the app public key is unusable: {exc}") from None
+
+    def forget(self, subject: str) -> None:
+        """An erasure: the debounce table is keyed by payload digests that cannot be
+        told apart by subject, so it is emptied (a code in view counts as a new scan).
+        The token replay set stays: it only blocks re-use until the token expires."""
+        self._debounce.clear()
 
     async def readings(self) -> AsyncGenerator[Reading, None]:
         """Capture, decode and classify until cancelled; reopen the stream when it is lost."""

@@ -62,6 +62,9 @@ class Debouncer:
     def __len__(self) -> int:
         return len(self._last)
 
+    def forget(self, key: str) -> None:
+        self._last.pop(key, None)
+
     def is_new(self, key: str, now: float) -> bool:
         """Record a sighting at ``now``; True if it starts a new read."""
         while self._last:
@@ -106,6 +109,10 @@ class SerialCardSource:
         )
         self._debounce = Debouncer(config.debounce_s)
         self._attrs = {"lane": config.lane, "reader": config.protocol}
+
+    def forget(self, subject: str) -> None:
+        """An erasure: drop the subject's debounce entry (called by the daemon)."""
+        self._debounce.forget(subject)
 
     async def readings(self) -> AsyncIterator[Reading]:
         """Read cards until cancelled, reopening the device whenever it goes away."""

@@ -284,6 +284,11 @@ def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
             with contextlib.suppress(KeyboardInterrupt):
                 asyncio.run(_run(gw, summary, seconds, broker))
             summary.show(final=True)
+            decisions = gw.metrics.by_label("consent_decisions_total", "reason")
+            print(
+                "demo: consent decisions: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in sorted(decisions.items()))
+            )
     finally:
         for p in procs:
             if p.poll() is None:

@@ -91,6 +91,16 @@ class PresenceTracker:
         self._blind_since: float | None = None
         self.stats: dict[str, int] = {"passers_by": 0, "evicted": 0, "evicted_present": 0}
 
+    def forget(self, subject: str) -> int:
+        """Drop every track of ``subject`` without an exit event (an erasure: the subject
+        leaves no trace, not even a departure).  Returns how many tracks went."""
+        keys = [k for k in self._tracks if k[0] == subject]
+        for k in keys:
+            del self._tracks[k]
+        if keys:
+            self._head = None  # look the least recently seen track up again
+        return len(keys)
+
     def __len__(self) -> int:
         return len(self._tracks)
 
@@ -231,6 +241,13 @@ class PseudonymCache:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    def forget(self, subject: str) -> int:
+        """Drop the entries that map to ``subject`` (an erasure); returns how many."""
+        keys = [k for k, v in self._cache.items() if v == subject]
+        for k in keys:
+            del self._cache[k]
+        return len(keys)
 
     def get(self, namespace: str, canonical: str) -> str:
         key = (namespace, canonical)

@@ -249,3 +249,13 @@ def test_a_good_frame_after_any_junk_is_read(
     out = dec.feed(junk + _resync[protocol] + frame)
     assert isinstance(out[-1], Card)
     assert dec.feed(frame)[-1] == out[-1]
+
+
+def test_debouncer_forget_makes_the_next_sighting_new() -> None:
+    from drivers.serial_cards import Debouncer
+
+    d = Debouncer(window_s=1.0)
+    assert d.is_new("k1:a", 0.0)
+    assert not d.is_new("k1:a", 0.5)
+    d.forget("k1:a")
+    assert d.is_new("k1:a", 0.6)

@@ -247,3 +247,21 @@ def test_smoothed_is_the_median_of_the_window(samples: list[tuple[int, float]], 
         seen.append((now, rssi))
         window = [r for t, r in seen[-size:] if t >= now - 5] or [rssi]
         assert tracker._tracks[("s", "z")].smoothed == statistics.median(window)
+
+
+def test_forget_erases_a_subject_without_an_exit() -> None:
+    tracker = PresenceTracker(P)
+    feed(tracker, "leaver", steady(100, 120, -60), zone="z1")
+    feed(tracker, "leaver", steady(100, 120, -60), zone="z2")
+    feed(tracker, "stayer", steady(100, 120, -60))
+    assert tracker.forget("leaver") == 2
+    out = tracker.tick(now=200)
+    assert [(d.type, d.subject) for d in out] == [(EXIT, "stayer")], "no exit for the leaver"
+    assert len(tracker) == 0
+
+
+def test_pseudonym_cache_forget() -> None:
+    cache = PseudonymCache(lambda ns, c: f"k1:{c}", maxsize=10)
+    cache.get("ibeacon", "a")
+    cache.get("eddystone", "b")
+    assert cache.forget("k1:a") == 1 and len(cache) == 1
