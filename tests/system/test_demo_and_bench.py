@@ -30,7 +30,8 @@ def test_demo_runs_the_daemon_against_the_simulators(tmp_path: Path) -> None:
         timeout=120,
         check=True,
     ).stdout
-    last = out.strip().splitlines()[-1]
+    last = [line for line in out.splitlines() if " forwarded " in line][-1]
+    assert "demo: consent decisions: " in out and "consented" in out
     fields = dict(re.findall(r"([a-z()]+(?: accepted)?) (\d+)", last))
     assert int(fields["forwarded"]) > 0, out
     assert int(fields["central accepted"]) == int(fields["forwarded"]), out
