@@ -251,12 +251,14 @@ def _benchmarks() -> dict[
     str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, Any]], None]]
 ]:
     from gateway.bench_ble import bench_ble, print_ble
+    from gateway.bench_drain import bench_drain, print_drain
     from gateway.bench_qr import bench_qr, print_qr
 
     return {
         "pipeline": (bench_pipeline, print_pipeline),
         "qr": (bench_qr, print_qr),
         "ble": (bench_ble, print_ble),
+        "drain": (bench_drain, print_drain),
     }
 
 

@@ -325,10 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="pipeline",
-        choices=["pipeline", "qr", "ble"],
+        choices=["pipeline", "qr", "ble", "drain"],
         help="pipeline: events end to end beside bare SQLite + paho; "
         "qr: frames/s and success per QR decoder beside OpenCV's detector; "
-        "ble: adverts/s and CPU per advert beside bare bleak and TheengsGateway "
+        "ble: adverts/s and CPU per advert beside bare bleak and TheengsGateway; "
+        "drain: a buffered backlog beside plain paho, start-up to READY, RSS "
         "(default pipeline)",
     )
     s.add_argument("--json", action="store_true", help="print the figures as one JSON object")

@@ -237,7 +237,7 @@ async def test_stream_loss_is_a_status_and_a_retry(
     async with asyncio.TaskGroup() as tg:
         watcher = tg.create_task(watch())
         tg.create_task(script())
-        readings = await _collect(source, bool, timeout=10)
+        readings = await _collect(source, bool, timeout=30)  # a loaded CI box reconnects slowly
         watcher.cancel()
     assert [r.attrs["kind"] for r in readings] == ["app"]
     assert ctx.metrics.total("camera_stream_lost_total") >= 1
