@@ -583,24 +583,36 @@ def _batches(
     return batches
 
 
+# A Pi without a real-time clock starts near 1970 until NTP steps the clock forward.
+# Events stamped before this instant (2024-01-01) were made with an unset clock: their age
+# is unknown, so age never expires them (the size cap still bounds them), and while the
+# clock itself reads before it, nothing is expired at all.
+CLOCK_FLOOR = 1_704_067_200.0
+
+
 def _expire(conn: sqlite3.Connection, cutoff: float, chunk: int = 500) -> int:
     """Delete the oldest chunks whose oldest event is older than ``cutoff``."""
     total = 0
+    after = 0
     while True:
         rows = conn.execute(
-            "SELECT lo, n, created FROM chunks ORDER BY lo LIMIT ?", (chunk,)
+            "SELECT lo, n, created FROM chunks WHERE lo > ? ORDER BY lo LIMIT ?", (after, chunk)
         ).fetchall()
-        last = None
+        doomed = []
         for lo, n, created in rows:
+            after = lo
+            if created < CLOCK_FLOOR:
+                continue  # stamped by an unset clock: age unknown
             if created >= cutoff:
                 break
-            last = lo
+            doomed.append((lo,))
             total += int(n)
-        if last is None:
-            return total
-        conn.execute("DELETE FROM chunks WHERE lo <= ?", (last,))
-        if last != rows[-1][0]:
-            return total
+        else:
+            if rows:
+                conn.executemany("DELETE FROM chunks WHERE lo = ?", doomed)
+                continue
+        conn.executemany("DELETE FROM chunks WHERE lo = ?", doomed)
+        return total
 
 
 def buffer_stats(conn: sqlite3.Connection, now: float) -> dict[str, Any]:

@@ -169,7 +169,7 @@ def test_full_buffer_applies_the_policy_and_counts_it(tmp_path: Path, policy: st
 
 def test_expiry_deletes_only_old_rows(tmp_path: Path) -> None:
     async def run() -> None:
-        clock = [1_000_000.0]
+        clock = [1_795_000_000.0]
         metrics = Metrics()
         box = Outbox(
             BufferConfig(path=tmp_path / "b.db", max_age_s=3600), metrics, now=lambda: clock[0]
@@ -198,5 +198,35 @@ def test_pragmas(tmp_path: Path) -> None:
         limit = await box.read(lambda c: c.execute("PRAGMA journal_size_limit").fetchone()[0])
         box.close()
         assert (mode, sync, secure) == ("wal", 2, 1) and limit > 0
+
+    asyncio.run(run())
+
+
+def test_expiry_survives_clock_steps(tmp_path: Path) -> None:
+    """A Pi that booted without RTC stamped events near 1970; NTP then steps the clock to
+    now.  Age cannot be known for those events: they are kept (the size cap bounds them),
+    while really old events behind them still expire.  A clock still unset expires nothing;
+    a clock stepped backwards keeps everything until it catches up."""
+
+    async def run() -> None:
+        clock = [1_795_000_000.0]  # 2026
+        box = Outbox(
+            BufferConfig(path=tmp_path / "b.db", max_age_s=3600),
+            Metrics(),
+            now=lambda: clock[0],
+            chunk_events=1,
+        )
+        box.open()
+        await box.submit_many([Pending(86_400.0 * 2, "card.read", None, '"boot":1}')])  # 1970
+        await box.submit_many([Pending(clock[0] - 7200, "card.read", None, '"old":1}')])
+        await box.submit_many([Pending(clock[0] - 60, "card.read", None, '"new":1}')])
+        assert await box.expire(now=100_000.0) == 0, "an unset clock expires nothing"
+        assert await box.expire(now=clock[0] - 86_400) == 0, "a clock stepped back keeps all"
+        assert await box.expire() == 1, "only the event known to be 2 h old goes"
+        stats = await box.stats()
+        assert stats["depth"] == 2
+        body = await box.read(lambda c: [r[0] for r in c.execute("SELECT body FROM chunks")])
+        assert any('"boot":1' in b for b in body) and any('"new":1' in b for b in body)
+        box.close()
 
     asyncio.run(run())
