@@ -11,14 +11,13 @@ STAMP  := $(VENV)/.installed-stamp
 APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install system-deps lint soak bench fuzz clean help
+.PHONY: demo test install system-deps lint bench fuzz clean help
 
 help:
 	@echo "make demo   run the daemon against simulated hardware (Ctrl-C stops it)"
 	@echo "make test   run the whole test suite"
 	@echo "make lint   ruff and mypy --strict"
 	@echo "make bench  run the benchmarks and print their figures"
-	@echo "make soak   the long-running tests"
 	@echo "make fuzz   the long fuzz run (hypothesis deep profile + atheris)"
 
 system-deps:
@@ -54,9 +53,6 @@ bench: install
 
 fuzz: install
 	TOUCHPOINT_FUZZ=deep $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=0 tests/fuzz $(PYTEST_ARGS)
-
-soak: install
-	$(BIN)/python -m pytest -q -m soak --override-ini="addopts=--strict-markers" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
