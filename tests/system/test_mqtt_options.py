@@ -65,35 +65,35 @@ def tls_mqtt(pki: dict[str, Path], ca: str = "ca", password: str = "password") -
     )
 
 
-def test_tls_client_certificate_and_password(tmp_path: Path, pki: dict[str, Path]) -> None:
+def run_tls(
+    tmp_path: Path, pki: dict[str, Path], *, timeout: float = 20, **mqtt: str
+) -> tuple[dict[str, object], str]:
+    """A TLS-only broker that wants a client certificate and a password; the daemon
+    against it with ``tls_mqtt(pki, **mqtt)``.  Returns its final status and its log."""
     with Mosquitto(tmp_path / "mq", extra_conf=tls_conf(pki), allow_anonymous=False) as b:
         gw = GatewayProc(
             tmp_path / "gw",
             b.port,
             sources=synthetic(200),
             consented=consented(),
-            mqtt_extra=tls_mqtt(pki),
+            mqtt_extra=tls_mqtt(pki, **mqtt),
         )
-        status = run_until_published(gw)
+        status = run_until_published(gw, timeout=timeout)
+    return status, gw.log.read_text()
+
+
+def test_tls_client_certificate_and_password(tmp_path: Path, pki: dict[str, Path]) -> None:
+    status, log = run_tls(tmp_path, pki)
     assert status["last_publish_at"] is not None
-    assert "connected to broker" in gw.log.read_text()
+    assert "connected to broker" in log
 
 
 def test_tls_with_the_wrong_ca_never_publishes_and_says_so(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
-    with Mosquitto(tmp_path / "mq", extra_conf=tls_conf(pki), allow_anonymous=False) as b:
-        gw = GatewayProc(
-            tmp_path / "gw",
-            b.port,
-            sources=synthetic(200),
-            consented=consented(),
-            mqtt_extra=tls_mqtt(pki, ca="other_ca"),
-        )
-        status = run_until_published(gw, timeout=4)
+    status, log = run_tls(tmp_path, pki, timeout=4, ca="other_ca")
     assert status["last_publish_at"] is None
-    assert status["depth"] > 0, "events stay buffered"
-    log = gw.log.read_text()
+    assert status["depth"], "events stay buffered"
     assert "connected to broker" not in log
     assert "TLS certificate not trusted" in log
 
@@ -101,17 +101,9 @@ def test_tls_with_the_wrong_ca_never_publishes_and_says_so(
 def test_wrong_password_is_reported(tmp_path: Path, pki: dict[str, Path]) -> None:
     (tmp_path / "bad.password").write_text("nope\n", encoding="utf-8")
     pki = {**pki, "bad": tmp_path / "bad.password"}
-    with Mosquitto(tmp_path / "mq", extra_conf=tls_conf(pki), allow_anonymous=False) as b:
-        gw = GatewayProc(
-            tmp_path / "gw",
-            b.port,
-            sources=synthetic(200),
-            consented=consented(),
-            mqtt_extra=tls_mqtt(pki, password="bad"),
-        )
-        status = run_until_published(gw, timeout=4)
+    status, log = run_tls(tmp_path, pki, timeout=4, password="bad")
     assert status["last_publish_at"] is None
-    assert "refused the connection" in gw.log.read_text()
+    assert "refused the connection" in log
 
 
 def test_mqtt_311(tmp_path: Path) -> None:
