@@ -143,7 +143,8 @@ async def _serve(host: str, port: int) -> None:
             await asyncio.sleep(0.5)
             for job in printer.jobs[last:]:
                 log.info("job of %d bytes", len(job))
-            last = len(printer.jobs)
+            del printer.jobs[:]  # a long run keeps nothing: the log line is the record
+            last = 0
 
 
 def main(argv: list[str] | None = None) -> None:

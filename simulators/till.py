@@ -1,6 +1,7 @@
 """A fake till: writes ESC/POS receipts (text, raster logos, its own QR codes, cuts).
 
     python -m simulators.till --host 127.0.0.1 --port 9100 [--count 3] [--qr TEXT]
+    python -m simulators.till --port 9100 --count 0 --interval 2 --quiet   # a busy lane
 
 The encoders here are written independently of ``drivers.escpos`` (this module imports
 nothing from ``drivers`` or ``gateway``), so the two check each other.  ``send_job``
@@ -168,20 +169,41 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fake till: send ESC/POS receipts over TCP.")
     parser.add_argument("--host", default="127.0.0.1", help="printer or tap address")
     parser.add_argument("--port", type=int, default=9100, help="printer or tap port")
-    parser.add_argument("--count", type=int, default=1, help="number of receipts (jobs)")
+    parser.add_argument("--count", type=int, default=1, help="number of receipts (0: forever)")
+    parser.add_argument(
+        "--interval", type=float, default=0.0, help="seconds between receipts (default 0)"
+    )
     parser.add_argument("--qr", default=None, help="text of the till's own QR code")
+    parser.add_argument(
+        "--quiet", action="store_true", help="one line per 100 jobs instead of one per job"
+    )
     args = parser.parse_args(argv)
 
     async def run() -> None:
-        for i in range(args.count):
+        i = failed = 0
+        print(f"fake till sending to {args.host}:{args.port}", flush=True)
+        while args.count == 0 or i < args.count:
             qr_data = args.qr.encode() if args.qr else None
-            async with asyncio.timeout(30):
-                replies = await send_job(
-                    args.host, args.port, receipt(qr_data=qr_data, seed=i), query_status=True
-                )
-            print(f"job {i + 1}: printer status {replies[:1].hex()}")
+            try:
+                async with asyncio.timeout(30):
+                    replies = await send_job(
+                        args.host, args.port, receipt(qr_data=qr_data, seed=i), query_status=True
+                    )
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                # The tap or printer is down: a real till retries the job later.
+                failed += 1
+                print(f"job {i + 1}: not printed ({exc.__class__.__name__}), retrying", flush=True)
+                await asyncio.sleep(min(5.0, 0.5 * failed))
+                continue
+            failed = 0
+            i += 1
+            if not args.quiet or i % 100 == 0:
+                print(f"job {i}: printer status {replies[:1].hex()}", flush=True)
+            if args.interval:
+                await asyncio.sleep(args.interval)
 
-    asyncio.run(run())
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
 
 
 if __name__ == "__main__":
