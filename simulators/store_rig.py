@@ -21,7 +21,8 @@ What runs, each as its own process (logs in ``work/sim-<name>.log``):
 
 The shoppers of the card and BLE scenarios are granted consent by the fake central's
 registry (the daemon's consent sync brings it), and the
-camera's app tokens carry their own, so events flow from every source.  ``RigLoad`` sets
+camera's app tokens carry their own, so events flow from every source
+(``consent_exclude`` leaves some out; ``consent_steps`` adds later changes).  ``RigLoad`` sets
 the rates; a synthetic source adds bulk card reads when ``synthetic_rate`` > 0.
 
 Used by the demo, ``touchpoint-gateway bench`` (memory with every source at load) and the
@@ -99,12 +100,16 @@ class StoreRig:
         *,
         broker_persistence: bool = True,
         consent_grants: bool = True,
+        consent_exclude: frozenset[tuple[str, str]] = frozenset(),
+        consent_steps: list[dict[str, Any]] | None = None,
         progress: bool = False,
     ) -> None:
         self.work = Path(work).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.load = load or RigLoad()
         self.consent_grants = consent_grants
+        self.consent_exclude = consent_exclude
+        self.consent_steps = consent_steps or []
         self.progress = progress
         self.broker = Mosquitto(self.work / "mosquitto", persistence=broker_persistence)
         self.http_port = free_port()
@@ -164,7 +169,11 @@ class StoreRig:
         ring = Keyring.from_files({"k1": self.key_path}, "k1")
         subjects: list[str] = []
         if self.consent_grants:
-            subjects = [ring.pseudonym(ns, raw) for ns, raw in self.raw_identities()]
+            subjects = [
+                ring.pseudonym(ns, raw)
+                for ns, raw in self.raw_identities()
+                if (ns, raw) not in self.consent_exclude
+            ]
             # The synthetic source's cards (gateway.synthetic) consent too.
             bulk = self.load.synthetic_cards if self.load.synthetic_rate > 0 else 0
             subjects += [ring.pseudonym("loyalty", card_number(i)) for i in range(bulk)]
@@ -173,6 +182,12 @@ class StoreRig:
             {"at_s": 0, "action": "grant", "subject": s, "purposes": ["analytics", "linking"]}
             for s in subjects
         ]
+        for given in self.consent_steps:  # {"identity": [namespace, raw], ...}: pseudonymised
+            step = dict(given)
+            if "identity" in step:
+                ns, raw = step.pop("identity")
+                step["subject"] = ring.pseudonym(ns, raw)
+            steps.append(step)
         (self.work / "consent-script.json").write_text(
             json.dumps({"steps": steps}), encoding="utf-8"
         )

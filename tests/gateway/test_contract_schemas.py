@@ -72,9 +72,16 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "type": "qr.scan",
         "ts": TS,
         "source": "kiosk-cam",
-        "subject": SUBJECT,
-        "purposes": ["linking"],
+        "purposes": [],
         "attrs": {"lane": "till-2", "kind": "receipt", "receipt": RECEIPT},
+    },
+    "qr.scan other": {
+        "seq": 5,
+        "type": "qr.scan",
+        "ts": TS,
+        "source": "kiosk-cam",
+        "purposes": [],
+        "attrs": {"zone": "kiosk", "kind": "other"},
     },
     "receipt.printed": {
         "seq": 6,
@@ -351,3 +358,15 @@ def test_asyncapi_topics_qos_retain_and_will_match_the_contract() -> None:
     assert will["topic"] == channels["status"]["address"]
     assert (will["qos"], will["retain"]) == (1, True)
     assert '"state":"offline"' in will["message"]
+
+
+@pytest.mark.parametrize("kind", ["app", "receipt", "other"])
+def test_qr_scans_carry_a_subject_exactly_when_kind_is_app(kind: str) -> None:
+    attrs: dict[str, object] = {"zone": "kiosk", "kind": kind}
+    if kind == "receipt":
+        attrs["receipt"] = RECEIPT
+    base = {"seq": 1, "type": "qr.scan", "ts": TS, "source": "kiosk-cam", "attrs": attrs}
+    with_subject = {**base, "subject": SUBJECT, "purposes": ["linking"]}
+    without = {**base, "purposes": []}
+    assert (errors("event.json", with_subject) == []) == (kind == "app")
+    assert (errors("event.json", without) == []) == (kind != "app")

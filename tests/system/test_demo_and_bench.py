@@ -38,9 +38,17 @@ def test_demo_runs_the_daemon_against_the_simulators(tmp_path: Path) -> None:
     assert int(fields["dropped(consent)"]) > 0, "the demo shows a shopper without consent"
     assert int(fields["erased"]) > 0, "the withdrawing shopper's buffered events are erased"
     assert "the broker is back" in out
-    assert int(fields["cards"]) > 0 and int(fields["presence"]) > 0, out
+    for source in ("cards", "presence", "kiosk", "receipts"):
+        assert int(fields[source]) > 0, (source, out)
     events = [json.loads(x) for x in (tmp_path / "central-events.jsonl").read_text().splitlines()]
-    assert {e["type"] for e in events} >= {"card.read", "presence.enter"}
+    assert {e["type"] for e in events} >= {
+        "card.read",
+        "presence.enter",
+        "qr.scan",
+        "receipt.printed",
+    }, "every simulated source reaches the central"
+    stats = json.loads((tmp_path / "central-stats.json").read_text())
+    assert stats["invalid_total"] == 0, stats
 
 
 def test_bench_pipeline_prints_its_figures_as_json() -> None:
