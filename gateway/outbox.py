@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.clock import CLOCK_FLOOR
 from gateway.config import BufferConfig
 from gateway.errors import BufferError_
 from gateway.events import new_stream_id, with_seq
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EVICT_MIN_EVENTS = 100
+WAL_RESERVE_MAX = 8 * 1024 * 1024  # free space kept for the WAL when the disk is small
 
 
 @dataclass(slots=True)
@@ -173,11 +176,32 @@ class Outbox:
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
         self._thread.start()
 
-    def _set_max_pages(self, conn: sqlite3.Connection) -> None:
+    def _set_max_pages(self, conn: sqlite3.Connection, ceiling: int | None = None) -> int:
+        """Cap the file at ``max_bytes``, or lower when the filesystem has less room.
+
+        A filesystem that fills before the cap (a small partition, other files) would
+        leave SQLite unable to grow the WAL even to delete rows, so the cap also keeps
+        a reserve for the WAL (half the free space, at most ``WAL_RESERVE_MAX``;
+        checkpointed at a quarter of it) out of the free space.  Returns the cap in pages.
+        """
         pages = max(16, self.cfg.max_bytes // self._page_size)
+        if ceiling is not None:  # never above the cap in force
+            pages = min(pages, ceiling)
         current = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        path = Path(self.cfg.path)
+        try:
+            fs = os.statvfs(path.parent)
+            wal = path.with_name(path.name + "-wal")
+            wal_bytes = wal.stat().st_size if wal.exists() else 0
+        except OSError:
+            fs = None
+        if fs is not None:
+            room = fs.f_bavail * fs.f_frsize + wal_bytes  # the WAL's space is reused
+            reserve = min(WAL_RESERVE_MAX, room // 2)
+            conn.execute(f"PRAGMA wal_autocheckpoint = {max(16, reserve // 4 // self._page_size)}")
+            pages = min(pages, current + (room - reserve) // self._page_size)
         # max_page_count cannot be set below the current size; it then stays at the size.
-        conn.execute(f"PRAGMA max_page_count = {max(pages, current)}")
+        return int(conn.execute(f"PRAGMA max_page_count = {max(pages, current, 16)}").fetchone()[0])
 
     def close(self, *, checkpoint: bool = True) -> None:
         """Finish queued commands, checkpoint the WAL and close the database."""
@@ -236,6 +260,11 @@ class Outbox:
     @property
     def outstanding(self) -> int:
         return self._outstanding
+
+    @property
+    def cached_chunks(self) -> int:
+        """Chunks in the tail cache of recently committed rows (at most ``_recent_max``)."""
+        return len(self._recent)
 
     def write(
         self, fn: Callable[[sqlite3.Connection], T], *, invalidates: bool = True
@@ -403,8 +432,12 @@ class Outbox:
                     self._when_full(conn, writes)
                     continue
                 err = BufferError_(f"buffer write failed: {exc}")
-                log.error("buffer write failed: %s", exc)
+                if self._last_write_ok:  # once per failure, not once per commit
+                    log.error("buffer write failed: %s", exc)
                 self._write_ok(False, str(err))
+                lost = sum(len(c.events) for c in writes if c.kind == "append" and c.error is None)
+                if lost:
+                    self._count_on_loop("events_dropped_total", lost, reason="buffer_error")
                 for cmd in writes:
                     cmd.error = cmd.error or err
                 return 0
@@ -479,11 +512,24 @@ class Outbox:
 
     def _when_full(self, conn: sqlite3.Connection, writes: list[_Cmd]) -> None:
         incoming = sum(len(c.events) for c in writes if c.kind == "append")
+        pages, cap = (
+            int(conn.execute(f"PRAGMA {p}").fetchone()[0]) for p in ("page_count", "max_page_count")
+        )
+        if pages < cap:  # the filesystem is full below the cap: that is the cap now
+            with contextlib.suppress(sqlite3.Error):  # the next commit reuses the WAL
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            with contextlib.suppress(sqlite3.Error):
+                if self._set_max_pages(conn, ceiling=cap) < cap:
+                    log.warning(
+                        "buffer full: the disk filled below max_bytes; capped at %d bytes",
+                        pages * self._page_size,
+                    )
         if self.cfg.when_full == "drop_new":
             for cmd in writes:
                 if cmd.kind == "append":
                     cmd.error = BufferFull("buffer full: event dropped (policy drop_new)")
             self._count_on_loop("events_dropped_total", incoming, reason="buffer_full")
+            self._error_on_loop(f"buffer full: dropped {incoming} new events (policy drop_new)")
             return
         self._forget()
         total, chunks = conn.execute("SELECT coalesce(sum(n), 0), count(*) FROM chunks").fetchone()
@@ -501,10 +547,14 @@ class Outbox:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(conn)
-            log.error("buffer full and eviction failed: %s", exc)
+            if self._last_write_ok:  # once per failure, not once per commit
+                log.error("buffer full and eviction failed: %s", exc)
             return
         log.warning("buffer full: evicted the %d oldest events (policy evict_oldest)", evicted)
         self._count_on_loop("events_evicted_total", evicted)
+        self._error_on_loop(
+            f"buffer full: evicted the {evicted} oldest events (policy evict_oldest)"
+        )
 
     def _write_ok(self, ok: bool, error: str = "") -> None:
         """Writer thread: tell the loop (gauge buffer_write_ok) when the outcome changes."""
@@ -526,6 +576,11 @@ class Outbox:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(lambda: self.metrics.inc(name, amount, **labels))
 
+    def _error_on_loop(self, message: str) -> None:
+        """Writer thread: the buffer's last error (shown by /healthz and status)."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.metrics.error, "buffer", message)
+
     def _resolve(self, group: list[_Cmd], appended: int) -> None:
         settled = sum(len(c.events) for c in group)
         if settled:
@@ -540,6 +595,8 @@ class Outbox:
                 continue
             if cmd.error is not None:
                 fut.set_exception(cmd.error)
+                if cmd.kind == "append":  # counted and logged here; sources do not wait
+                    fut.exception()
             else:
                 fut.set_result(cmd.result)
 
@@ -583,11 +640,9 @@ def _batches(
     return batches
 
 
-# A Pi without a real-time clock starts near 1970 until NTP steps the clock forward.
-# Events stamped before this instant (2024-01-01) were made with an unset clock: their age
-# is unknown, so age never expires them (the size cap still bounds them), and while the
-# clock itself reads before it, nothing is expired at all.
-CLOCK_FLOOR = 1_704_067_200.0
+# Events stamped before CLOCK_FLOOR (gateway.clock) were made with an unset clock: their
+# age is unknown, so age never expires them (the size cap still bounds them), and while
+# the clock itself reads before it, nothing is expired at all.
 
 
 def _expire(conn: sqlite3.Connection, cutoff: float, chunk: int = 500) -> int:

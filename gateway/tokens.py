@@ -22,13 +22,15 @@ import hmac
 import json
 import re
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from gateway.clock import clock_is_set
 from gateway.errors import RejectedInput, TokenError
 from gateway.identity import KEY_ID_RE, Keyring, canonicalise
 from gateway.ports import ConsentEvidence
@@ -63,20 +65,30 @@ class AppClaims:
 
 
 class ReplaySet:
-    """(sub, nonce) pairs already accepted, each kept until its token's ``exp``.
+    """(sub, nonce) pairs already accepted, each kept while its token could still be valid.
 
-    Memory is bounded: expired entries are dropped on every call, and beyond
-    ``max_entries`` the entry closest to expiry is evicted (its token has the least
-    time left to be replayed in; the eviction is counted in ``evicted``).
+    An entry is dropped only when its token has expired by the wall clock (``exp <= now``)
+    AND the token's remaining lifetime at the time it was recorded has passed on the
+    monotonic clock.  So a wall-clock step cannot revive a used token: NTP stepping the
+    clock forward and back again (or back, then forward) leaves the entry in place until
+    the token is expired by both clocks.
+
+    Memory is bounded: beyond ``max_entries`` the entry closest to its monotonic deadline
+    is evicted (its token has the least time left to be replayed in; counted in
+    ``evicted``).
     """
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(
+        self, max_entries: int = 100_000, *, mono: Callable[[], float] = time.monotonic
+    ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
         self.evicted = 0
+        self._mono = mono
         self._expiry: dict[tuple[str, str], int] = {}
-        self._heap: list[tuple[int, tuple[str, str]]] = []
+        # (monotonic deadline, key); a deadline is re-armed when the wall clock disagrees
+        self._heap: list[tuple[float, tuple[str, str]]] = []
 
     def __len__(self) -> int:
         return len(self._expiry)
@@ -85,11 +97,17 @@ class ReplaySet:
         return item in self._expiry
 
     def prune(self, now: float) -> None:
-        """Drop every entry whose token has expired (``exp <= now``)."""
-        while self._heap and self._heap[0][0] <= now:
-            exp, key = heapq.heappop(self._heap)
-            if self._expiry.get(key) == exp:
+        """Drop every entry whose token has expired by both clocks."""
+        mono = self._mono()
+        while self._heap and self._heap[0][0] <= mono:
+            _, key = heapq.heappop(self._heap)
+            exp = self._expiry.get(key)
+            if exp is None:
+                continue
+            if exp <= now:
                 del self._expiry[key]
+            else:  # the wall clock went back: keep it for the validity it shows again
+                heapq.heappush(self._heap, (mono + (exp - now), key))
 
     def add(self, sub: str, nonce: str, exp: int, now: float) -> bool:
         """Record the pair; False (and nothing recorded) if it is already present."""
@@ -98,12 +116,11 @@ class ReplaySet:
         if key in self._expiry:
             return False
         while len(self._expiry) >= self.max_entries:
-            old_exp, old_key = heapq.heappop(self._heap)
-            if self._expiry.get(old_key) == old_exp:
-                del self._expiry[old_key]
+            _, old_key = heapq.heappop(self._heap)
+            if self._expiry.pop(old_key, None) is not None:
                 self.evicted += 1
         self._expiry[key] = exp
-        heapq.heappush(self._heap, (exp, key))
+        heapq.heappush(self._heap, (self._mono() + max(0.0, exp - now), key))
         return True
 
 
@@ -161,8 +178,9 @@ def verify_app_token(
 ) -> AppClaims:
     """Verify an app token and record its (sub, nonce) in ``replay``; or raise TokenError.
 
-    Checks, in order: format, signature, claims, validity window
-    ``iat - 60 <= now < exp``, then replay.  A token is recorded only when all pass.
+    Checks, in order: format, signature, claims, a set wall clock (``clock_unset``
+    before NTP has set it), validity window ``iat - 60 <= now < exp``, then replay.
+    A token is recorded only when all pass.
     """
     if len(text) > MAX_TOKEN_CHARS or not text.startswith(APP_PREFIX):
         raise TokenError("format", "not a TPA1 token")
@@ -179,6 +197,8 @@ def verify_app_token(
     except InvalidSignature:
         raise TokenError("signature", "signature does not verify") from None
     claims = _parse_claims(claims_raw)
+    if not clock_is_set(now):
+        raise TokenError("clock_unset", "the gateway's clock is not set yet (NTP): cannot judge")
     if now < claims.iat - APP_CLOCK_SKEW_S:
         raise TokenError("not_yet_valid", "issued in the future (check the clock)")
     if now >= claims.exp:

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.clock import CLOCK_FLOOR
 from gateway.errors import TokenError
 from gateway.identity import Keyring
 from gateway.tokens import (
@@ -52,11 +53,14 @@ def vector_key(vectors: dict[str, Any]) -> Ed25519PublicKey:
     return load_public_key(base64.b64decode(vectors["app_token_public_key_base64"]))
 
 
+T0 = 1_790_000_000  # 2026-09-21: tokens are judged only by a set clock (gateway.clock)
+
+
 def claims(**over: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "sub": "user-7",
-        "iat": 1_000_000,
-        "exp": 1_000_300,
+        "iat": T0,
+        "exp": T0 + 300,
         "nonce": "abc",
         "purposes": ["linking", "analytics"],
     }
@@ -132,11 +136,11 @@ def test_receipt_token_vectors(vectors: dict[str, Any], keyring: Keyring) -> Non
 @pytest.mark.parametrize(
     ("now", "reason"),
     [
-        (1_000_000 - 61, "not_yet_valid"),
-        (1_000_000 - 60.001, "not_yet_valid"),
-        (1_000_000 - 60, None),
-        (1_000_299.999, None),
-        (1_000_300, "expired"),
+        (T0 - 61, "not_yet_valid"),
+        (T0 - 60.001, "not_yet_valid"),
+        (T0 - 60, None),
+        (T0 + 299.999, None),
+        (T0 + 300, "expired"),
     ],
 )
 def test_validity_window_edges(
@@ -154,16 +158,18 @@ def test_validity_window_edges(
 def test_replay_rejected_then_forgotten_after_exp(
     private: Ed25519PrivateKey, public: Ed25519PublicKey
 ) -> None:
-    replay = ReplaySet()
+    mono = [0.0]
+    replay = ReplaySet(mono=lambda: mono[0])
     token = sign(private, claims())
-    verify_app_token(token, public, 1_000_000, replay)
+    verify_app_token(token, public, T0, replay)
     with pytest.raises(TokenError) as info:
-        verify_app_token(token, public, 1_000_001, replay)
+        verify_app_token(token, public, T0 + 1, replay)
     assert info.value.reason == "replayed"
     # same nonce, different subject: a different pair
-    verify_app_token(sign(private, claims(sub="user-8")), public, 1_000_001, replay)
+    verify_app_token(sign(private, claims(sub="user-8")), public, T0 + 1, replay)
     assert len(replay) == 2
-    replay.prune(1_000_300)
+    mono[0] = 300.0
+    replay.prune(T0 + 300)
     assert len(replay) == 0
 
 
@@ -173,7 +179,7 @@ def test_rejected_token_is_not_recorded(
     replay = ReplaySet()
     token = sign(private, claims())
     with pytest.raises(TokenError):
-        verify_app_token(token, public, 1_000_300, replay)
+        verify_app_token(token, public, T0 + 300, replay)
     assert len(replay) == 0
 
 
@@ -197,7 +203,7 @@ def test_replay_set_hard_cap_evicts_soonest_expiry() -> None:
         {"sub": 5},
         {"iat": "1000000"},
         {"iat": True},
-        {"exp": 999_999},
+        {"exp": T0 - 1},
         {"nonce": ""},
         {"nonce": None},
         {"purposes": "analytics"},
@@ -208,7 +214,7 @@ def test_bad_claims(
     private: Ed25519PrivateKey, public: Ed25519PublicKey, bad: dict[str, Any]
 ) -> None:
     with pytest.raises(TokenError) as info:
-        verify_app_token(sign(private, claims(**bad)), public, 1_000_000, ReplaySet())
+        verify_app_token(sign(private, claims(**bad)), public, T0, ReplaySet())
     assert info.value.reason == "claims"
 
 
@@ -217,7 +223,7 @@ def test_signed_garbage_claims(private: Ed25519PrivateKey, public: Ed25519Public
         head = "TPA1." + b64u(body)
         token = head + "." + b64u(private.sign(head.encode()))
         with pytest.raises(TokenError) as info:
-            verify_app_token(token, public, 1_000_000, None)
+            verify_app_token(token, public, T0, None)
         assert info.value.reason in ("claims", "format")
 
 
@@ -225,7 +231,7 @@ def test_unknown_purposes_dropped(private: Ed25519PrivateKey, public: Ed25519Pub
     got = verify_app_token(
         sign(private, claims(purposes=["marketing", "spam", "analytics", "marketing"])),
         public,
-        1_000_000,
+        T0,
         None,
     )
     assert got.purposes == ("analytics", "marketing")
@@ -293,7 +299,7 @@ def classify(payload: bytes, keyring: Keyring, key: Ed25519PublicKey | None, **k
         keyring=keyring,
         app_public_key=key,
         receipt_prefixes=kw.pop("prefixes", [PREFIX]),
-        now=kw.pop("now", 1_000_000),
+        now=kw.pop("now", T0),
         replay=kw.pop("replay", None),
         **kw,
     )
@@ -360,3 +366,60 @@ def test_classify_survives_any_bytes(
         assert exc.reason
     else:
         assert got.kind in ("other", "receipt", "app")
+
+
+# ------------------------------------------------------------------------- clock steps
+
+
+def test_an_unset_clock_judges_no_token(
+    private: Ed25519PrivateKey, public: Ed25519PublicKey
+) -> None:
+    """A Pi booted without RTC reads 1970 until NTP: tokens are refused as clock_unset."""
+    token = sign(private, claims())
+    replay = ReplaySet()
+    for boot_clock in (0.0, 86_400.0 * 365, CLOCK_FLOOR - 1):
+        with pytest.raises(TokenError) as info:
+            verify_app_token(token, public, boot_clock, replay)
+        assert info.value.reason == "clock_unset"
+    assert len(replay) == 0
+    # NTP sets the clock: the same token is judged, and accepted, once
+    assert verify_app_token(token, public, T0 + 10, replay).sub == "user-7"
+
+
+@pytest.mark.parametrize("step_s", [86_400.0, -86_400.0, 3_600.0 * 24 * 365])
+def test_a_used_token_stays_used_across_wall_clock_steps(
+    private: Ed25519PrivateKey, public: Ed25519PublicKey, step_s: float
+) -> None:
+    """NTP stepping the clock away and back cannot make a used token usable again."""
+    mono = [0.0]
+    replay = ReplaySet(mono=lambda: mono[0])
+    token = sign(private, claims())  # valid T0 - 60 .. T0 + 300
+    verify_app_token(token, public, T0 + 10, replay)
+    # the clock steps away (the token is expired or not yet valid there), time passes,
+    # the replay set is pruned on every use...
+    mono[0] = 20.0
+    with pytest.raises(TokenError) as away:
+        verify_app_token(token, public, T0 + 20 + step_s, replay)
+    assert away.value.reason in ("expired", "not_yet_valid")
+    replay.prune(T0 + 20 + step_s)
+    # ...and steps back while the token is still valid: it is still a replay
+    mono[0] = 30.0
+    with pytest.raises(TokenError) as back:
+        verify_app_token(token, public, T0 + 30, replay)
+    assert back.value.reason == "replayed"
+    # once expired by both clocks it is forgotten
+    mono[0] = 400.0
+    replay.prune(T0 + 400)
+    assert len(replay) == 0
+
+
+def test_replay_entries_outlive_a_backward_step_until_the_wall_clock_expires_them() -> None:
+    mono = [0.0]
+    replay = ReplaySet(mono=lambda: mono[0])
+    assert replay.add("s", "n", exp=T0 + 100, now=T0)
+    mono[0] = 100.0  # its lifetime has passed on the monotonic clock...
+    replay.prune(T0 - 3_600 + 100)  # ...but the wall clock was stepped back an hour
+    assert ("s", "n") in replay, "still valid by the wall clock: a replay must be refused"
+    mono[0] = 3_700.0
+    replay.prune(T0 + 100)
+    assert ("s", "n") not in replay
