@@ -20,7 +20,6 @@ payloads may hold personal data: nothing here logs them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,7 +27,8 @@ from typing import Literal
 ESC, GS, FS, DLE, NUL = 0x1B, 0x1D, 0x1C, 0x10, 0x00
 MAX_HEADER = 10
 DEFAULT_MAX_QR_BYTES = 7089  # the largest QR code (version 40, numeric, level L)
-_CONTROL = re.compile(rb"[\x10\x1b\x1c\x1d]")
+_CONTROL_BYTES = (0x10, 0x1B, 0x1C, 0x1D)  # DLE ESC FS GS: every command starts with one
+_CONTROL_SET = frozenset(_CONTROL_BYTES)
 
 # Parameter bytes after the two command bytes, for fixed-length commands.
 _ESC_FIXED = {
@@ -93,6 +93,13 @@ class EscPosParser:
         """Bytes at the end of the stream that start a command not yet complete."""
         return len(self._header)
 
+    @property
+    def between_commands(self) -> bool:
+        """True when the stream so far ends on a command boundary (nothing half-read)."""
+        return not (self._header or self._skip or self._collect is not None) and (
+            self._mode == "text"
+        )
+
     def feed(self, data: bytes) -> ParseResult:
         """Parse the next bytes of the stream."""
         result = ParseResult()
@@ -101,6 +108,7 @@ class EscPosParser:
         self.offset += len(data)
         self._header = b""
         i, n = 0, len(buf)
+        nxt = [-2, -2, -2, -2]  # next offset of each control byte (-1: none left)
         while i < n:
             if self._skip:
                 take = min(self._skip, n - i)
@@ -116,10 +124,10 @@ class EscPosParser:
                     result.qr.append(bytes(self._collect))
                     self._collect = None
             elif self._mode == "text":
-                found = _CONTROL.search(buf, i)
-                if found is None:
-                    break
-                i = found.start()
+                if buf[i] not in _CONTROL_SET:
+                    i = _next_control(buf, i, nxt)
+                    if i < 0:
+                        break
                 used = self._command(buf, i, base + i, result)
                 if not used:
                     self._header = buf[i:]
@@ -223,6 +231,23 @@ class EscPosParser:
             self._skip = size
         elif size:
             self._collect, self._collect_left = bytearray(), size
+
+
+def _next_control(buf: bytes, i: int, nxt: list[int]) -> int:
+    """The offset of the next command byte at or after ``i`` (-1: none).
+
+    ``nxt`` remembers where each of the four bytes occurs next, so each is searched
+    for again (memchr) only once passed: linear in the buffer, unlike a search per
+    command for a byte that does not occur at all.
+    """
+    best = -1
+    for k, byte in enumerate(_CONTROL_BYTES):
+        at = nxt[k]
+        if -1 < at < i or at == -2:
+            at = nxt[k] = buf.find(byte, i)
+        if at >= 0 and (best < 0 or at < best):
+            best = at
+    return best
 
 
 def _u16(buf: bytes, i: int) -> int:

@@ -17,8 +17,12 @@ Bytes from the till are parsed by ``drivers.escpos`` on their way through:
 
 Printer replies (``DLE EOT`` status, ...) are relayed to the till unaltered.  A till
 that stays silent for ``idle_timeout_s`` is treated as done, so it cannot hold the
-printer forever.  Tokens and
-QR payloads are never logged.
+printer forever.  Tokens and QR payloads are never logged.
+
+Tills cabled to their printer over RS-232 or USB-serial get the same tap on a serial
+line (``transport = "serial"``, ``drivers.receipt_tap_serial``).  What both transports
+share lives here: ``JobForwarder`` (parse, forward, inject before each cut), the token
+minting of ``TapBase`` and the ``CounterStore``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from drivers.escpos import EscPosParser, qr_native, qr_raster
 from gateway.config import ReceiptTapSourceConfig
@@ -42,6 +46,9 @@ from gateway.identity import Keyring
 from gateway.metrics import Metrics
 from gateway.ports import Reading, SourceContext
 from gateway.tokens import mint_receipt_token
+
+if TYPE_CHECKING:
+    from drivers.receipt_tap_serial import SerialReceiptTap, SerialTapSettings
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +143,30 @@ class TapSettings:
     idle_timeout_s: float = 60.0
 
 
+class LaneSettings(Protocol):
+    """What every tap transport's settings say about the lane and the injection."""
+
+    @property
+    def lane(self) -> str: ...
+    @property
+    def lane_number(self) -> int: ...
+    @property
+    def inject(self) -> Literal["off", "native", "raster"]: ...
+    @property
+    def url_prefix(self) -> str: ...
+    @property
+    def module_size(self) -> int: ...
+    @property
+    def idle_timeout_s(self) -> float: ...
+
+
+class Sink(Protocol):
+    """Where the tap writes printer bytes (an ``asyncio.StreamWriter`` is one)."""
+
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Printed:
     """One receipt token handed to the printer."""
@@ -154,7 +185,126 @@ class Minting:
     counters: CounterStore
 
 
-class ReceiptTap:
+class TapBase:
+    """What every tap transport shares: counters, metrics and the token injection.
+
+    ``on_printed`` is called on the event loop after a token's bytes were handed to the
+    printer.  The counter store is only touched from one worker thread.
+    """
+
+    def __init__(  # noqa: PLR0917
+        self,
+        settings: LaneSettings,
+        minting: Minting | None = None,
+        on_printed: Callable[[Printed], None] | None = None,
+        metrics: Metrics | None = None,
+        name: str = "receipt-tap",
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        if settings.inject != "off" and minting is None:
+            raise ValueError("injection needs a keyring, a store id and a counter store")
+        self.lane_settings = settings
+        self.name = name
+        self._minting = minting
+        self._on_printed = on_printed
+        self._metrics = metrics or Metrics()
+        self._now = now
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-counter")
+
+    @property
+    def injecting(self) -> bool:
+        return self.lane_settings.inject != "off"
+
+    def _count(self, metric: str, amount: float = 1) -> None:
+        self._metrics.inc(metric, amount, source=self.name)
+
+    async def _stop_worker(self) -> None:
+        await asyncio.to_thread(self._worker.shutdown, wait=True)
+
+    async def _inject(self, printer: Sink) -> None:
+        """Reserve a counter, mint a token, write its QR.  A failure skips one token."""
+        assert self._minting is not None
+        m, s = self._minting, self.lane_settings
+        loop = asyncio.get_running_loop()
+        try:
+            counter = await loop.run_in_executor(
+                self._worker, m.counters.reserve, m.store, s.lane_number
+            )
+        except (sqlite3.Error, OverflowError) as exc:
+            self._count("receipt_tap_inject_failed_total")
+            self._metrics.error(self.name, f"receipt counter store: {exc}")
+            log.error("%s: no receipt token printed: counter store: %s", self.name, exc)
+            return
+        now = self._now()
+        token = mint_receipt_token(
+            m.keyring.active, m.keyring.active_key, m.store, s.lane_number, int(now), counter
+        )
+        data = (s.url_prefix + token).encode("utf-8")
+        if s.inject == "native":
+            image = qr_native(data, module_size=s.module_size)
+        else:
+            image = qr_raster(data, module_px=s.module_size)
+        printer.write(b"\n\x1ba\x01" + image + b"\n\x1ba\x00")
+        await printer.drain()
+        self._count("receipt_tokens_printed_total")
+        log.debug("%s: printed receipt token %d of lane %d", self.name, counter, s.lane_number)
+        if self._on_printed is not None:
+            self._on_printed(Printed(s.lane, token, now))
+
+
+class JobForwarder:
+    """The till's byte stream to the printer: parse, forward, inject before each cut.
+
+    One per till stream (a TCP connection, or a serial line until it goes quiet or
+    away), shared by both transports.  Injection off: each chunk is written as it came.
+    Injection on: only the bytes of an incomplete command header are held back.  With
+    ``printer=None`` (a serial printer that is unplugged) the bytes are parsed, so the
+    parser stays in step with the till, and dropped (counted); nothing is injected.
+    """
+
+    def __init__(self, tap: TapBase) -> None:
+        self.tap = tap
+        self.parser = EscPosParser()
+        self._held = b""
+
+    async def feed(self, data: bytes, printer: Sink | None) -> int:
+        """Forward the next bytes from the till; return the number of cuts among them."""
+        tap = self.tap
+        tap._count("receipt_tap_bytes_total", len(data))
+        result = self.parser.feed(data)
+        if result.qr:
+            tap._count("receipt_tap_qr_seen_total", len(result.qr))
+        if printer is not None and not tap.injecting:
+            printer.write(data)
+            await printer.drain()
+            return len(result.cuts)
+        chunk = self._held + data
+        start = self.parser.offset - len(chunk)
+        ready = len(chunk) - self.parser.pending
+        self._held = chunk[ready:]
+        if printer is None:
+            tap._count("receipt_tap_bytes_dropped_total", ready)
+            return len(result.cuts)
+        last = 0
+        for cut in result.cuts:
+            printer.write(chunk[last : cut - start])
+            last = cut - start
+            await tap._inject(printer)
+        printer.write(chunk[last:ready])
+        await printer.drain()
+        return len(result.cuts)
+
+    async def finish(self, printer: Sink | None) -> None:
+        """The stream ended: write what was held back (an incomplete command)."""
+        held, self._held = self._held, b""
+        if held and printer is not None:
+            printer.write(held)
+            await printer.drain()
+        elif held:
+            self.tap._count("receipt_tap_bytes_dropped_total", len(held))
+
+
+class ReceiptTap(TapBase):
     """The TCP tap.  ``async with ReceiptTap(...) as tap`` listens on ``tap.port``.
 
     One-shot: after ``close`` a new instance is needed.  ``on_printed`` is called on the
@@ -170,17 +320,10 @@ class ReceiptTap:
         name: str = "receipt-tap",
         now: Callable[[], float] = time.time,
     ) -> None:
-        if settings.inject != "off" and minting is None:
-            raise ValueError("injection needs a keyring, a store id and a counter store")
+        super().__init__(settings, minting, on_printed, metrics, name, now)
         self.settings = settings
-        self.name = name
-        self._minting = minting
-        self._on_printed = on_printed
-        self._metrics = metrics or Metrics()
-        self._now = now
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-counter")
         self.port = 0
 
     async def start(self) -> int:
@@ -207,7 +350,7 @@ class ReceiptTap:
             await asyncio.gather(*self._handlers, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
-        await asyncio.to_thread(self._worker.shutdown, wait=True)
+        await self._stop_worker()
 
     async def __aenter__(self) -> ReceiptTap:
         await self.start()
@@ -220,9 +363,6 @@ class ReceiptTap:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    def _count(self, metric: str, amount: float = 1) -> None:
-        self._metrics.inc(metric, amount, source=self.name)
 
     async def _handle(self, till_r: asyncio.StreamReader, till_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -271,31 +411,10 @@ class ReceiptTap:
 
     async def _upstream(self, reader: asyncio.StreamReader, printer: asyncio.StreamWriter) -> None:
         """Till to printer: parse, forward, inject before cuts; EOF is passed on."""
-        parser = EscPosParser()
-        inject = self.settings.inject != "off"
-        held = b""
+        forwarder = JobForwarder(self)
         while data := await self._read_till(reader):
-            self._count("receipt_tap_bytes_total", len(data))
-            result = parser.feed(data)
-            if result.qr:
-                self._count("receipt_tap_qr_seen_total", len(result.qr))
-            if not inject:
-                printer.write(data)
-                await printer.drain()
-                continue
-            chunk = held + data
-            start = parser.offset - len(chunk)
-            ready = len(chunk) - parser.pending
-            held = chunk[ready:]
-            last = 0
-            for cut in result.cuts:
-                printer.write(chunk[last : cut - start])
-                last = cut - start
-                await self._inject(printer)
-            printer.write(chunk[last:ready])
-            await printer.drain()
-        if held:
-            printer.write(held)
+            await forwarder.feed(data, printer)
+        await forwarder.finish(printer)
         if printer.can_write_eof():
             printer.write_eof()
         await printer.drain()
@@ -314,36 +433,6 @@ class ReceiptTap:
             )
             return b""
 
-    async def _inject(self, printer: asyncio.StreamWriter) -> None:
-        """Reserve a counter, mint a token, write its QR.  A failure skips one token."""
-        assert self._minting is not None
-        m, s = self._minting, self.settings
-        loop = asyncio.get_running_loop()
-        try:
-            counter = await loop.run_in_executor(
-                self._worker, m.counters.reserve, m.store, s.lane_number
-            )
-        except (sqlite3.Error, OverflowError) as exc:
-            self._count("receipt_tap_inject_failed_total")
-            self._metrics.error(self.name, f"receipt counter store: {exc}")
-            log.error("%s: no receipt token printed: counter store: %s", self.name, exc)
-            return
-        now = self._now()
-        token = mint_receipt_token(
-            m.keyring.active, m.keyring.active_key, m.store, s.lane_number, int(now), counter
-        )
-        data = (s.url_prefix + token).encode("utf-8")
-        if s.inject == "native":
-            image = qr_native(data, module_size=s.module_size)
-        else:
-            image = qr_raster(data, module_px=s.module_size)
-        printer.write(b"\n\x1ba\x01" + image + b"\n\x1ba\x00")
-        await printer.drain()
-        self._count("receipt_tokens_printed_total")
-        log.debug("%s: printed receipt token %d of lane %d", self.name, counter, s.lane_number)
-        if self._on_printed is not None:
-            self._on_printed(Printed(s.lane, token, now))
-
 
 async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
@@ -354,9 +443,10 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 class ReceiptTapSource:
     """The tap as a configured Source: yields ``receipt.printed`` for each injected token.
 
+    ``transport = "tcp"`` runs a ``ReceiptTap``, ``"serial"`` a ``SerialReceiptTap``.
     QR codes the till prints itself are only counted (``receipt_tap_qr_seen_total``).
     The store id comes from the SourceContext (``ctx.store``).  ``port`` is the bound
-    listening port once the tap runs.
+    listening port once a TCP tap runs.
     """
 
     def __init__(self, config: ReceiptTapSourceConfig, ctx: SourceContext) -> None:
@@ -367,6 +457,7 @@ class ReceiptTapSource:
 
     def _settings(self) -> TapSettings:
         c = self.config
+        assert c.printer_host is not None  # the config requires it with transport tcp
         return TapSettings(
             printer_host=c.printer_host,
             printer_port=c.printer_port,
@@ -393,20 +484,70 @@ class ReceiptTapSource:
             counters = await asyncio.to_thread(CounterStore, c.counter_path)
             minting = Minting(ctx.keyring, store, counters)
         queue: asyncio.Queue[Printed] = asyncio.Queue()
-        tap = ReceiptTap(
-            self._settings(), minting, queue.put_nowait, ctx.metrics, self.name, ctx.now
-        )
-        try:
-            self.port = await tap.start()
-            ctx.set_state(
-                "ok",
-                f"listening on {c.listen_host}:{self.port} for {c.printer_host}:{c.printer_port}",
+        tap: ReceiptTap | SerialReceiptTap
+        if c.transport == "serial":
+            from drivers.receipt_tap_serial import SerialReceiptTap  # noqa: PLC0415
+
+            tap = SerialReceiptTap(
+                _serial_settings(c), minting, queue.put_nowait, ctx.metrics, self.name,
+                ctx.now, ctx.set_state,
+            )  # fmt: skip
+        else:
+            tap = ReceiptTap(
+                self._settings(), minting, queue.put_nowait, ctx.metrics, self.name, ctx.now
             )
+        try:
+            if isinstance(tap, ReceiptTap):
+                self.port = await tap.start()
+                printer = f"{c.printer_host}:{c.printer_port}"
+                ctx.set_state("ok", f"listening on {c.listen_host}:{self.port} for {printer}")
+            else:
+                await tap.start()
             while True:
-                printed = await queue.get()
+                printed = await _next_printed(queue, tap)
                 attrs = {"lane": printed.lane, "receipt": printed.receipt}
                 yield Reading("receipt.printed", self.name, printed.at, None, attrs)
         finally:
             await tap.close()
             if counters is not None:
                 counters.close()
+
+
+async def _next_printed(
+    queue: asyncio.Queue[Printed], tap: ReceiptTap | SerialReceiptTap
+) -> Printed:
+    """The next token printed; a serial tap whose relaying died raises instead."""
+    if isinstance(tap, ReceiptTap):
+        return await queue.get()
+    getter = asyncio.ensure_future(queue.get())
+    ended = asyncio.ensure_future(tap.wait())
+    try:
+        await asyncio.wait({getter, ended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for fut in (getter, ended):
+            if not fut.done():
+                fut.cancel()
+    if getter.done() and not getter.cancelled():
+        return getter.result()
+    ended.result()  # the relaying task's exception, if it had one
+    raise SourceError(f"{tap.name}: the serial relay stopped")
+
+
+def _serial_settings(c: ReceiptTapSourceConfig) -> SerialTapSettings:
+    from drivers.receipt_tap_serial import SerialLine, SerialTapSettings  # noqa: PLC0415
+
+    assert c.till_device is not None  # the config requires both with transport serial
+    assert c.printer_device is not None
+    return SerialTapSettings(
+        till_device=str(c.till_device),
+        printer_device=str(c.printer_device),
+        line=SerialLine(c.baudrate, c.bytesize, c.parity, c.stopbits, c.flow_control),
+        lane=c.lane,
+        lane_number=c.lane_number,
+        inject=c.inject,
+        url_prefix=c.url_prefix,
+        module_size=c.module_size,
+        idle_timeout_s=c.idle_timeout_s,
+        reopen_min_s=c.reopen_min_s,
+        reopen_max_s=c.reopen_max_s,
+    )

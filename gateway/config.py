@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
 from gateway.paths import CREDENTIALS_VAR, expand_credentials_in
@@ -246,17 +246,53 @@ class BleSourceConfig(Model):
         return self
 
 
+_TAP_TCP_FIELDS = (
+    "listen_host", "listen_port", "printer_host", "printer_port", "connect_timeout_s",
+)  # fmt: skip
+_TAP_SERIAL_FIELDS = (
+    "till_device", "printer_device", "baudrate", "bytesize", "parity", "stopbits",
+    "flow_control", "reopen_min_s", "reopen_max_s",
+)  # fmt: skip
+
+
 class ReceiptTapSourceConfig(Model):
-    """A TCP tap between a till and its network receipt printer (ESC/POS, raw port 9100)."""
+    """A tap between a till and its receipt printer (ESC/POS): TCP (raw port 9100) or serial.
+
+    ``transport = "tcp"`` (the default) takes the listen_* and printer_host/port fields;
+    ``transport = "serial"`` takes till_device, printer_device and the line settings.
+    """
 
     kind: Literal["receipt_tap"]
     name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
     lane: str = Field(min_length=1, max_length=64, description="Lane name (events' lane attr)")
     lane_number: int = Field(ge=0, le=255, description="Lane number inside receipt tokens")
-    listen_host: str = Field(default="0.0.0.0", description="Address the till connects to")  # noqa: S104
-    listen_port: int = Field(default=9100, ge=0, le=65535, description="0: any free port")
-    printer_host: str = Field(min_length=1, description="The real printer's address")
-    printer_port: int = Field(default=9100, ge=1, le=65535)
+    transport: Literal["tcp", "serial"] = Field(
+        default="tcp", description="tcp: network printer; serial: RS-232 / USB-serial printer"
+    )
+    listen_host: str = Field(default="0.0.0.0", description="tcp: address the till connects to")  # noqa: S104
+    listen_port: int = Field(default=9100, ge=0, le=65535, description="tcp: 0 = any free port")
+    printer_host: str | None = Field(
+        default=None, min_length=1, description="tcp: the real printer's address (required)"
+    )
+    printer_port: int = Field(default=9100, ge=1, le=65535, description="tcp: printer port")
+    till_device: Path | None = Field(
+        default=None, description="serial: the port the till is cabled to (a udev link)"
+    )
+    printer_device: Path | None = Field(
+        default=None, description="serial: the port the printer is cabled to (a udev link)"
+    )
+    baudrate: int = Field(default=9600, ge=300, le=4_000_000, description="serial: both sides")
+    bytesize: Literal[5, 6, 7, 8] = Field(default=8, description="serial: data bits")
+    parity: Literal["none", "even", "odd", "mark", "space"] = Field(
+        default="none", description="serial: parity"
+    )
+    stopbits: float = Field(default=1, description="serial: stop bits, 1, 1.5 or 2")
+    flow_control: Literal["none", "rtscts", "xonxoff"] = Field(
+        default="none",
+        description="serial: as the printer is set (its DIP switches or utility)",
+    )
+    reopen_min_s: float = Field(default=0.5, gt=0, description="serial: first retry delay")
+    reopen_max_s: float = Field(default=30.0, gt=0, description="serial: retry delay cap")
     inject: Literal["off", "native", "raster"] = Field(
         default="off", description="Print a receipt token QR before each cut: native or raster"
     )
@@ -266,13 +302,46 @@ class ReceiptTapSourceConfig(Model):
         default=Path("/var/lib/touchpoint-gateway/receipt-counters.db"),
         description="SQLite file of the per-lane receipt counters (never reused)",
     )
-    connect_timeout_s: float = Field(default=5.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="tcp: printer connect")
     idle_timeout_s: float = Field(default=60.0, gt=0, description="Silent till: end the job")
 
     @model_validator(mode="after")
     def _prefix_when_injecting(self) -> ReceiptTapSourceConfig:
         if self.inject != "off" and not self.url_prefix:
             raise ValueError("url_prefix is required when inject is native or raster")
+        return self
+
+    @field_validator("stopbits")
+    @classmethod
+    def _stopbits(cls, value: float) -> float:
+        if value not in {1, 1.5, 2}:
+            raise ValueError("stopbits must be 1, 1.5 or 2")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_of_the_transport(self) -> ReceiptTapSourceConfig:
+        tcp = self.transport == "tcp"
+        other = _TAP_SERIAL_FIELDS if tcp else _TAP_TCP_FIELDS
+        stray = [f for f in other if f in self.model_fields_set]
+        if stray:
+            them = "it" if len(stray) == 1 else "them"
+            fix = f'set transport = "serial" or remove {them}' if tcp else f"remove {them}"
+            raise ValueError(
+                f'{", ".join(stray)}: only for transport = "{"serial" if tcp else "tcp"}"; {fix}'
+            )
+        if self.transport == "tcp" and self.printer_host is None:
+            raise ValueError('printer_host is required with transport = "tcp"')
+        if self.transport == "serial":
+            missing = [f for f in ("till_device", "printer_device") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(
+                    f'{" and ".join(missing)} required with transport = "serial" '
+                    "(the ports the till and the printer are cabled to)"
+                )
+            if self.till_device == self.printer_device:
+                raise ValueError("till_device and printer_device must be two different ports")
+            if self.reopen_max_s < self.reopen_min_s:
+                raise ValueError("reopen_max_s must not be below reopen_min_s")
         return self
 
 

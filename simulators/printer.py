@@ -1,11 +1,18 @@
-"""A fake network receipt printer (raw TCP, port 9100 style) for tests and demos.
+"""A fake receipt printer, networked (raw TCP, port 9100 style) or serial, for tests and demos.
 
     python -m simulators.printer [--host 127.0.0.1] [--port 9100]
+    python -m simulators.printer --serial pty --link /tmp/tp-printer   # a serial printer
+    python -m simulators.printer --serial /dev/ttyUSB1 --baudrate 19200
 
-It records the bytes of each connection as one job, answers ``DLE EOT n`` real-time
-status queries, and takes one connection at a time, as many real printers do: a second
-connection while one is open is accepted and closed at once (counted in ``refused``).
-Like a real printer it reacts to ``DLE EOT n`` wherever the bytes appear.
+On TCP it records the bytes of each connection as one job, answers ``DLE EOT n``
+real-time status queries, and takes one connection at a time, as many real printers
+do: a second connection while one is open is accepted and closed at once (counted in
+``refused``).  Like a real printer it reacts to ``DLE EOT n`` wherever the bytes appear.
+
+On a serial line (``SerialPrinter``) there are no connections: it records one stream,
+answers the same status queries, and can hold the sender off with XOFF/XON
+(``pause``/``resume``) as a printer with a full buffer does.  ``--serial pty`` makes a
+pty and prints its path first (``--link`` keeps a symlink to it).
 
 This module imports nothing from ``drivers`` or ``gateway``.  In tests::
 
@@ -20,11 +27,15 @@ import argparse
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from types import TracebackType
+
+from simulators.serial_pty import SerialEnd
 
 log = logging.getLogger(__name__)
 
 DLE, EOT = 0x10, 0x04
+XON, XOFF = 0x11, 0x13
 # Replies for n = 1 (printer), 2 (offline cause), 3 (error cause), 4 (paper sensor):
 # bits 1 and 4 are always set, everything else clear means "all fine".
 STATUS_OK = {1: 0x16, 2: 0x12, 3: 0x12, 4: 0x12}
@@ -124,15 +135,85 @@ class FakePrinter:
         return bytes(job)
 
     def _status_replies(self, data: bytes) -> bytes:
-        out = bytearray()
-        start = 0
-        while (at := data.find(bytes([DLE, EOT]), start)) >= 0 and at + 2 < len(data):
-            n = data[at + 2]
-            if n in self.status:
-                out.append(self.status[n])
-                self.queries += 1
-            start = at + 1
-        return bytes(out)
+        out = status_replies(self.status, data)
+        self.queries += len(out)
+        return out
+
+
+def status_replies(status: dict[int, int], data: bytes) -> bytes:
+    """The answers to every complete ``DLE EOT n`` in ``data`` (unknown n: none)."""
+    out = bytearray()
+    start = 0
+    while (at := data.find(bytes([DLE, EOT]), start)) >= 0 and at + 2 < len(data):
+        n = data[at + 2]
+        if n in status:
+            out.append(status[n])
+        start = at + 1
+    return bytes(out)
+
+
+class SerialPrinter:
+    """A serial printer on ``end``: records the stream, answers status queries.
+
+    ``async with SerialPrinter(end) as printer`` reads until closed; an unplugged line
+    is waited out (bytes sent meanwhile never arrive, as with a pulled cable).
+    """
+
+    def __init__(self, end: SerialEnd) -> None:
+        self.end = end
+        self.status: dict[int, int] = dict(STATUS_OK)
+        self.received = bytearray()
+        self.queries = 0
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> SerialPrinter:
+        self._task = asyncio.create_task(self._run(), name="fake-serial-printer")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def wait_bytes(self, count: int) -> bytes:
+        """Wait until at least ``count`` bytes arrived; return all of them."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self.received) >= count)
+        return bytes(self.received)
+
+    async def pause(self) -> None:
+        """XOFF: ask the sender to stop (a printer's buffer is full)."""
+        await self.end.write(bytes([XOFF]))
+
+    async def resume(self) -> None:
+        """XON: the sender may go on."""
+        await self.end.write(bytes([XON]))
+
+    async def _run(self) -> None:
+        while True:
+            if not self.end.plugged:
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                data = await self.end.read()
+            except ConnectionError:
+                continue
+            scan_from = max(0, len(self.received) - 2)
+            self.received += data
+            replies = status_replies(self.status, bytes(self.received[scan_from:]))
+            if replies:
+                self.queries += len(replies)
+                with contextlib.suppress(ConnectionError):
+                    await self.end.write(replies)
+            async with self._changed:
+                self._changed.notify_all()
 
 
 async def _serve(host: str, port: int) -> None:
@@ -147,15 +228,46 @@ async def _serve(host: str, port: int) -> None:
             last = 0
 
 
+async def _serve_serial(end: SerialEnd) -> None:
+    print(end.path, flush=True)
+    async with SerialPrinter(end) as printer:
+        seen = 0
+        while True:
+            await asyncio.sleep(0.5)
+            if len(printer.received) > seen:
+                log.info("received %d bytes", len(printer.received) - seen)
+            del printer.received[:]  # a long run keeps nothing: the log line is the record
+            seen = 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a fake printer until interrupted."""
-    parser = argparse.ArgumentParser(description="Fake ESC/POS network printer (raw TCP).")
+    parser = argparse.ArgumentParser(
+        description="Fake ESC/POS receipt printer: raw TCP (default) or a serial line."
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=9100, help="port to listen on (0: any)")
+    parser.add_argument(
+        "--serial",
+        metavar="DEVICE",
+        help="be a serial printer instead: 'pty' makes a pty and prints its path first, "
+        "or a device cabled to the gateway (/dev/ttyUSB1)",
+    )
+    parser.add_argument("--link", type=Path, help="with --serial pty: keep a symlink to it here")
+    parser.add_argument("--baudrate", type=int, default=9600, help="with --serial DEVICE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.host, args.port))
+        if args.serial is None:
+            asyncio.run(_serve(args.host, args.port))
+            return
+        end = (
+            SerialEnd.pty(args.link)
+            if args.serial == "pty"
+            else SerialEnd.device_port(args.serial, args.baudrate)
+        )
+        with end:
+            asyncio.run(_serve_serial(end))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
     python -m simulators.till --host 127.0.0.1 --port 9100 [--count 3] [--qr TEXT]
     python -m simulators.till --port 9100 --count 0 --interval 2 --quiet   # a busy lane
+    python -m simulators.till --serial pty --link /tmp/tp-till --count 0   # a serial till
 
 The encoders here are written independently of ``drivers.escpos`` (this module imports
 nothing from ``drivers`` or ``gateway``), so the two check each other.  ``send_job``
 sends one job over TCP in randomly sized segments, optionally asks the printer for its
 status first (``DLE EOT 1``, as tills do before printing), and returns every byte the
-printer side answered.
+printer side answered.  ``send_serial_job`` does the same down a serial line
+(``simulators.serial_pty``); ``--serial pty`` makes a pty, prints its path first and
+sends there (the gateway's ``till_device``), ``--serial DEVICE`` uses a real port.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import contextlib
 import random
 import socket
 from collections.abc import Sequence
+from pathlib import Path
+
+from simulators.serial_pty import SerialEnd
 
 ESC, GS, DLE = b"\x1b", b"\x1d", b"\x10"
 
@@ -164,9 +170,66 @@ async def send_job(
             await writer.wait_closed()
 
 
+async def send_serial_job(
+    end: SerialEnd,
+    data: bytes,
+    *,
+    rnd: random.Random | None = None,
+    max_segment: int = 1500,
+    query_status: bool = False,
+) -> bytes:
+    """Write one job down a serial line (random segments with ``rnd``).
+
+    With ``query_status`` the till first sends ``DLE EOT 1`` and returns the answer byte
+    (the caller bounds the wait with ``asyncio.timeout``: a printer that is off never
+    answers).  Replies to queries inside ``data`` are read by the caller (``end.read``).
+    """
+    reply = b""
+    if query_status:
+        await end.write(status_query(1))
+        reply = await end.read()
+    pos = 0
+    while pos < len(data):
+        size = rnd.randint(1, max_segment) if rnd else max_segment
+        await end.write(data[pos : pos + size])
+        pos += size
+        if rnd and rnd.random() < 0.1:
+            await asyncio.sleep(0)
+    return reply
+
+
+async def _run_serial(end: SerialEnd, args: argparse.Namespace) -> None:
+    i = failed = 0
+    print(end.path, flush=True)
+    while args.count == 0 or i < args.count:
+        qr_data = args.qr.encode() if args.qr else None
+        try:
+            async with asyncio.timeout(2):
+                replies = await send_serial_job(end, b"", query_status=True)
+        except TimeoutError:
+            failed += 1  # no answer: the printer (or the tap) is off; a till waits
+            print(f"job {i + 1}: printer does not answer, retrying", flush=True)
+            await asyncio.sleep(min(5.0, 0.5 * failed))
+            continue
+        await send_serial_job(end, receipt(qr_data=qr_data, seed=i))
+        failed = 0
+        i += 1
+        if not args.quiet or i % 100 == 0:
+            print(f"job {i}: printer status {replies[:1].hex()}", flush=True)
+        if args.interval:
+            await asyncio.sleep(args.interval)
+    # A last status query: its answer means the printer side took every byte before it
+    # (a pty discards unread bytes when its till end closes).
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2):
+            await send_serial_job(end, b"", query_status=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Send receipts to a printer (or a tap in front of one)."""
-    parser = argparse.ArgumentParser(description="Fake till: send ESC/POS receipts over TCP.")
+    parser = argparse.ArgumentParser(
+        description="Fake till: send ESC/POS receipts over TCP or down a serial line."
+    )
     parser.add_argument("--host", default="127.0.0.1", help="printer or tap address")
     parser.add_argument("--port", type=int, default=9100, help="printer or tap port")
     parser.add_argument("--count", type=int, default=1, help="number of receipts (0: forever)")
@@ -177,7 +240,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quiet", action="store_true", help="one line per 100 jobs instead of one per job"
     )
+    parser.add_argument(
+        "--serial",
+        metavar="DEVICE",
+        help="send down a serial line instead: 'pty' makes a pty and prints its path first "
+        "(the gateway's till_device), or a device cabled to the gateway (/dev/ttyUSB0)",
+    )
+    parser.add_argument("--link", type=Path, help="with --serial pty: keep a symlink to it here")
+    parser.add_argument("--baudrate", type=int, default=9600, help="with --serial DEVICE")
     args = parser.parse_args(argv)
+    if args.serial is not None:
+        end = (
+            SerialEnd.pty(args.link)
+            if args.serial == "pty"
+            else SerialEnd.device_port(args.serial, args.baudrate)
+        )
+        with end, contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_run_serial(end, args))
+        return
 
     async def run() -> None:
         i = failed = 0

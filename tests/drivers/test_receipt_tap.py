@@ -412,3 +412,22 @@ def test_source_without_store_id_cannot_inject(tmp_path: Path, keyring: Keyring)
             await anext(aiter(source.readings()))
 
     run(scenario)
+
+
+def test_bench_tap_reports_figures_beside_the_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.bench_qr import bench_tap, print_tap, tap_streams
+
+    figures = bench_tap(quick=True, rounds=1)
+    for key in ("tap_mb_per_s", "tap_reference_mb_per_s", "tap_inject_mb_per_s"):
+        assert figures[key] > 0
+    assert figures["tap_ratio"] == pytest.approx(
+        figures["tap_mb_per_s"] / figures["tap_reference_mb_per_s"], rel=0.05
+    )
+    assert set(figures["tap_streams"]) == {"receipts", "raster"}
+    # the receipts are realistic: raster logos, the till's own QR codes, one cut each
+    jobs = tap_streams(quick=True)["receipts"]
+    found = parse(jobs[0])
+    assert len(found.qr) == len(found.cuts) == 20
+    print_tap(figures)
+    out = capsys.readouterr().out
+    assert "bare asyncio byte relay" in out and "baud" in out
