@@ -287,3 +287,6 @@ def test_serial_devices_in_configs_have_udev_symlinks() -> None:
         for src in tomllib.loads(toml_file.read_text(encoding="utf-8")).get("sources", []):
             if src.get("kind", "serial_card") == "serial_card" and "device" in src:
                 assert src["device"] in links, f"{toml_file.name}: {src['device']}"
+            for key in ("till_device", "printer_device"):  # a serial receipt tap
+                if key in src:
+                    assert src[key] in links, f"{toml_file.name}: {key} {src[key]}"
