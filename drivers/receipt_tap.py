@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, Self
 
 from drivers.escpos import EscPosParser, qr_native, qr_raster
 from gateway.config import ReceiptTapSourceConfig
@@ -215,6 +215,26 @@ class TapBase:
     def injecting(self) -> bool:
         return self.lane_settings.inject != "off"
 
+    async def start(self) -> object:
+        """Open the transport (listen, or open the ports)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Stop relaying and release everything."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
     def _count(self, metric: str, amount: float = 1) -> None:
         self._metrics.inc(metric, amount, source=self.name)
 
@@ -351,18 +371,6 @@ class ReceiptTap(TapBase):
         if server is not None:
             await server.wait_closed()
         await self._stop_worker()
-
-    async def __aenter__(self) -> ReceiptTap:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _handle(self, till_r: asyncio.StreamReader, till_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

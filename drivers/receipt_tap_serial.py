@@ -44,7 +44,6 @@ import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Literal
 
 import serial
@@ -291,18 +290,6 @@ class SerialReceiptTap(TapBase):
         self.till.close("tap stopped")
         self.printer.close("tap stopped")
         await self._stop_worker()
-
-    async def __aenter__(self) -> SerialReceiptTap:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as group:

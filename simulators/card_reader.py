@@ -30,12 +30,13 @@ import signal
 import sys
 import time
 import tomllib
-import tty
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
+
+from simulators.serial_pty import close_pty, open_raw_pty
 
 log = logging.getLogger(__name__)
 
@@ -263,27 +264,13 @@ class CardReaderSim:
         """Create the pty (and the link); return the slave path."""
         if self._master is not None:
             return self.path
-        master, slave = os.openpty()
-        tty.setraw(master)
-        tty.setraw(slave)  # ETX (0x03) is VINTR in cooked mode
-        os.set_blocking(master, False)
-        self._master, self._slave = master, slave
-        self.path = os.ttyname(slave)
-        if self.link is not None:
-            tmp = self.link.with_name(f".{self.link.name}.{os.getpid()}.tmp")
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(self.path)
-            tmp.replace(self.link)
+        self._master, self._slave, self.path = open_raw_pty(self.link)
         log.info("card reader plugged in at %s", self.path)
         return self.path
 
     def unplug(self) -> None:
         """Close the pty (readers see EIO) and remove the link."""
-        if self.link is not None:
-            self.link.unlink(missing_ok=True)
-        for fd in (self._master, self._slave):
-            if fd is not None:
-                os.close(fd)
+        close_pty(self.link, self._master, self._slave)
         if self._master is not None:
             log.info("card reader unplugged from %s", self.path)
         self._master = self._slave = None

@@ -29,6 +29,33 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 65536
 
 
+def open_raw_pty(link: Path | None = None) -> tuple[int, int, str]:
+    """A pty pair set raw (master non-blocking): (master, slave, slave path).
+
+    ``link``, when given, is pointed at the slave path atomically (a udev-style name).
+    """
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)  # ETX (0x03) is VINTR in cooked mode
+    os.set_blocking(master, False)
+    path = os.ttyname(slave)
+    if link is not None:
+        tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path)
+        tmp.replace(link)
+    return master, slave, path
+
+
+def close_pty(link: Path | None, *fds: int | None) -> None:
+    """Remove the link and close the pair: the other side's reads fail with EIO."""
+    if link is not None:
+        link.unlink(missing_ok=True)
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
 class SerialEnd:
     """The simulator's end of a serial line; see the module docstring."""
 
@@ -68,18 +95,8 @@ class SerialEnd:
         """Create the pty (and the link); return the slave path."""
         if self._fd is not None:
             return self.path
-        master, slave = os.openpty()
-        tty.setraw(master)
-        tty.setraw(slave)
-        os.set_blocking(master, False)
-        self._fd, self._slave = master, slave
+        self._fd, self._slave, self.path = open_raw_pty(self.link)
         self._generation += 1
-        self.path = os.ttyname(slave)
-        if self.link is not None:
-            tmp = self.link.with_name(f".{self.link.name}.{os.getpid()}.tmp")
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(self.path)
-            tmp.replace(self.link)
         log.info("serial line plugged in at %s", self.path)
         return self.path
 
@@ -87,12 +104,8 @@ class SerialEnd:
         """Close the pty (the other side sees EIO) and remove the link."""
         if self.device is not None:
             raise RuntimeError("a real device cannot be unplugged by software")
-        if self.link is not None:
-            self.link.unlink(missing_ok=True)
         self._forget_waiters()
-        for fd in (self._fd, self._slave):
-            if fd is not None:
-                os.close(fd)
+        close_pty(self.link, self._fd, self._slave)
         self._fd = self._slave = None
 
     def replug(self) -> str:
