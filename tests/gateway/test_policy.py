@@ -16,7 +16,7 @@ import pytest
 from gateway.events import EventEncoder
 from gateway.metrics import Metrics
 from gateway.policy import ConsentPolicy, FootfallAggregator
-from simulators.central import contract_schemas
+from simulators.contract_schemas import contract_schemas
 from tests.gateway.consent_helpers import Clock, Rig, card, enter
 
 A, B = "k1:" + "a" * 22, "k1:" + "b" * 22

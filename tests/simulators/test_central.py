@@ -22,7 +22,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from simulators.broker import Mosquitto
-from simulators.central import Central, ContractSchemas, Invalid, contract_schemas
+from simulators.central import Central
+from simulators.contract_schemas import ContractSchemas, Invalid, contract_schemas
 from tests.gateway.test_contract_schemas import BAD_EVENTS, EXAMPLES, RECEIPT, REGISTRY, _mutate
 from tests.gateway.test_contract_schemas import batch as contract_batch
 

@@ -23,8 +23,9 @@ from gateway.config import MqttConfig
 from gateway.forwarder import Forwarder
 from gateway.mqtt import PahoPublisher
 from simulators.broker import Mosquitto
-from simulators.central import Central, contract_schemas
+from simulators.central import Central
 from simulators.consent_api import ConsentAPI, load_script
+from simulators.contract_schemas import contract_schemas
 from tests.gateway.consent_helpers import STORE, Clock, Rig, card
 
 A, B, C = "k1:" + "A" * 22, "k1:" + "B" * 22, "k1:" + "C" * 22
