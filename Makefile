@@ -11,14 +11,15 @@ STAMP  := $(VENV)/.installed-stamp
 APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install system-deps lint bench fuzz clean help
+.PHONY: demo test install system-deps lint bench fuzz soak clean help
 
 help:
 	@echo "make demo   run the daemon against simulated hardware (Ctrl-C stops it)"
 	@echo "make test   run the whole test suite"
 	@echo "make lint   ruff and mypy --strict"
-	@echo "make bench  run the benchmarks and print their figures"
+	@echo "make bench  every benchmark, one report in $(BENCH_OUT)/ (md, json, plots); several minutes"
 	@echo "make fuzz   the long fuzz run (hypothesis deep profile + atheris)"
+	@echo "make soak   a simulated week of a busy store in ~10 min (SOAK_DAYS, SOAK_MINUTES)"
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -48,11 +49,25 @@ lint: install
 	$(BIN)/ruff check gateway drivers simulators tests
 	$(BIN)/mypy
 
+# The benchmark report: report.md, report.json and plots in BENCH_OUT.  To refresh the
+# README's table too: make bench BENCH_ARGS='--readme README.md'
+BENCH_OUT  ?= bench-report
+BENCH_ARGS ?=
 bench: install
-	$(BIN)/touchpoint-gateway bench pipeline
+	$(BIN)/touchpoint-gateway bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 fuzz: install
 	TOUCHPOINT_FUZZ=deep $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=0 tests/fuzz $(PYTEST_ARGS)
+
+# The soak (tests/soak/): samples, plot and rig files in SOAK_OUT; the report and plot
+# are also written to tests/soak/REPORT.md and tests/soak/soak.png, to be committed.
+SOAK_DAYS    ?= 7
+SOAK_MINUTES ?= 10
+SOAK_OUT     ?= soak-out
+soak: install
+	rm -rf $(SOAK_OUT)/work
+	$(BIN)/python -m tests.soak.soak_run --days $(SOAK_DAYS) --minutes $(SOAK_MINUTES) \
+	  --out $(SOAK_OUT) --report tests/soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import sqlite3
 import statistics
 import tempfile
@@ -35,6 +36,7 @@ from gateway.ports import Reading
 KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 SUBJECTS = 200
 WINDOW, BATCH = 20, 500
+DEADLINE_S = 300.0  # a reference that gets no PUBACK says so instead of hanging
 
 
 class _Source:
@@ -135,17 +137,21 @@ def run_reference(work: Path, port: int, n: int) -> float:
     )
     prefix = batch_prefix("bench", "ref", "00112233aabbccdd")
     window = threading.Semaphore(WINDOW)
-    acked: dict[int, tuple[int, int]] = {}
-    lock = threading.Lock()
-    done = threading.Event()
-    pending = {"n": 0}
+    # The callback only enqueues: paho holds its own message lock while it calls
+    # on_publish, so a lock of ours taken there and around publish() deadlocks.
+    acked: queue.SimpleQueue[int] = queue.SimpleQueue()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     ranges: dict[int, tuple[int, int]] = {}
 
     def on_publish(c: Any, u: Any, mid: int, rc: Any, p: Any) -> None:
-        with lock:
-            acked[mid] = ranges.pop(mid)
+        acked.put(mid)
         window.release()
+
+    def settled() -> list[tuple[int, int]]:
+        out = []
+        while not acked.empty():
+            out.append(ranges.pop(acked.get()))
+        return out
 
     client.on_publish = on_publish
     client.connect("127.0.0.1", port)
@@ -159,29 +165,24 @@ def run_reference(work: Path, port: int, n: int) -> float:
         conn.execute("BEGIN")
         conn.executemany("INSERT INTO events VALUES (?, ?)", rows)
         conn.execute("COMMIT")
-        window.acquire()
-        with lock:
-            info = client.publish(
-                "bench/ref/events", batch_payload(prefix, [b for _, b in rows]), qos=1
-            )
-            ranges[info.mid] = (lo, seq)
-        with lock:
-            settled = list(acked.values())
-            acked.clear()
-        if settled:
+        if not window.acquire(timeout=DEADLINE_S):
+            raise RuntimeError(f"reference: no PUBACK within {DEADLINE_S:.0f}s")
+        info = client.publish(
+            "bench/ref/events", batch_payload(prefix, [b for _, b in rows]), qos=1
+        )
+        ranges[info.mid] = (lo, seq)  # before settled() can look for it
+        done = settled()
+        if done:
             conn.execute("BEGIN")
-            conn.executemany("DELETE FROM events WHERE seq BETWEEN ? AND ?", settled)
+            conn.executemany("DELETE FROM events WHERE seq BETWEEN ? AND ?", done)
             conn.execute("COMMIT")
     for _ in range(WINDOW):
-        window.acquire()
-    with lock:
-        settled = list(acked.values())
+        if not window.acquire(timeout=DEADLINE_S):
+            raise RuntimeError(f"reference: no PUBACK within {DEADLINE_S:.0f}s")
     conn.execute("BEGIN")
-    conn.executemany("DELETE FROM events WHERE seq BETWEEN ? AND ?", settled)
+    conn.executemany("DELETE FROM events WHERE seq BETWEEN ? AND ?", settled())
     conn.execute("COMMIT")
     elapsed = time.perf_counter() - t0
-    done.set()
-    pending["n"] = 0
     client.disconnect()
     client.loop_stop()
     conn.close()
@@ -223,6 +224,11 @@ def bench_pipeline(quick: bool = False) -> dict[str, Any]:
         "ratio": round(ours / ref, 3),
         "p50_ms": round(_pct(lat, 50) * 1000, 2),
         "p99_ms": round(_pct(lat, 99) * 1000, 2),
+        "latency_percentiles_ms": {
+            str(q): round(_pct(lat, q) * 1000, 2) for q in (10, 25, 50, 75, 90, 95, 99, 99.9)
+        }
+        | {"100": round(max(lat, default=float("nan")) * 1000, 2)},
+        "latency_samples": len(lat),
         "latency_rate_per_s": rate,
         "wan_rtt_ms": rtt * 1000,
         "wan_events_per_s": round(wan),
@@ -252,14 +258,19 @@ def _benchmarks() -> dict[
 ]:
     from gateway.bench_ble import bench_ble, print_ble
     from gateway.bench_drain import bench_drain, print_drain
+    from gateway.bench_memory import bench_memory, print_memory
     from gateway.bench_qr import bench_qr, print_qr
 
     return {
         "pipeline": (bench_pipeline, print_pipeline),
-        "qr": (bench_qr, print_qr),
-        "ble": (bench_ble, print_ble),
         "drain": (bench_drain, print_drain),
+        "ble": (bench_ble, print_ble),
+        "qr": (bench_qr, print_qr),
+        "memory": (bench_memory, print_memory),
     }
+
+
+BENCHMARKS = ("pipeline", "drain", "ble", "qr", "memory")  # the report's order
 
 
 def run_bench(which: str, *, as_json: bool, quick: bool) -> int:

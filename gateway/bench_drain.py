@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import socket
 import sqlite3
 import subprocess
@@ -71,15 +72,21 @@ def _reference_drain(db: Path, port: int) -> tuple[int, float]:
     conn.execute("PRAGMA synchronous = FULL")
     prefix = batch_prefix("bench", "ref", "00112233aabbccdd")
     window = threading.Semaphore(WINDOW)
-    lock = threading.Lock()
-    acked: list[int] = []
+    # The callback only enqueues: paho holds its own message lock while it calls
+    # on_publish, so a lock of ours taken there and around publish() deadlocks.
+    acked: queue.SimpleQueue[int] = queue.SimpleQueue()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     los: dict[int, int] = {}
 
     def on_publish(c: Any, u: Any, mid: int, rc: Any, p: Any) -> None:
-        with lock:
-            acked.append(los.pop(mid))
+        acked.put(mid)
         window.release()
+
+    def settled() -> list[tuple[int]]:
+        out = []
+        while not acked.empty():
+            out.append((los.pop(acked.get()),))
+        return out
 
     client.on_publish = on_publish
     client.connect("127.0.0.1", port)
@@ -89,17 +96,16 @@ def _reference_drain(db: Path, port: int) -> tuple[int, float]:
     for lo, count, body in conn.execute("SELECT lo, n, body FROM chunks ORDER BY lo").fetchall():
         if not window.acquire(timeout=DEADLINE_S):
             raise RuntimeError("reference: no PUBACK within the deadline")
-        with lock:
-            info = client.publish("bench/ref/events", batch_payload(prefix, [body]), qos=1)
-            los[info.mid] = lo
-            done, acked[:] = list(acked), []
+        info = client.publish("bench/ref/events", batch_payload(prefix, [body]), qos=1)
+        los[info.mid] = lo  # before settled() can look for it
         n += count
+        done = settled()
         if done:
-            conn.executemany("DELETE FROM chunks WHERE lo = ?", [(x,) for x in done])
+            conn.executemany("DELETE FROM chunks WHERE lo = ?", done)
     for _ in range(WINDOW):
         if not window.acquire(timeout=DEADLINE_S):
             raise RuntimeError("reference: no PUBACK within the deadline")
-    conn.executemany("DELETE FROM chunks WHERE lo = ?", [(x,) for x in acked])
+    conn.executemany("DELETE FROM chunks WHERE lo = ?", settled())
     elapsed = time.perf_counter() - t0
     client.disconnect()
     client.loop_stop()
