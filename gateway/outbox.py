@@ -50,6 +50,7 @@ T = TypeVar("T")
 
 EVICT_MIN_EVENTS = 100
 WAL_RESERVE_MAX = 8 * 1024 * 1024  # free space kept for the WAL when the disk is small
+RECAP_INTERVAL_S = 1.0  # how often the cap follows the filesystem's free space
 
 
 @dataclass(slots=True)
@@ -141,6 +142,7 @@ class Outbox:
         self._max_outstanding = 4 * cfg.commit_max_events
         self._capacity = asyncio.Event()
         self._last_write_ok: bool | None = None  # writer thread only
+        self._recap_at = 0.0  # writer thread only: when to size the cap to the disk again
 
     # -- lifecycle (blocking; call before the pipeline starts) ------------------------
 
@@ -180,9 +182,10 @@ class Outbox:
         """Cap the file at ``max_bytes``, or lower when the filesystem has less room.
 
         A filesystem that fills before the cap (a small partition, other files) would
-        leave SQLite unable to grow the WAL even to delete rows, so the cap also keeps
-        a reserve for the WAL (half the free space, at most ``WAL_RESERVE_MAX``;
-        checkpointed at a quarter of it) out of the free space.  Returns the cap in pages.
+        leave SQLite unable to grow the WAL even to delete rows.  So the buffer's room
+        on the filesystem (its files plus the free space) is split: half of it, at most
+        ``WAL_RESERVE_MAX``, is kept for the WAL (checkpointed at a quarter of that),
+        the rest may hold the database.  Returns the cap in pages.
         """
         pages = max(16, self.cfg.max_bytes // self._page_size)
         if ceiling is not None:  # never above the cap in force
@@ -191,15 +194,15 @@ class Outbox:
         path = Path(self.cfg.path)
         try:
             fs = os.statvfs(path.parent)
-            wal = path.with_name(path.name + "-wal")
-            wal_bytes = wal.stat().st_size if wal.exists() else 0
+            room = fs.f_bavail * fs.f_frsize
+            for f in (path, path.with_name(path.name + "-wal")):
+                room += f.stat().st_size if f.exists() else 0
         except OSError:
-            fs = None
-        if fs is not None:
-            room = fs.f_bavail * fs.f_frsize + wal_bytes  # the WAL's space is reused
+            room = -1
+        if room >= 0:
             reserve = min(WAL_RESERVE_MAX, room // 2)
             conn.execute(f"PRAGMA wal_autocheckpoint = {max(16, reserve // 4 // self._page_size)}")
-            pages = min(pages, current + (room - reserve) // self._page_size)
+            pages = min(pages, (room - reserve) // self._page_size)
         # max_page_count cannot be set below the current size; it then stays at the size.
         return int(conn.execute(f"PRAGMA max_page_count = {max(pages, current, 16)}").fetchone()[0])
 
@@ -346,7 +349,27 @@ class Outbox:
     def expire(self, now: float | None = None) -> asyncio.Future[int]:
         """Delete rows older than ``max_age_s``, oldest first, in bounded chunks."""
         cutoff = (self.now() if now is None else now) - self.cfg.max_age_s
-        return self.write(lambda c: _expire(c, cutoff))
+        written = self.write(lambda c: _expire(c, cutoff))
+        assert self._loop is not None
+        out: asyncio.Future[int] = self._loop.create_future()
+
+        def settle(fut: asyncio.Future[int]) -> None:
+            """A failed write is shown by ``buffer_write_ok``; expiry runs again later."""
+            if out.done():
+                return
+            if fut.cancelled():
+                out.cancel()
+                return
+            exc = fut.exception()
+            if exc is None:
+                out.set_result(fut.result())
+            elif isinstance(exc, BufferError_):
+                out.set_result(0)
+            else:
+                out.set_exception(exc)
+
+        written.add_done_callback(settle)
+        return out
 
     def stats(self) -> asyncio.Future[dict[str, Any]]:
         return self.read(lambda c: buffer_stats(c, self.now()))
@@ -424,6 +447,10 @@ class Outbox:
                     )
                 conn.execute("COMMIT")
                 self._write_ok(True)
+                if time.monotonic() >= self._recap_at:  # follow the filesystem's free space
+                    self._recap_at = time.monotonic() + RECAP_INTERVAL_S
+                    with contextlib.suppress(sqlite3.Error):
+                        self._set_max_pages(conn)
                 return appended
             except sqlite3.Error as exc:
                 self._rollback(conn)

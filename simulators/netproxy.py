@@ -7,6 +7,20 @@
         proxy.cut()                # drop every open connection
 
 Delay is applied per direction to each chunk, in order, like a long cable.
+
+With ``mqtt=True`` the proxy cuts both directions into MQTT control packets (a fixed
+header: the packet type in the high nibble of the first byte, then the remaining length
+as a variable byte integer; the same in MQTT 3.1.1 and 5) for packet-level faults:
+
+    proxy.lose_pubacks(every=5)     # every 5th PUBACK to a client is lost with its link
+    proxy.cut_mid_publish(every=7)  # every 7th PUBLISH from a client is cut half way
+    proxy.clear_faults()
+    proxy.pubacks_lost, proxy.publishes_cut   # how many so far
+
+A lost PUBACK is the broker's acknowledgement dying with the connection after the broker
+took the message: the client must send it again on its next connection (a duplicate,
+never a loss).  A publish cut half way through is a link dying mid-batch: the broker
+never sees the message, and the client must send it again.
 """
 
 from __future__ import annotations
@@ -17,13 +31,60 @@ import threading
 import time
 from types import TracebackType
 
+PUBLISH, PUBACK = 3, 4
+_CUT = b"\x00cut"  # queued after the last bytes a faulty link passes on
+
+
+class MqttFrames:
+    """Cut a byte stream into whole MQTT control packets (pure; no I/O)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Append ``data``; return the packets it completes, in order."""
+        self.buf += data
+        out = []
+        while (n := packet_length(self.buf)) is not None and len(self.buf) >= n:
+            out.append(bytes(self.buf[:n]))
+            del self.buf[:n]
+        return out
+
+
+def packet_length(buf: bytes | bytearray) -> int | None:
+    """The whole packet's length from its fixed header, or None while it is incomplete.
+
+    Raises ValueError for a remaining length longer than the four bytes MQTT allows.
+    """
+    value, mult = 0, 1
+    for i in range(1, min(len(buf), 5)):
+        value += (buf[i] & 0x7F) * mult
+        if not buf[i] & 0x80:
+            return 1 + i + value
+        mult *= 128
+    if len(buf) >= 5:
+        raise ValueError("malformed MQTT remaining length (more than 4 bytes)")
+    return None
+
 
 class NetProxy:
     def __init__(
-        self, upstream_port: int, *, upstream_host: str = "127.0.0.1", delay_s: float = 0.0
+        self,
+        upstream_port: int,
+        *,
+        upstream_host: str = "127.0.0.1",
+        delay_s: float = 0.0,
+        mqtt: bool = False,
     ) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.delay_s = delay_s
+        self.mqtt = mqtt
+        self._puback_every = 0
+        self._publish_every = 0
+        self._pubacks_seen = 0
+        self._publishes_seen = 0
+        self.pubacks_lost = 0
+        self.publishes_cut = 0
         self.port = 0
         self._accepting = True
         self._loop = asyncio.new_event_loop()
@@ -41,7 +102,32 @@ class NetProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _inspect(self, upstream: bool, frames: MqttFrames, data: bytes) -> tuple[bytes, bool]:
+        """The bytes to pass on, and whether the link dies after them."""
+        out = bytearray()
+        for packet in frames.feed(data):
+            kind = packet[0] >> 4
+            if not upstream and kind == PUBACK and self._puback_every:
+                self._pubacks_seen += 1
+                if self._pubacks_seen % self._puback_every == 0:
+                    self.pubacks_lost += 1
+                    return bytes(out), True
+            if upstream and kind == PUBLISH and self._publish_every:
+                self._publishes_seen += 1
+                if self._publishes_seen % self._publish_every == 0:
+                    self.publishes_cut += 1
+                    return bytes(out + packet[: len(packet) // 2]), True
+            out += packet
+        return bytes(out), False
+
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        upstream: bool = False,
+        peer: asyncio.StreamWriter | None = None,
+    ) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
         async def pump() -> None:
@@ -52,14 +138,29 @@ class NetProxy:
                 wait = due - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                if data is _CUT:  # the link dies: both ends see a reset
+                    await asyncio.sleep(0.05)  # let the bytes before it leave
+                    for w in (writer, peer):
+                        if w is not None:
+                            w.transport.abort()
+                    break
                 writer.write(data)
                 await writer.drain()
 
         task = asyncio.create_task(pump())
+        frames = MqttFrames() if self.mqtt else None
         try:
             while data := await reader.read(65536):
-                await queue.put((time.monotonic() + self.delay_s, data))
-        except (ConnectionError, OSError):
+                due = time.monotonic() + self.delay_s
+                cut = False
+                if frames is not None:
+                    data, cut = self._inspect(upstream, frames, data)
+                if data:
+                    await queue.put((due, data))
+                if cut:
+                    await queue.put((due, _CUT))
+                    break
+        except (ConnectionError, OSError, ValueError):
             pass
         finally:
             await queue.put((0.0, b""))
@@ -79,7 +180,10 @@ class NetProxy:
         self.connections += 1
         self._conns.update((writer, up_writer))
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(
+                self._pipe(reader, up_writer, upstream=True, peer=writer),
+                self._pipe(up_reader, writer, peer=up_writer),
+            )
         finally:
             self._conns.discard(writer)
             self._conns.discard(up_writer)
@@ -89,6 +193,23 @@ class NetProxy:
             fn()  # type: ignore[operator]
 
         asyncio.run_coroutine_threadsafe(run(), self._loop).result(5)
+
+    def lose_pubacks(self, every: int) -> None:
+        """Lose every ``every``-th PUBACK to a client, and that connection with it."""
+        self._need_mqtt()
+        self._pubacks_seen, self._puback_every = 0, every
+
+    def cut_mid_publish(self, every: int) -> None:
+        """Cut every ``every``-th PUBLISH from a client half way, and its connection."""
+        self._need_mqtt()
+        self._publishes_seen, self._publish_every = 0, every
+
+    def clear_faults(self) -> None:
+        self._puback_every = self._publish_every = 0
+
+    def _need_mqtt(self) -> None:
+        if not self.mqtt:
+            raise ValueError("packet faults need NetProxy(..., mqtt=True)")
 
     def refuse(self) -> None:
         self._accepting = False

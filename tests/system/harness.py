@@ -9,6 +9,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,8 @@ class GatewayProc:
         consented: list[str] | None = None,
         mqtt_extra: str = "",
         buffer_extra: str = "",
+        buffer_path: Path | None = None,
+        health_port: int | None = None,
     ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -42,8 +48,11 @@ class GatewayProc:
             for s in (consented or [])
         ]
         (self.dir / "seed.json").write_text(json.dumps({"records": records}), encoding="utf-8")
-        self.db = self.dir / "buffer.db"
+        self.db = buffer_path or self.dir / "buffer.db"
         self.config = self.dir / "gateway.toml"
+        self.env: dict[str, str] = dict(os.environ)
+        self.health_port = health_port
+        health = f'[health]\nlisten = "127.0.0.1:{health_port}"\n' if health_port else ""
         self._template = f"""
 [gateway]
 store = "{STORE}"
@@ -53,7 +62,7 @@ active = "k1"
 [keyring.keys]
 k1 = "k1.key"
 [buffer]
-path = "buffer.db"
+path = "{self.db}"
 {buffer_extra}
 [mqtt]
 host = "127.0.0.1"
@@ -69,7 +78,7 @@ batch_max_events = 200
 seed_file = "seed.json"
 [status]
 summary_interval_s = 1
-"""
+{health}"""
         self.set_sources(sources)
         self.log = self.dir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -85,7 +94,7 @@ summary_interval_s = 1
                 [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config)],
                 stdout=log,
                 stderr=log,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**self.env, "PYTHONUNBUFFERED": "1"},
             )
 
     def wait_log(self, text: str, timeout: float = 15) -> None:
@@ -182,3 +191,79 @@ name = "load"
 rate_per_s = {rate}
 cards = {cards}
 """
+
+
+class ConfigGatewayProc(GatewayProc):
+    """The daemon on a config written elsewhere (a ``StoreRig``'s), in its environment.
+
+    ``set_sources`` keeps everything before the config's first ``[[sources]]`` and
+    replaces the sources, so ``drain_and_stop`` works as for ``GatewayProc``;
+    ``restore_config`` puts the original file back.
+    """
+
+    def __init__(self, config: Path, *, env: Mapping[str, str] | None = None) -> None:
+        self.config = Path(config)
+        self.dir = self.config.parent
+        self.original = self.config.read_text(encoding="utf-8")
+        doc = tomllib.loads(self.original)
+        self.db = Path(doc["buffer"]["path"])
+        if not self.db.is_absolute():
+            self.db = self.dir / self.db
+        ring = doc["keyring"]
+        self.keyring = Keyring.from_files(
+            {k: self.dir / v for k, v in ring["keys"].items()}, ring["active"]
+        )
+        listen = doc.get("health", {}).get("listen")
+        self.health_port = int(listen.rpartition(":")[2]) if listen else None
+        self.env = dict(env if env is not None else os.environ)
+        head, sep, _ = self.original.partition("\n[[sources]]")
+        self._template = head + "\n" if sep else self.original
+        self.log = self.dir / "gateway.log"
+        self.proc = None
+        self._log_mark = 0
+
+    def restore_config(self) -> None:
+        self.config.write_text(self.original, encoding="utf-8")
+
+
+def http_get(port: int, path: str, timeout: float = 10) -> tuple[int, bytes]:
+    """GET ``path`` from the daemon's loopback health endpoint: (status, body)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return int(r.status), r.read()
+    except urllib.error.HTTPError as exc:  # 503 still carries the document
+        return int(exc.code), exc.read()
+
+
+def healthz(port: int) -> tuple[int, dict[str, Any]]:
+    status, body = http_get(port, "/healthz")
+    doc: dict[str, Any] = json.loads(body)
+    return status, doc
+
+
+def metrics(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """/metrics parsed: name (without the touchpoint_ prefix) -> {sorted labels: value}."""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for line in http_get(port, "/metrics")[1].decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, rest = series.partition("{")
+        labels: list[tuple[str, str]] = []
+        for part in rest.rstrip("}").split('",'):
+            if "=" in part:
+                k, _, v = part.partition("=")
+                labels.append((k, v.strip('"')))
+        out.setdefault(name.removeprefix("touchpoint_"), {})[tuple(sorted(labels))] = float(value)
+    return out
+
+
+def by_source(
+    families: Mapping[str, Mapping[tuple[tuple[str, str], ...], float]], name: str
+) -> dict[str, float]:
+    """A counter of ``metrics()`` summed per ``source`` label."""
+    out: dict[str, float] = {}
+    for labels, value in families.get(name, {}).items():
+        src = dict(labels).get("source", "")
+        out[src] = out.get(src, 0.0) + value
+    return out
