@@ -15,6 +15,11 @@ Bytes from the till are parsed by ``drivers.escpos`` on their way through:
   Only the bytes of an incomplete command header (at most ``escpos.MAX_HEADER``) are
   held back, so that a cut split across TCP segments is still seen before it is sent.
 
+A printer that refuses or times out a connection turns the source's state to
+``error`` (the till's job is closed, as a printer switched off would do) and is probed
+(connect, then close at once) with jittered backoff until it accepts again; it is never
+probed while it works.
+
 Printer replies (``DLE EOT`` status, ...) are relayed to the till unaltered.  A till
 that stays silent for ``idle_timeout_s`` is treated as done, so it cannot hold the
 printer forever.  Tokens and QR payloads are never logged.
@@ -39,6 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Protocol, Self
 
+from drivers.backoff import Backoff, device_error
 from drivers.escpos import EscPosParser, qr_native, qr_raster
 from gateway.config import ReceiptTapSourceConfig
 from gateway.errors import SourceError
@@ -53,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 65536
+PROBE_MIN_S, PROBE_MAX_S = 1.0, 30.0  # an unreachable printer is probed this often
 COUNTER_MAX = 0xFFFFFFFF
 _MIGRATIONS = (
     (
@@ -339,12 +346,65 @@ class ReceiptTap(TapBase):
         metrics: Metrics | None = None,
         name: str = "receipt-tap",
         now: Callable[[], float] = time.time,
+        on_state: Callable[[str, str], None] | None = None,
     ) -> None:
         super().__init__(settings, minting, on_printed, metrics, name, now)
         self.settings = settings
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._on_state = on_state
+        self._probe: asyncio.Task[None] | None = None  # while the printer is unreachable
         self.port = 0
+
+    @property
+    def printer_unreachable(self) -> bool:
+        return self._probe is not None
+
+    def _state(self, state: str, detail: str) -> None:
+        if self._on_state is not None:
+            self._on_state(state, detail)
+
+    def _printer_down(self, why: str) -> None:
+        """A job could not reach the printer: say so, and probe it until it answers."""
+        if self._probe is not None:
+            return
+        s = self.settings
+        self._state("error", f"printer {s.printer_host}:{s.printer_port} unreachable ({why})")
+        self._probe = asyncio.create_task(self._probe_printer(), name=f"{self.name}-probe")
+
+    def _printer_up(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return
+        if probe is not asyncio.current_task():
+            probe.cancel()
+        s = self.settings
+        log.info("%s: printer %s:%d reachable again", self.name, s.printer_host, s.printer_port)
+        self._state("ok", self.listening)
+
+    async def _probe_printer(self) -> None:
+        """Connect and close at once, with jittered backoff, until the printer accepts.
+
+        Only while it is unreachable: a printer that takes one connection at a time is
+        never probed while it works.
+        """
+        s = self.settings
+        backoff = Backoff(PROBE_MIN_S, PROBE_MAX_S)
+        while True:
+            await asyncio.sleep(backoff.next())
+            try:
+                async with asyncio.timeout(s.connect_timeout_s):
+                    _, writer = await asyncio.open_connection(s.printer_host, s.printer_port)
+            except (OSError, TimeoutError):
+                continue
+            await _close(writer)
+            self._printer_up()
+            return
+
+    @property
+    def listening(self) -> str:
+        s = self.settings
+        return f"listening on {s.listen_host}:{self.port} for {s.printer_host}:{s.printer_port}"
 
     async def start(self) -> int:
         """Start listening; return the bound port."""
@@ -361,6 +421,11 @@ class ReceiptTap(TapBase):
 
     async def close(self) -> None:
         """Stop listening, end every open till connection, stop the worker thread."""
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -389,12 +454,15 @@ class ReceiptTap(TapBase):
                 printer_r, printer_w = await asyncio.open_connection(s.printer_host, s.printer_port)
         except (OSError, TimeoutError) as exc:
             self._count("receipt_tap_printer_unreachable_total")
+            why = "timed out" if isinstance(exc, TimeoutError) else device_error(exc)
             log.warning(
                 "%s: printer %s:%d unreachable (%s); closing the till connection",
-                self.name, s.printer_host, s.printer_port, exc.__class__.__name__,
+                self.name, s.printer_host, s.printer_port, why,
             )  # fmt: skip
+            self._printer_down(why)
             await _close(till_w)
             return
+        self._printer_up()
         self._count("receipt_tap_jobs_total")
         up = asyncio.create_task(self._upstream(till_r, printer_w), name=f"{self.name}-up")
         down = asyncio.create_task(self._relay(printer_r, till_w), name=f"{self.name}-down")
@@ -502,13 +570,13 @@ class ReceiptTapSource:
             )  # fmt: skip
         else:
             tap = ReceiptTap(
-                self._settings(), minting, queue.put_nowait, ctx.metrics, self.name, ctx.now
-            )
+                self._settings(), minting, queue.put_nowait, ctx.metrics, self.name, ctx.now,
+                ctx.set_state,
+            )  # fmt: skip
         try:
             if isinstance(tap, ReceiptTap):
                 self.port = await tap.start()
-                printer = f"{c.printer_host}:{c.printer_port}"
-                ctx.set_state("ok", f"listening on {c.listen_host}:{self.port} for {printer}")
+                ctx.set_state("ok", tap.listening)
             else:
                 await tap.start()
             while True:

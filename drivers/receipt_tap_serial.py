@@ -48,8 +48,8 @@ from typing import Literal
 
 import serial
 
+from drivers.backoff import Backoff, device_error
 from drivers.receipt_tap import JobForwarder, Minting, Printed, TapBase
-from drivers.serial_cards import Backoff, _why
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class SerialPort:
         except BlockingIOError:
             return b""
         except OSError as exc:
-            raise self._lost(_why(exc)) from None
+            raise self._lost(device_error(exc)) from None
         if not data:
             raise self._lost("device hung up")
         return data
@@ -215,7 +215,7 @@ class SerialPort:
             except BlockingIOError:
                 await self._ready(fd, write=True)
             except OSError as exc:
-                raise self._lost(_why(exc)) from None
+                raise self._lost(device_error(exc)) from None
 
 
 def _software_flow_control(fd: int, side: Side) -> None:
@@ -322,7 +322,7 @@ class SerialReceiptTap(TapBase):
             try:
                 port.open()
             except OSError as exc:
-                port.why = f"cannot open: {_why(exc)}"
+                port.why = f"cannot open: {device_error(exc)}"
                 self._report()
                 await asyncio.sleep(backoff.next())
                 continue

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import serial
 
+from drivers.backoff import Backoff, device_error
 from drivers.card_frames import Card, Decoder, Rejected, decoder_for
 from gateway.config import SerialCardSource as SerialCardConfig
 from gateway.errors import RejectedInput
@@ -77,23 +76,6 @@ class Debouncer:
         return last is None or not 0 <= now - last < self.window_s
 
 
-class Backoff:
-    """Jittered exponential delays from ``low`` up to ``high`` seconds."""
-
-    def __init__(self, low: float, high: float) -> None:
-        self.low = low
-        self.high = max(low, high)
-        self._attempt = 0
-
-    def reset(self) -> None:
-        self._attempt = 0
-
-    def next(self) -> float:
-        ceiling = min(self.high, self.low * 2 ** min(self._attempt, 32))
-        self._attempt += 1
-        return random.uniform(max(self.low, ceiling / 2), ceiling)
-
-
 class SerialCardSource:
     """A card reader on a serial port; yields ``card.read`` Readings."""
 
@@ -114,6 +96,10 @@ class SerialCardSource:
         """An erasure: drop the subject's debounce entry (called by the daemon)."""
         self._debounce.forget(subject)
 
+    def memory_sizes(self) -> dict[str, int]:
+        """Entries in this source's in-memory tables (``Gateway.memory_stats``)."""
+        return {"debounce": len(self._debounce)}
+
     async def readings(self) -> AsyncIterator[Reading]:
         """Read cards until cancelled, reopening the device whenever it goes away."""
         backoff = Backoff(self.config.reopen_min_s, self.config.reopen_max_s)
@@ -124,7 +110,7 @@ class SerialCardSource:
             try:
                 port = serial.Serial(device, self.config.baudrate, timeout=0, exclusive=True)
             except OSError as exc:  # serial.SerialException is an OSError
-                self._report("absent", f"cannot open {device}: {_why(exc)}")
+                self._report("absent", f"cannot open {device}: {device_error(exc)}")
                 await asyncio.sleep(backoff.next())
                 continue
             opened_at = loop.time()
@@ -135,7 +121,7 @@ class SerialCardSource:
                     got_data = True
                     yield reading
             except OSError as exc:
-                self._report("absent", f"lost {device}: {_why(exc)}")
+                self._report("absent", f"lost {device}: {device_error(exc)}")
             finally:
                 port.close()
             for reading in self._results(self._decoder.flush()):  # counts a cut-off frame
@@ -207,10 +193,3 @@ class SerialCardSource:
                 )
             )
         return out
-
-
-def _why(exc: BaseException) -> str:
-    """A short reason for a device error (errno text, never data)."""
-    if isinstance(exc, OSError) and isinstance(exc.errno, int):
-        return os.strerror(exc.errno)
-    return str(exc) or exc.__class__.__name__

@@ -197,6 +197,35 @@ def test_printer_unreachable_closes_the_till_connection() -> None:
     run(scenario)
 
 
+def test_an_unreachable_printer_is_a_state_and_is_probed_until_it_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("drivers.receipt_tap.PROBE_MIN_S", 0.05)
+    monkeypatch.setattr("drivers.receipt_tap.PROBE_MAX_S", 0.2)
+    states: list[tuple[str, str]] = []
+
+    async def scenario() -> None:
+        async with FakePrinter() as gone:
+            port = gone.port
+        settings = TapSettings(printer_host="127.0.0.1", printer_port=port, listen_port=0)
+        async with ReceiptTap(settings, on_state=lambda s, d: states.append((s, d))) as tap:
+            reader, writer = await asyncio.open_connection("127.0.0.1", tap.port)
+            assert await reader.read() == b""
+            writer.close()
+            assert states[-1][0] == "error" and f"127.0.0.1:{port} unreachable" in states[-1][1]
+            assert tap.printer_unreachable
+            await asyncio.sleep(0.5)  # probes keep failing: no state flapping
+            assert [s for s, _ in states] == ["error"]
+            async with FakePrinter(port=port) as back:  # the printer is switched on again
+                async with asyncio.timeout(10):
+                    while tap.printer_unreachable:
+                        await asyncio.sleep(0.02)
+                assert states[-1] == ("ok", tap.listening)
+                assert back.connections >= 1 and back.jobs == [b""], "a probe prints nothing"
+
+    run(scenario)
+
+
 def split_injection(sent: bytes, printed: bytes) -> bytes:
     """The bytes the tap added: ``printed`` must be ``sent`` with one block before the cut."""
     cut = parse(sent).cuts

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import serial
 
-from drivers.serial_cards import Backoff, Debouncer, SerialCardSource
+from drivers.backoff import Backoff
+from drivers.serial_cards import Debouncer, SerialCardSource
 from gateway.config import SerialCardSource as SerialCardConfig
 from gateway.identity import Keyring
 from gateway.metrics import Metrics

@@ -274,8 +274,6 @@ class Fault:
 
 # Known gaps in the drivers, found by this test; strict, so a fix makes them fail loudly.
 KNOWN_GAPS = {
-    "printer": "the receipt tap counts receipt_tap_printer_unreachable_total and logs, but "
-    "keeps its state 'ok' while the printer refuses connections",
     "ble": "after its watchdog fires the BLE source restarts the scan with D-Bus calls that "
     "hang on a hung BlueZ, and its state stays 'ok' meanwhile",
 }
