@@ -157,7 +157,7 @@ KILLS = 20
 EVERY_SOURCE = {"bulk-cards", "till-2-card", "entrance-ble", "kiosk-cam", "till-2-printer"}
 
 
-@pytest.mark.slow  # about 100 s on an idle 2-core box, 3 min on a busy one
+# About 100 s on an idle 2-core box, 3 min on a busy one.
 def test_kill9_at_random_moments_under_store_load(
     loaded_rig: StoreRig, reaper: list[GatewayProc]
 ) -> None:
