@@ -29,7 +29,6 @@ import binascii
 import contextlib
 import hashlib
 import logging
-import random
 import secrets
 import threading
 import time
@@ -40,13 +39,13 @@ from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from drivers.backoff import Backoff
 from drivers.qr_decoders import Image, QrDecoder, make_decoder, prepare, scale_for
 from gateway.config import CameraSourceConfig
 from gateway.errors import RejectedInput, SourceError
 from gateway.ports import Reading, SourceContext
-from gateway.tokens import ReplaySet, classify_qr, load_public_key
+from gateway.tokens import AppPublicKey, ReplaySet, classify_qr, load_public_key
 
 log = logging.getLogger(__name__)
 
@@ -87,22 +86,6 @@ class ScanDebouncer:
             if len(self._last) > self.max_entries:
                 self._last.popitem(last=False)
         return fresh
-
-
-class Backoff:
-    """Jittered exponential delays from ``low`` to ``high`` seconds."""
-
-    def __init__(self, low: float, high: float) -> None:
-        self.low, self.high = low, max(low, high)
-        self._next = low
-
-    def reset(self) -> None:
-        self._next = self.low
-
-    def next(self) -> float:
-        delay = self._next * random.uniform(0.8, 1.2)
-        self._next = min(self.high, self._next * 2)
-        return delay
 
 
 class Mailbox:
@@ -213,13 +196,13 @@ class CameraSource:
         self._debounce = ScanDebouncer(config.debounce_s)
         self._place = {"zone": config.zone} if config.zone is not None else {"lane": config.lane}
         self._scale = scale_for(config.min_module_px)
-        self._key: Ed25519PublicKey | None = None
+        self._key: AppPublicKey | None = None
         self._streamed = False
 
     def _count(self, metric: str, amount: float = 1, **labels: str) -> None:
         self._ctx.metrics.inc(metric, amount, source=self.name, **labels)
 
-    def _load_key(self) -> Ed25519PublicKey | None:
+    def _load_key(self) -> AppPublicKey | None:
         c = self.config
         text = c.app_public_key
         if c.app_public_key_file is not None:
@@ -243,6 +226,10 @@ class CameraSource:
         told apart by subject, so it is emptied (a code in view counts as a new scan).
         The token replay set stays: it only blocks re-use until the token expires."""
         self._debounce.clear()
+
+    def memory_sizes(self) -> dict[str, int]:
+        """Entries in this source's in-memory tables (``Gateway.memory_stats``)."""
+        return {"debounce": len(self._debounce), "token_replay": len(self._replay)}
 
     async def readings(self) -> AsyncGenerator[Reading, None]:
         """Capture, decode and classify until cancelled; reopen the stream when it is lost."""
@@ -286,7 +273,10 @@ class CameraSource:
         counted = (0, 0)
         try:
             while True:
-                await ready.wait()
+                # A failure right after a last frame wakes the loop once, for both: after
+                # that frame is decoded, the failure must not wait for a wake that is gone.
+                if box.failure is None:
+                    await ready.wait()
                 ready.clear()
                 frame = box.take()
                 counted = self._flush_counts(box, counted)

@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 
 from gateway.clock import clock_is_set
 from gateway.errors import RejectedInput, TokenError
@@ -166,15 +166,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def load_public_key(raw: bytes) -> Ed25519PublicKey:
+# The central's Ed25519 public key.  libsodium (PyNaCl) verifies it: the gateway needs
+# nothing else of a crypto library, and it costs ~1 MiB resident where cryptography's
+# OpenSSL bindings cost ~6 MiB (a Pi's memory budget, `bench memory`).
+AppPublicKey = VerifyKey
+
+
+def load_public_key(raw: bytes) -> AppPublicKey:
     """The central public key from its raw 32 bytes (ValueError if it is not one)."""
     if len(raw) != 32:
         raise ValueError(f"an Ed25519 public key has 32 bytes, not {len(raw)}")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    return VerifyKey(raw)
 
 
 def verify_app_token(
-    text: str, public_key: Ed25519PublicKey, now: float, replay: ReplaySet | None
+    text: str, public_key: AppPublicKey, now: float, replay: ReplaySet | None
 ) -> AppClaims:
     """Verify an app token and record its (sub, nonce) in ``replay``; or raise TokenError.
 
@@ -193,8 +199,8 @@ def verify_app_token(
         raise TokenError("format", "signature is not 64 bytes")
     signed = f"{parts[0]}.{parts[1]}".encode("ascii")
     try:
-        public_key.verify(signature, signed)
-    except InvalidSignature:
+        public_key.verify(signed, signature)
+    except BadSignatureError:
         raise TokenError("signature", "signature does not verify") from None
     claims = _parse_claims(claims_raw)
     if not clock_is_set(now):
@@ -305,7 +311,7 @@ def classify_qr(
     payload: bytes,
     *,
     keyring: Keyring,
-    app_public_key: Ed25519PublicKey | None,
+    app_public_key: AppPublicKey | None,
     receipt_prefixes: Iterable[str],
     now: float,
     replay: ReplaySet | None,

@@ -86,7 +86,7 @@ VECTOR_PUBLIC = load_public_key(base64.b64decode(VECTORS["app_token_public_key_b
 # A fixed key of our own: mutated claims are re-signed with it so the claims parser is
 # reached (a mutation under the contract's key only ever reaches the signature check).
 FUZZ_PRIVATE = Ed25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
-FUZZ_PUBLIC = FUZZ_PRIVATE.public_key()
+FUZZ_PUBLIC = load_public_key(FUZZ_PRIVATE.public_key().public_bytes_raw())
 RECEIPT_PREFIX = "HTTPS://R.EXAMPLE.COM/R/"
 NOW = 1_795_000_100.0
 

@@ -321,7 +321,7 @@ def test_app_token_is_consent_evidence(
 ) -> None:
     """A valid token (contract vectors) is consent for app:<sub>, source token, for the
     configured time; a live registry record wins; a withdrawal always wins."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from gateway.tokens import load_public_key
 
     async def run() -> None:
         tok = vectors["app_tokens"][0]
@@ -329,9 +329,7 @@ def test_app_token_is_consent_evidence(
         clock = Clock(float(claims["iat"]))
         rig = Rig(tmp_path / "b.db", clock, policy_name="hold")
         await rig.open()
-        key = Ed25519PublicKey.from_public_bytes(
-            base64.b64decode(vectors["app_token_public_key_base64"])
-        )
+        key = load_public_key(base64.b64decode(vectors["app_token_public_key_base64"]))
         qr = classify_qr(
             tok["token"].encode(),
             keyring=keyring,

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+    )
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +17,7 @@ from gateway.clock import CLOCK_FLOOR
 from gateway.errors import TokenError
 from gateway.identity import Keyring
 from gateway.tokens import (
+    AppPublicKey,
     ReplaySet,
     classify_qr,
     load_public_key,
@@ -44,12 +44,12 @@ def private() -> Ed25519PrivateKey:
 
 
 @pytest.fixture(scope="module")
-def public(private: Ed25519PrivateKey) -> Ed25519PublicKey:
-    return private.public_key()
+def public(private: Ed25519PrivateKey) -> AppPublicKey:
+    return load_public_key(private.public_key().public_bytes_raw())
 
 
 @pytest.fixture(scope="module")
-def vector_key(vectors: dict[str, Any]) -> Ed25519PublicKey:
+def vector_key(vectors: dict[str, Any]) -> AppPublicKey:
     return load_public_key(base64.b64decode(vectors["app_token_public_key_base64"]))
 
 
@@ -72,7 +72,7 @@ def claims(**over: Any) -> dict[str, Any]:
 
 
 def test_app_token_vectors(
-    vectors: dict[str, Any], vector_key: Ed25519PublicKey, keyring: Keyring
+    vectors: dict[str, Any], vector_key: AppPublicKey, keyring: Keyring
 ) -> None:
     for vec in vectors["app_tokens"]:
         want = vec["claims"]
@@ -100,7 +100,7 @@ def test_app_token_vectors(
         assert result.evidence.expires == want["iat"] + 24 * 3600
 
 
-def test_invalid_app_token_vectors(vectors: dict[str, Any], vector_key: Ed25519PublicKey) -> None:
+def test_invalid_app_token_vectors(vectors: dict[str, Any], vector_key: AppPublicKey) -> None:
     now = vectors["app_tokens"][0]["claims"]["iat"]
     reasons = []
     for token in vectors["app_tokens_invalid"]:
@@ -144,7 +144,7 @@ def test_receipt_token_vectors(vectors: dict[str, Any], keyring: Keyring) -> Non
     ],
 )
 def test_validity_window_edges(
-    private: Ed25519PrivateKey, public: Ed25519PublicKey, now: float, reason: str | None
+    private: Ed25519PrivateKey, public: AppPublicKey, now: float, reason: str | None
 ) -> None:
     token = sign(private, claims())
     if reason is None:
@@ -156,7 +156,7 @@ def test_validity_window_edges(
 
 
 def test_replay_rejected_then_forgotten_after_exp(
-    private: Ed25519PrivateKey, public: Ed25519PublicKey
+    private: Ed25519PrivateKey, public: AppPublicKey
 ) -> None:
     mono = [0.0]
     replay = ReplaySet(mono=lambda: mono[0])
@@ -174,7 +174,7 @@ def test_replay_rejected_then_forgotten_after_exp(
 
 
 def test_rejected_token_is_not_recorded(
-    private: Ed25519PrivateKey, public: Ed25519PublicKey
+    private: Ed25519PrivateKey, public: AppPublicKey
 ) -> None:
     replay = ReplaySet()
     token = sign(private, claims())
@@ -211,14 +211,14 @@ def test_replay_set_hard_cap_evicts_soonest_expiry() -> None:
     ],
 )
 def test_bad_claims(
-    private: Ed25519PrivateKey, public: Ed25519PublicKey, bad: dict[str, Any]
+    private: Ed25519PrivateKey, public: AppPublicKey, bad: dict[str, Any]
 ) -> None:
     with pytest.raises(TokenError) as info:
         verify_app_token(sign(private, claims(**bad)), public, T0, ReplaySet())
     assert info.value.reason == "claims"
 
 
-def test_signed_garbage_claims(private: Ed25519PrivateKey, public: Ed25519PublicKey) -> None:
+def test_signed_garbage_claims(private: Ed25519PrivateKey, public: AppPublicKey) -> None:
     for body in [b"[" * 3000, b"\xff\xfe", b"null", b'{"iat": NaN}', b"1" * 5000]:
         head = "TPA1." + b64u(body)
         token = head + "." + b64u(private.sign(head.encode()))
@@ -227,7 +227,7 @@ def test_signed_garbage_claims(private: Ed25519PrivateKey, public: Ed25519Public
         assert info.value.reason in ("claims", "format")
 
 
-def test_unknown_purposes_dropped(private: Ed25519PrivateKey, public: Ed25519PublicKey) -> None:
+def test_unknown_purposes_dropped(private: Ed25519PrivateKey, public: AppPublicKey) -> None:
     got = verify_app_token(
         sign(private, claims(purposes=["marketing", "spam", "analytics", "marketing"])),
         public,
@@ -237,7 +237,7 @@ def test_unknown_purposes_dropped(private: Ed25519PrivateKey, public: Ed25519Pub
     assert got.purposes == ("analytics", "marketing")
 
 
-def test_wrong_key_is_signature(vectors: dict[str, Any], public: Ed25519PublicKey) -> None:
+def test_wrong_key_is_signature(vectors: dict[str, Any], public: AppPublicKey) -> None:
     vec = vectors["app_tokens"][0]
     with pytest.raises(TokenError) as info:
         verify_app_token(vec["token"], public, vec["claims"]["iat"], None)
@@ -293,7 +293,7 @@ def test_mint_rejects_bad_input(args: tuple[Any, ...]) -> None:
 # ---------------------------------------------------------------------- classification
 
 
-def classify(payload: bytes, keyring: Keyring, key: Ed25519PublicKey | None, **kw: Any) -> Any:
+def classify(payload: bytes, keyring: Keyring, key: AppPublicKey | None, **kw: Any) -> Any:
     return classify_qr(
         payload,
         keyring=keyring,
@@ -317,7 +317,7 @@ def test_classify_receipt(vectors: dict[str, Any], keyring: Keyring) -> None:
     assert classify(token.encode(), keyring, None).kind == "other"
 
 
-def test_classify_other_keeps_nothing(keyring: Keyring, public: Ed25519PublicKey) -> None:
+def test_classify_other_keeps_nothing(keyring: Keyring, public: AppPublicKey) -> None:
     for payload in [b"https://shop.example/x", b"", b"\xff\x00", b"A" * 100_000, b"TPA1"]:
         got = classify(payload, keyring, public)
         assert got.kind == "other"
@@ -331,7 +331,7 @@ def test_classify_app_without_key_is_rejected(private: Ed25519PrivateKey, keyrin
 
 
 def test_classify_app_without_known_purposes_has_no_evidence(
-    private: Ed25519PrivateKey, public: Ed25519PublicKey, keyring: Keyring
+    private: Ed25519PrivateKey, public: AppPublicKey, keyring: Keyring
 ) -> None:
     got = classify(sign(private, claims(purposes=[])).encode(), keyring, public)
     assert got.kind == "app"
@@ -358,7 +358,7 @@ _hostile = st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(payload=_hostile)
 def test_classify_survives_any_bytes(
-    payload: bytes, keyring: Keyring, vector_key: Ed25519PublicKey
+    payload: bytes, keyring: Keyring, vector_key: AppPublicKey
 ) -> None:
     try:
         got = classify(payload, keyring, vector_key, replay=ReplaySet())
@@ -372,7 +372,7 @@ def test_classify_survives_any_bytes(
 
 
 def test_an_unset_clock_judges_no_token(
-    private: Ed25519PrivateKey, public: Ed25519PublicKey
+    private: Ed25519PrivateKey, public: AppPublicKey
 ) -> None:
     """A Pi booted without RTC reads 1970 until NTP: tokens are refused as clock_unset."""
     token = sign(private, claims())
@@ -388,7 +388,7 @@ def test_an_unset_clock_judges_no_token(
 
 @pytest.mark.parametrize("step_s", [86_400.0, -86_400.0, 3_600.0 * 24 * 365])
 def test_a_used_token_stays_used_across_wall_clock_steps(
-    private: Ed25519PrivateKey, public: Ed25519PublicKey, step_s: float
+    private: Ed25519PrivateKey, public: AppPublicKey, step_s: float
 ) -> None:
     """NTP stepping the clock away and back cannot make a used token usable again."""
     mono = [0.0]
