@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
-    )
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -173,9 +173,7 @@ def test_replay_rejected_then_forgotten_after_exp(
     assert len(replay) == 0
 
 
-def test_rejected_token_is_not_recorded(
-    private: Ed25519PrivateKey, public: AppPublicKey
-) -> None:
+def test_rejected_token_is_not_recorded(private: Ed25519PrivateKey, public: AppPublicKey) -> None:
     replay = ReplaySet()
     token = sign(private, claims())
     with pytest.raises(TokenError):
@@ -210,9 +208,7 @@ def test_replay_set_hard_cap_evicts_soonest_expiry() -> None:
         {"purposes": [1]},
     ],
 )
-def test_bad_claims(
-    private: Ed25519PrivateKey, public: AppPublicKey, bad: dict[str, Any]
-) -> None:
+def test_bad_claims(private: Ed25519PrivateKey, public: AppPublicKey, bad: dict[str, Any]) -> None:
     with pytest.raises(TokenError) as info:
         verify_app_token(sign(private, claims(**bad)), public, T0, ReplaySet())
     assert info.value.reason == "claims"
@@ -371,9 +367,7 @@ def test_classify_survives_any_bytes(
 # ------------------------------------------------------------------------- clock steps
 
 
-def test_an_unset_clock_judges_no_token(
-    private: Ed25519PrivateKey, public: AppPublicKey
-) -> None:
+def test_an_unset_clock_judges_no_token(private: Ed25519PrivateKey, public: AppPublicKey) -> None:
     """A Pi booted without RTC reads 1970 until NTP: tokens are refused as clock_unset."""
     token = sign(private, claims())
     replay = ReplaySet()
