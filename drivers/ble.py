@@ -2,12 +2,22 @@
 
     BleSource(config, ctx).readings()  ->  Reading(presence.enter / presence.exit)
 
-    bleak callback --enqueue only--> queue --> parse (drivers.ble_adverts)
-        --> allow-list --> pseudonym (LRU cache) --> PresenceTracker --> Readings
+    bleak callback --enqueue only--> deque --(tick timer, or at once for a flood)-->
+        parse (drivers.ble_adverts) --> allow-list --> pseudonym (LRU cache)
+        --> PresenceTracker --> Readings --> readings() (woken only when there are some)
 
 The scanner is started once and left running (never duty-cycled): active scanning with
 BlueZ's duplicate filter off so RSSI updates keep coming, or passive scanning with
-or-patterns for the three beacon formats (BlueZ >= 5.56 with --experimental).
+or-patterns for the three beacon formats.  Passive needs BlueZ >= 5.56 started with
+--experimental (firmware-config/bluez/): before each scanner start the adapter is asked
+for its AdvertisementMonitorManager1; without one the source **falls back to active
+scanning** (presence keeps working), says why in a warning and in its status detail
+(``scanning hci0 (active, as BlueZ offers no AdvertisementMonitorManager1 ...)``), sets
+``ble_passive_unavailable`` and scans passively again once BlueZ offers it.
+
+Clocks: presence windows, silence, dwell and the watchdog run on ``time.monotonic()``;
+events carry the context's wall clock (``ctx.now``) as ``at``.  A wall-clock step (NTP
+fixing a Pi that booted without an RTC) neither ends nor freezes a presence.
 
 Recovery ladder (after Home Assistant's habluetooth), run by one named task:
 
@@ -18,9 +28,16 @@ Recovery ladder (after Home Assistant's habluetooth), run by one named task:
     no advert for watchdog_s                 -> stop and restart the scanner
     still none for another watchdog_s        -> power-cycle the adapter, then restart
 
+The watchdog only fires after ``watchdog_s`` without a single advert: the callback counts
+adverts, a check every ``min(1 s, watchdog_s / 4)`` notes when the count last moved, so
+sparse adverts (gaps shorter than ``watchdog_s``) never restart the scanner.
+
 Library errors are mapped here, once, by D-Bus error name (never by message text).
 Nothing here logs a beacon id or a MAC address: adverts are reduced to a pseudonym
 before they reach any state, and the device address is never read.
+
+Real hardware: ``TOUCHPOINT_REAL_BLE=hci0 pytest tests/drivers/test_ble_real.py`` scans
+the real adapter for a few seconds through this source (skipped without the variable).
 """
 
 from __future__ import annotations
@@ -40,7 +57,7 @@ from bleak.exc import BleakDBusError, BleakError
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from drivers.ble_adverts import AdvertResolver, AllowList
+from drivers.ble_adverts import OURS, AdvertResolver, AllowList
 from gateway.metrics import Cell
 from gateway.ports import Reading, SourceContext
 from gateway.presence import Decision, PresenceParams, PresenceTracker, PseudonymCache
@@ -55,6 +72,11 @@ log = logging.getLogger(__name__)
 
 _BLUEZ = "org.bluez"
 _ADAPTER = "org.bluez.Adapter1"
+_MONITOR_MANAGER = "org.bluez.AdvertisementMonitorManager1"
+_NO_PASSIVE = (
+    "BlueZ offers no AdvertisementMonitorManager1 on {adapter}: passive scanning needs "
+    "BlueZ >= 5.56 started with --experimental (firmware-config/bluez/)"
+)
 _PROPS = "org.freedesktop.DBus.Properties"
 _NO_BLUEZ = {
     "org.freedesktop.DBus.Error.ServiceUnknown",
@@ -67,10 +89,13 @@ _RECOVERY = {
     "org.bluez.Error.NotReady": "reset",
 }
 _STOP_TIMEOUT_S = 5.0
-_BATCH_S = 0.05  # adverts wait at most this long: handled in batches, not one wake-up per
-# D-Bus read (presence works in seconds: 50 ms of latency costs nothing, and saves ~40 %
-# of the CPU at store rates of a few hundred adverts/s)
-_BATCH_N = 256  # ...or as soon as this many wait
+# Adverts are handled in batches by one repeating timer (every _TICK_S, or a quarter of
+# the shortest presence timing if that is shorter), not by a wake-up per D-Bus read or
+# per batch: presence works in seconds, so 0.25 s of latency costs nothing, while at
+# store rates of a few hundred adverts/s every extra wake-up of the loop costs more CPU
+# than the adverts' handling.  A flood (_BATCH_N waiting) is handled at once.
+_TICK_S = 0.25
+_BATCH_N = 256
 _MALFORMED = {"ibeacon_malformed", "altbeacon_malformed", "eddystone_malformed", "ad_malformed"}
 PASSIVE_PATTERNS: list[OrPatternLike] = [
     OrPattern(0, AdvertisementDataType.MANUFACTURER_SPECIFIC_DATA, b"\x4c\x00\x02\x15"),
@@ -108,6 +133,21 @@ class AdapterControl:
         if not reply.body[0].value:
             return "absent", "adapter powered off"
         return "ok", ""
+
+    async def passive_support(self) -> str:
+        """Why the adapter cannot scan passively with or-patterns; "" when it can."""
+        try:
+            reply = await self._call("GetAll", "s", [_MONITOR_MANAGER])
+        except (OSError, EOFError) as exc:
+            self.close()
+            return f"system D-Bus unavailable ({exc.__class__.__name__})"
+        adapter = self.path.rsplit("/", 1)[-1]
+        if reply.message_type == MessageType.ERROR:
+            return _NO_PASSIVE.format(adapter=adapter)
+        types = reply.body[0].get("SupportedMonitorTypes")
+        if types is None or "or_patterns" not in types.value:
+            return f"BlueZ's AdvertisementMonitorManager1 on {adapter} lacks or_patterns"
+        return ""
 
     async def power_cycle(self) -> bool:
         """Power the adapter off and on again; True if both steps were accepted."""
@@ -148,72 +188,111 @@ class BleSource:
         self.resolver = AdvertResolver(self.allow, self.pseudonyms.get,
                                        config.pseudonym_cache_size)  # fmt: skip
         self._counted: dict[str, Cell] = {}  # result -> its ble_adverts_total cell
+        self._ours = self.ctx.metrics.counter("ble_adverts_total", source=self.name, result=OURS)
+        self._counted[OURS] = self._ours
         self.control = AdapterControl(config.adapter)
+        self.monotonic = time.monotonic  # presence windows and the watchdog: never stepped
         self._pending: deque[AdvertisementData] = deque()  # the callback's queue (bounded)
+        self._out: deque[Reading] = deque()  # readings waiting for readings() to yield
+        self._failure: BaseException | None = None  # a bug in the batch handler
         self._waiter: asyncio.Future[None] | None = None  # set while readings() waits
         self._ticker: asyncio.TimerHandle | None = None
+        self._hurried = False  # a flood's batch is scheduled ahead of the tick
+        self._no_passive = ""  # why passive scanning is unavailable ("" = it is, or unasked)
         self._scanner: BleakScanner | None = None
+        self._running = False
         self._last_advert = time.monotonic()  # updated by the watchdog from _heard
         self._heard = 0  # adverts bleak reported (the callback counts; no clock read)
         self._queue_size = config.queue_size
-        self._tick_s = max(0.05, min(1.0, config.silence_s / 4))
+        # a batch waits at most a tick: short next to the shortest presence timing
+        shortest = min(config.silence_s, config.smoothing_window_s, config.min_dwell_s or 1e9)
+        self._tick_s = max(0.05, min(_TICK_S, shortest / 4))
+        self._batch_n = min(_BATCH_N, config.queue_size)
 
     # -- the bleak callback: enqueue only ---------------------------------------------
 
     def _on_advert(self, device: BLEDevice, adv: AdvertisementData) -> None:
-        self._heard += 1
+        self._heard += 1  # for the watchdog: no clock read per advert
         pending = self._pending
-        if len(pending) >= self._queue_size:
-            self.ctx.metrics.inc("ble_adverts_dropped_total", source=self.name)
+        if len(pending) < self._batch_n:
+            pending.append(adv)  # as bleak made it: no copy, no timer
             return
-        pending.append(adv)  # as bleak made it: no copy, no clock read per advert
-        waiting = len(pending)
-        if waiting == 1:  # the first of a batch: drain them all a moment from now
-            asyncio.get_running_loop().call_later(_BATCH_S, self._wake)
-        elif waiting == _BATCH_N:  # a flood: drain now, long before the queue fills
-            self._wake()
+        if not self._hurried:  # a flood: handle it right after this read, not at the tick
+            self._hurried = True
+            asyncio.get_running_loop().call_soon(self._on_batch)
+        if len(pending) < self._queue_size:
+            pending.append(adv)
+        else:
+            self.ctx.metrics.inc("ble_adverts_dropped_total", source=self.name)
 
     def _wake(self, *_: object) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _on_batch(self) -> None:
+        """A flood's batch, scheduled by the callback to run right after bleak's read."""
+        self._hurried = False
+        self._handle(tick=False)
+
     def _on_tick(self) -> None:
-        self._wake()
+        """Repeating timer: the waiting adverts, then expiry of silent tracks."""
         self._ticker = asyncio.get_running_loop().call_later(self._tick_s, self._on_tick)
+        self._handle(tick=True)
+
+    def _handle(self, *, tick: bool) -> None:
+        """Run the pipeline on the loop (never inside bleak's callback).  readings() is
+        only woken when that made a reading: adverts are many, events few."""
+        if not self._running or self._failure is not None:
+            return
+        try:
+            self._drain()
+            if tick:
+                self._emit(self.tracker.tick(now=self.monotonic(), wall=self.ctx.now()))
+                self.ctx.metrics.set("ble_tracked_subjects", len(self.tracker), source=self.name)
+        except Exception as exc:  # handed to readings(), which raises it
+            self._failure = exc
+        if self._out or self._failure is not None:
+            self._wake()
 
     # -- the pipeline -----------------------------------------------------------------
 
-    def _drain(self) -> list[Reading]:
+    def _drain(self) -> None:
         """Every waiting advert through resolve -> count -> presence, dated now.
 
-        One call and one clock read per batch; a batch waited at most ``_BATCH_S``
-        (longer only under a backlog, where the bus already delayed it as much).
+        One call and two clock reads (monotonic for presence, wall for the events) per
+        batch; a batch waited at most one tick (longer only under a backlog, where the
+        bus already delayed it as much).
         """
-        out: list[Reading] = []
-        pending, resolve, observe = self._pending, self.resolver.resolve, self.tracker.observe
-        counted, zone, at = self._counted, self.config.zone, self.ctx.now()
-        while pending:
-            adv = pending.popleft()
+        pending = self._pending
+        if not pending:
+            return
+        popleft, resolve, observe = pending.popleft, self.resolver.resolve, self.tracker.observe
+        counted, zone = self._counted, self.config.zone
+        now, wall = self.monotonic(), self.ctx.now()
+        ours = 0
+        while pending:  # popped, not iterated: each advert is freed once handled
+            adv = popleft()
             result, subject = resolve(adv.manufacturer_data, adv.service_data)
+            if subject is not None:
+                ours += 1
+                decisions = observe(subject, zone, adv.rssi, now, wall)
+                if decisions:
+                    self._emit(decisions)
+                continue
             cell = counted.get(result)
             if cell is None:
                 cell = counted[result] = self.ctx.metrics.counter(
                     "ble_adverts_total", source=self.name, result=result
                 )
             cell.value += 1
-            if subject is None:
-                if result in _MALFORMED:
-                    self.ctx.reject(result)
-                continue
-            decisions = observe(subject, zone, adv.rssi, now=at)
-            if decisions:
-                out.extend(self._readings(decisions))
-        return out
+            if result in _MALFORMED:
+                self.ctx.reject(result)
+        self._ours.value += ours
 
-    def _readings(self, decisions: list[Decision]) -> list[Reading]:
-        return [Reading(type=d.type, source=self.name, at=d.at, subject=d.subject,
-                        attrs=d.attrs) for d in decisions]  # fmt: skip
+    def _emit(self, decisions: list[Decision]) -> None:
+        self._out.extend(Reading(type=d.type, source=self.name, at=d.at, subject=d.subject,
+                                 attrs=d.attrs) for d in decisions)  # fmt: skip
 
     def forget(self, subject: str) -> None:
         """An erasure: drop the subject's presence tracks (no exit is sent) and the
@@ -222,38 +301,43 @@ class BleSource:
         self.resolver.forget(subject)
         self.pseudonyms.forget(subject)
 
+    def memory_sizes(self) -> dict[str, int]:
+        """Entries in this source's in-memory tables (``Gateway.memory_stats``)."""
+        return {"presence_tracks": len(self.tracker), "pseudonym_cache": len(self.pseudonyms),
+                "advert_cache": len(self.resolver), "advert_queue": len(self._pending)}  # fmt: skip
+
     async def readings(self) -> AsyncIterator[Reading]:
         """Run the scanner and yield presence readings until cancelled or closed.
 
-        The callback appends to a deque; the first advert of a batch wakes this loop
-        ``_BATCH_S`` later (the ``_BATCH_N``th at once), and it drains every advert
-        waiting before it yields.  A
-        repeating timer wakes it every tick for expiries.  No future or timer per advert.
+        The callback appends to a deque; a repeating timer puts every waiting advert
+        through the pipeline each tick and expires silent tracks (a flood's batch of
+        ``_BATCH_N`` goes at once).  Those callbacks wake this loop only when they made a
+        reading.  No future or timer per advert or per batch.
         """
         loop = asyncio.get_running_loop()
+        self._pending.clear()
+        self._out.clear()
+        self._failure = None
+        self._hurried = False
+        self._running = True
         scan = asyncio.create_task(self._scan_loop(), name=f"ble-scan-{self.name}")
         scan.add_done_callback(self._wake)
         self._ticker = loop.call_later(self._tick_s, self._on_tick)
-        pending = self._pending
-        next_tick = 0.0
+        out = self._out
         try:
             while True:
                 if scan.done():
                     scan.result()  # a bug in the ladder ends the source loudly
-                if not pending:
+                if self._failure is not None:
+                    raise self._failure  # ...and so does a bug in the pipeline
+                if not out:
                     self._waiter = loop.create_future()
                     await self._waiter
-                out = self._drain()
-                now = self.ctx.now()
-                if now >= next_tick:
-                    next_tick = now + self._tick_s
-                    out.extend(self._readings(self.tracker.tick(now=now)))
-                    self.ctx.metrics.set(
-                        "ble_tracked_subjects", len(self.tracker), source=self.name
-                    )
-                for reading in out:
-                    yield reading
+                    continue
+                while out:
+                    yield out.popleft()
         finally:
+            self._running = False
             self._waiter = None
             if self._ticker is not None:
                 self._ticker.cancel()
@@ -263,9 +347,25 @@ class BleSource:
 
     # -- scanner lifecycle and recovery ladder ----------------------------------------
 
-    def _new_scanner(self) -> BleakScanner:
+    async def _scan_mode(self) -> str:
+        """The mode to start the scanner in: the configured one, or ``active`` when
+        ``passive`` is configured but BlueZ cannot do it (said once, in the log and the
+        source's status, and checked again at every scanner start)."""
+        if self.config.scanning_mode != "passive":
+            return "active"
+        why = await self.control.passive_support()
+        if why != self._no_passive:
+            if why:
+                log.warning("%s: %s; scanning actively instead", self.name, why)
+            else:
+                log.info("%s: passive scanning available on %s", self.name, self.config.adapter)
+            self._no_passive = why
+            self.ctx.metrics.set("ble_passive_unavailable", 1 if why else 0, source=self.name)
+        return "active" if why else "passive"
+
+    def _new_scanner(self, mode: str) -> BleakScanner:
         adapter = self.config.adapter
-        if self.config.scanning_mode == "passive":
+        if mode == "passive":
             return BleakScanner(
                 self._on_advert,
                 scanning_mode="passive",
@@ -288,10 +388,10 @@ class BleSource:
             # the adapter or the bus is already gone: nothing left to stop
             log.debug("%s: stopping the scanner failed: %s", self.name, exc.__class__.__name__)
 
-    async def _start_scanner(self) -> str:
+    async def _start_scanner(self, mode: str) -> str:
         """Start a fresh scanner; returns "" or the recovery action its failure calls for."""
         await self._stop_scanner()
-        scanner = self._new_scanner()
+        scanner = self._new_scanner(mode)
         try:
             await scanner.start()
         except BleakDBusError as exc:
@@ -318,13 +418,13 @@ class BleSource:
         while True:
             await asyncio.sleep(check_s)
             if self._heard != heard:  # the last advert was heard within this check_s
-                heard, self._last_advert = self._heard, time.monotonic()
+                heard, self._last_advert = self._heard, self.monotonic()
             state, detail = await self.control.state()
             if state != "ok":
                 log.warning("%s: adapter %s lost: %s", self.name, self.config.adapter, detail)
                 self.ctx.set_state(state, detail)
                 return "absent"
-            if time.monotonic() - self._last_advert >= self.config.watchdog_s:
+            if self.monotonic() - self._last_advert >= self.config.watchdog_s:
                 return "silent"
 
     async def _scan_loop(self) -> None:
@@ -335,16 +435,17 @@ class BleSource:
             while True:
                 state, detail = await self.control.state()
                 if state != "ok":
-                    self.tracker.blind(now=self.ctx.now())
+                    self.tracker.blind(now=self.monotonic())
                     self.ctx.set_state(state, detail)
                     await self._stop_scanner()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, cfg.retry_max_s)
                     continue
                 self.ctx.set_state("connecting", f"starting scan on {cfg.adapter}")
-                action = await self._start_scanner()
+                mode = await self._scan_mode()
+                action = await self._start_scanner(mode)
                 if action:
-                    self.tracker.blind(now=self.ctx.now())
+                    self.tracker.blind(now=self.monotonic())
                     failures += 1
                     if action == "reset" or (action == "retry" and failures >= 2):
                         await self._reset_adapter("starting the scan kept failing")
@@ -353,11 +454,12 @@ class BleSource:
                     backoff = min(backoff * 2, cfg.retry_max_s)
                     continue
                 failures, backoff = 0, cfg.retry_min_s
-                started = self._last_advert = time.monotonic()
-                self.tracker.resume(now=self.ctx.now())
-                self.ctx.set_state("ok", f"scanning {cfg.adapter} ({cfg.scanning_mode})")
+                started = self._last_advert = self.monotonic()
+                self.tracker.resume(now=self.monotonic())
+                how = mode if mode == cfg.scanning_mode else f"active, as {self._no_passive}"
+                self.ctx.set_state("ok", f"scanning {cfg.adapter} ({how})")
                 outcome = await self._watch()
-                self.tracker.blind(now=self.ctx.now())
+                self.tracker.blind(now=self.monotonic())
                 if outcome != "silent":
                     strikes = 0
                     continue

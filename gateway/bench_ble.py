@@ -15,10 +15,11 @@ Three measurements, in one run:
   ratio, ``bleak_path_wall_ratio``, moves with whatever else the machine runs).
 - **peer, paced**: TheengsGateway (``python -m TheengsGateway``, publishing to a local
   mosquitto) scanning the same fake, beside the two above, while the fake sends adverts at
-  a fixed rate the peer can keep up with (``PACED_RATE``); CPU-seconds per 10,000 adverts
-  sent for all three (the peer's CPU read from /proc).  The peer scans continuously
-  (``-sd 3600 -tb 0``), not with its default 7 s on / 5 s off duty cycle that misses
-  ~40 % of adverts.
+  a fixed rate the peer can keep up with (``PACED_RATE``, exactly: fractional adverts
+  per 10 ms slot carry over), cycling through the flood's whole mix of devices;
+  CPU-seconds per 10,000 adverts sent for all three (the peer's CPU read from /proc).
+  The peer scans continuously (``-sd 3600 -tb 0``), not with its default 7 s on / 5 s
+  off duty cycle that misses ~40 % of adverts.
   ``cpu_ratio_vs_peer`` = our CPU per advert / the peer's.  If the peer cannot run,
   ``peer_error`` says why and no peer figure is given.
 
@@ -197,6 +198,7 @@ class _Flood:
             self.devices.append((kind, address, m, s, rssi))
         self.rng.shuffle(self.devices)
         self.rounds = 0
+        self.cursor = 0  # the next device of the round-robin
 
     def _one(self, index: int) -> bool:
         kind, address, m, s, rssi = self.devices[index]
@@ -208,10 +210,15 @@ class _Flood:
         return sent
 
     async def send(self, count: int) -> int:
-        """Send ``count`` adverts round-robin as fast as the bus takes them."""
+        """Send ``count`` adverts round-robin as fast as the bus takes them.
+
+        The round-robin goes on where the last call stopped, so small paced sends cycle
+        through every device (the whole mix) too, not just the first few.
+        """
         sent = 0
         for i in range(count):
-            index = i % len(self.devices)
+            index = self.cursor
+            self.cursor = (index + 1) % len(self.devices)
             if index == 0:
                 self.rounds += 1
             sent += self._one(index)
@@ -235,13 +242,16 @@ class _Flood:
         )
 
     async def paced(self, rate: float, seconds: float) -> int:
-        """Send at ``rate`` adverts/s for ``seconds`` (in 10 ms slots)."""
+        """Send at ``rate`` adverts/s for ``seconds`` (in 10 ms slots; a slot sends the
+        adverts due by its end, so fractional rates per slot come out exact)."""
         slot = 0.01
-        per_slot = max(1, round(rate * slot))
         start = time.monotonic()
-        sent = 0
+        sent = due = 0
         for n in range(round(seconds / slot)):
-            sent += await self.send(per_slot)
+            count = round(rate * slot * (n + 1)) - due
+            due += count
+            if count:
+                sent += await self.send(count)
             await asyncio.sleep(max(0.0, start + (n + 1) * slot - time.monotonic()))
         return sent
 

@@ -201,7 +201,8 @@ class BleSourceConfig(Model):
     zone: str = Field(min_length=1, max_length=64, description="Zone this adapter covers")
     scanning_mode: Literal["active", "passive"] = Field(
         default="active",
-        description="passive needs BlueZ >= 5.56 started with --experimental",
+        description="passive needs BlueZ >= 5.56 started with --experimental "
+        "(without it the source scans actively and says so in its status)",
     )
     allow_ibeacon_uuids: tuple[_BeaconUuid, ...] = Field(
         default=(), description="iBeacon proximity UUIDs that are ours"

@@ -1,8 +1,15 @@
 """Presence per (subject, zone): smoothed RSSI in, presence.enter / presence.exit out.
 
-Pure and clock-free: every call takes ``now`` (unix seconds), so timeouts are tested
-without sleeping.  Subjects are opaque strings (the driver passes pseudonyms), so this
-state never holds a raw identifier.
+Pure and clock-free: every call takes ``now``, so timeouts are tested without sleeping.
+Subjects are opaque strings (the driver passes pseudonyms), so this state never holds a
+raw identifier.
+
+Two clocks: ``now`` is a **monotonic** reading (``time.monotonic()``) and drives every
+window, silence, dwell and blind spell; ``wall`` (optional) is the wall clock at the same
+instant and only dates the events (``at = wall - (now - t)`` for a moment ``t``).  A
+wall-clock step (NTP correcting a Pi that booted without an RTC) therefore neither ends
+nor freezes a presence, and ``dwell_s`` is the real elapsed time.  Without ``wall`` one
+clock serves both (the unit tests, the benchmark).
 
 Smoothing is a **sliding median** over the samples of the last ``window_s`` seconds
 (at most ``window_samples`` of them).  RSSI from a phone or beacon is heavy-tailed:
@@ -27,6 +34,7 @@ listening (scanner restart), so that gap is not mistaken for silence.
 
 from __future__ import annotations
 
+import math
 from bisect import insort
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -87,7 +95,8 @@ class PresenceTracker:
     def __init__(self, params: PresenceParams) -> None:
         self.params = params
         self._tracks: OrderedDict[tuple[str, str], _Track] = OrderedDict()
-        self._head: _Track | None = None  # the least recently seen track; None: look it up
+        # no track falls silent before this (a lower bound: observe() calls tick() past it)
+        self._expiry = math.inf
         self._blind_since: float | None = None
         self.stats: dict[str, int] = {"passers_by": 0, "evicted": 0, "evicted_present": 0}
 
@@ -97,8 +106,6 @@ class PresenceTracker:
         keys = [k for k in self._tracks if k[0] == subject]
         for k in keys:
             del self._tracks[k]
-        if keys:
-            self._head = None  # look the least recently seen track up again
         return len(keys)
 
     def __len__(self) -> int:
@@ -108,28 +115,27 @@ class PresenceTracker:
     def present_count(self) -> int:
         return sum(1 for t in self._tracks.values() if t.present)
 
-    def observe(self, subject: str, zone: str, rssi: int, *, now: float) -> list[Decision]:
-        """Record one sighting; returns the decisions it (and expiries due by now) cause."""
+    def observe(
+        self, subject: str, zone: str, rssi: int, now: float, wall: float | None = None
+    ) -> list[Decision]:
+        """Record one sighting at monotonic ``now`` (``wall``: the wall clock then, to date
+        events); returns the decisions it (and expiries due by now) cause."""
         p = self.params
         tracks = self._tracks
-        out: list[Decision] = []
-        head = self._head
-        if head is None:
-            head = self._head = next(iter(tracks.values()), None)
-        if head is not None and now - head.last_seen >= p.silence_s:
-            out = self.tick(now=now)  # only when the least recently seen track is silent
+        # some track may have gone silent by now: expire it first
+        out = self.tick(now=now, wall=wall) if now >= self._expiry else []
         key = (subject, zone)
         track = tracks.get(key)
         if track is None:
-            out.extend(self._make_room())
+            out.extend(self._make_room(0.0 if wall is None else wall - now))
             size = p.window_samples
             track = _Track(deque(maxlen=size), deque(maxlen=size), [], now)
             tracks[key] = track
+            self._expiry = min(self._expiry, now + p.silence_s)
         else:
             tracks.move_to_end(key)
-            if track is self._head:
-                self._head = None
-            track.last_seen = max(track.last_seen, now)
+            if now > track.last_seen:  # noqa: PLR1730 (max() costs a call on the hot path)
+                track.last_seen = now
         times, values, ordered = track.times, track.values, track.ordered
         if len(values) == values.maxlen:
             ordered.remove(values[0])  # the deque drops its oldest value on append
@@ -150,23 +156,27 @@ class PresenceTracker:
                 return out
         elif track.arrived is None and (n < p.min_samples or smoothed < p.enter_rssi):
             return out
-        out.extend(self._step(key, track, now))
+        out.extend(self._step(key, track, now, 0.0 if wall is None else wall - now))
         return out
 
-    def tick(self, *, now: float) -> list[Decision]:
-        """Expire silent tracks and emit what that causes; call this every second or so."""
+    def tick(self, *, now: float, wall: float | None = None) -> list[Decision]:
+        """Expire silent tracks and emit what that causes; call this every second or so.
+
+        ``now`` is monotonic, ``wall`` the wall clock then (see ``observe``)."""
         if self._blind_since is not None:
             return []
         out: list[Decision] = []
         silence = self.params.silence_s
-        self._head = None
+        shift = 0.0 if wall is None else wall - now
         # tracks are in last-seen order: stop at the first one that is not yet silent
+        self._expiry = math.inf
         while self._tracks:
             key, track = next(iter(self._tracks.items()))
             if now - track.last_seen < silence:
+                self._expiry = track.last_seen + silence
                 break
             del self._tracks[key]
-            out.extend(self._leave(key, track, at=track.last_seen))
+            out.extend(self._leave(key, track, track.last_seen, shift))
         return out
 
     def blind(self, *, now: float) -> None:
@@ -182,12 +192,15 @@ class PresenceTracker:
         for track in self._tracks.values():
             track.last_seen = max(track.last_seen, now)
 
-    def _step(self, key: tuple[str, str], track: _Track, now: float) -> list[Decision]:
+    def _step(
+        self, key: tuple[str, str], track: _Track, now: float, shift: float
+    ) -> list[Decision]:
+        """The state machine for one track; ``shift`` turns a monotonic time into wall."""
         p = self.params
         enough = len(track.values) >= p.min_samples
         if track.present:
             if track.smoothed < p.exit_rssi:
-                return self._leave(key, track, at=now)
+                return self._leave(key, track, now, shift)
             return []
         if track.arrived is None:
             if enough and track.smoothed >= p.enter_rssi:
@@ -201,10 +214,13 @@ class PresenceTracker:
         if now - track.arrived >= p.min_dwell_s:
             track.present = True
             attrs = {"zone": key[1], "rssi": round(track.smoothed)}
-            return [Decision(ENTER, key[0], key[1], track.arrived, attrs)]
+            return [Decision(ENTER, key[0], key[1], track.arrived + shift, attrs)]
         return []
 
-    def _leave(self, key: tuple[str, str], track: _Track, *, at: float) -> list[Decision]:
+    def _leave(
+        self, key: tuple[str, str], track: _Track, at: float, shift: float
+    ) -> list[Decision]:
+        """End a track at monotonic ``at``: an exit if it was present (dated ``at + shift``)."""
         arrived, was_present = track.arrived, track.present
         track.arrived, track.present = None, False
         if not was_present or arrived is None:
@@ -212,17 +228,17 @@ class PresenceTracker:
                 self.stats["passers_by"] += 1
             return []
         dwell = max(0, round(at - arrived))
-        return [Decision(EXIT, key[0], key[1], at, {"zone": key[1], "dwell_s": dwell})]
+        attrs = {"zone": key[1], "dwell_s": dwell}
+        return [Decision(EXIT, key[0], key[1], at + shift, attrs)]
 
-    def _make_room(self) -> list[Decision]:
+    def _make_room(self, shift: float) -> list[Decision]:
         out: list[Decision] = []
-        self._head = None
         while len(self._tracks) >= self.params.max_tracks:
             key, track = self._tracks.popitem(last=False)
             self.stats["evicted"] += 1
             if track.present:
                 self.stats["evicted_present"] += 1
-            out.extend(self._leave(key, track, at=track.last_seen))
+            out.extend(self._leave(key, track, track.last_seen, shift))
         return out
 
 

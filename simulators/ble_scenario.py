@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import itertools
 import random
+import signal
 import struct
 import time
 import tomllib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,7 +330,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", action="store_true", help="replay until interrupted")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.scenario, args.speed, args.repeat))
+        asyncio.run(_until_terminated(_serve(args.scenario, args.speed, args.repeat)))
+
+
+async def _until_terminated(serving: Coroutine[Any, Any, None]) -> None:
+    """Run ``serving``; SIGTERM cancels it, so its dbus-daemon is stopped, not orphaned."""
+    task = asyncio.ensure_future(serving)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 if __name__ == "__main__":
