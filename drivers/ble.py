@@ -27,6 +27,8 @@ Recovery ladder (after Home Assistant's habluetooth), run by one named task:
     StartDiscovery fails NotReady            -> power-cycle the adapter (if it is powered)
     no advert for watchdog_s                 -> stop and restart the scanner
     still none for another watchdog_s        -> power-cycle the adapter, then restart
+    bluetoothd hung (no reply in 5 s to our  -> state "error" ("bluetoothd is not
+    calls, or 10 s to StartDiscovery)            answering"), retry with backoff
 
 The watchdog only fires after ``watchdog_s`` without a single advert: the callback counts
 adverts, a check every ``min(1 s, watchdog_s / 4)`` notes when the count last moved, so
@@ -89,6 +91,8 @@ _RECOVERY = {
     "org.bluez.Error.NotReady": "reset",
 }
 _STOP_TIMEOUT_S = 5.0
+_START_TIMEOUT_S = 10.0
+_CALL_TIMEOUT_S = 5.0  # our own Get/Set/GetAll calls to BlueZ
 # Adverts are handled in batches by one repeating timer (every _TICK_S, or a quarter of
 # the shortest presence timing if that is shorter), not by a wake-up per D-Bus read or
 # per batch: presence works in seconds, so 0.25 s of latency costs nothing, while at
@@ -113,11 +117,19 @@ class AdapterControl:
         self._bus: MessageBus | None = None
 
     async def _call(self, member: str, signature: str, body: list[Any]) -> Message:
-        if self._bus is None or not self._bus.connected:
+        """One call to BlueZ; ``TimeoutError`` when bluetoothd does not answer in time
+        (hung, or stopped): the connection is then dropped, so a late reply is not
+        taken for the answer to a later call."""
+        try:
+            async with asyncio.timeout(_CALL_TIMEOUT_S):
+                if self._bus is None or not self._bus.connected:
+                    self.close()
+                    self._bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+                return await self._bus.call(Message(destination=_BLUEZ, path=self.path,
+                    interface=_PROPS, member=member, signature=signature, body=body))  # fmt: skip
+        except TimeoutError:
             self.close()
-            self._bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-        return await self._bus.call(Message(destination=_BLUEZ, path=self.path,
-            interface=_PROPS, member=member, signature=signature, body=body))  # fmt: skip
+            raise
 
     async def state(self) -> tuple[str, str]:
         """(``ok`` | ``absent`` | ``error``, detail) for the adapter, never raising."""
@@ -126,6 +138,8 @@ class AdapterControl:
         except (OSError, EOFError) as exc:  # no system bus at all
             self.close()
             return "absent", f"system D-Bus unavailable ({exc.__class__.__name__})"
+        except TimeoutError:
+            return "error", f"bluetoothd is not answering (no reply in {_CALL_TIMEOUT_S:.0f} s)"
         if reply.message_type == MessageType.ERROR:
             if reply.error_name in _NO_BLUEZ:
                 return "absent", "bluetoothd is not running"
@@ -141,6 +155,8 @@ class AdapterControl:
         except (OSError, EOFError) as exc:
             self.close()
             return f"system D-Bus unavailable ({exc.__class__.__name__})"
+        except TimeoutError:
+            return "bluetoothd is not answering"
         adapter = self.path.rsplit("/", 1)[-1]
         if reply.message_type == MessageType.ERROR:
             return _NO_PASSIVE.format(adapter=adapter)
@@ -155,7 +171,7 @@ class AdapterControl:
         for powered in (False, True):
             try:
                 reply = await self._call("Set", "ssv", [_ADAPTER, "Powered", Variant("b", powered)])
-            except (OSError, EOFError):
+            except (OSError, EOFError, TimeoutError):
                 return False
             ok = ok and reply.message_type == MessageType.METHOD_RETURN
             if not powered:
@@ -393,7 +409,16 @@ class BleSource:
         await self._stop_scanner()
         scanner = self._new_scanner(mode)
         try:
-            await scanner.start()
+            async with asyncio.timeout(_START_TIMEOUT_S):  # a hung bluetoothd answers nothing
+                await scanner.start()
+        except TimeoutError:
+            log.warning("%s: bluetoothd did not answer StartDiscovery on %s within %.0f s",
+                        self.name, self.config.adapter, _START_TIMEOUT_S)  # fmt: skip
+            self.ctx.set_state("error", "bluetoothd is not answering (StartDiscovery)")
+            with contextlib.suppress(BleakError, OSError, EOFError, TimeoutError):
+                async with asyncio.timeout(_STOP_TIMEOUT_S):
+                    await scanner.stop()
+            return "backoff"
         except BleakDBusError as exc:
             log.warning("%s: starting the scan on %s failed: %s", self.name,
                         self.config.adapter, exc.dbus_error)  # fmt: skip

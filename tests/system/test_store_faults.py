@@ -272,20 +272,7 @@ class Fault:
             self.rig.start(self.name)
 
 
-# Known gaps in the drivers, found by this test; strict, so a fix makes them fail loudly.
-KNOWN_GAPS = {
-    "ble": "after its watchdog fires the BLE source restarts the scan with D-Bus calls that "
-    "hang on a hung BlueZ, and its state stays 'ok' meanwhile",
-}
-FAULTS = [
-    pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN_GAPS[f], raises=TimeoutError))
-    if f in KNOWN_GAPS
-    else f
-    for f in SOURCES
-]
-
-
-@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("fault", sorted(SOURCES))
 def test_hardware_fault_is_visible_isolated_and_recovers(
     store: tuple[StoreRig, ConfigGatewayProc], fault: str
 ) -> None:
