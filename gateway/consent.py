@@ -208,6 +208,20 @@ class ConsentRegistry:
         self.records[subject] = Consent(purposes, expires, EVIDENCE_SOURCE, now)
         return (subject, json.dumps(sorted(purposes)), expires, EVIDENCE_SOURCE, now)
 
+    def forget_expired_evidence(self, now: float) -> list[str]:
+        """Drop app-token consent that has expired and return those subjects (the caller
+        deletes their rows).  Without this, every app user ever scanned would stay in
+        memory and in the ``consent`` table for the life of the buffer; their next
+        reading is refused as ``unknown_subject`` instead of ``expired``, the same drop."""
+        gone = [
+            subject
+            for subject, rec in self.records.items()
+            if rec.source == EVIDENCE_SOURCE and rec.expires is not None and now >= rec.expires
+        ]
+        for subject in gone:
+            del self.records[subject]
+        return gone
+
     def erase(self, subject: str, now: float) -> bool:
         """Forget a subject's consent and remember the withdrawal; True if it had one."""
         self.withdrawn[subject] = now

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import signal
@@ -96,6 +97,7 @@ class Gateway:
         self.forwarder: Forwarder | None = None
         self.publisher: Publisher | None = publisher
         self._extra_sources = sources or []
+        self.sources: dict[str, Source] = {}  # the running sources, by name
         self.latencies: list[float] | None = None  # set to a list to record (bench)
         self.publish_latency = Histogram()
         self.last_stats: dict[str, Any] = {}
@@ -185,6 +187,7 @@ class Gateway:
                 ctx.set_state("disabled", str(exc))
                 self.metrics.error(f"source:{name}", str(exc))
                 return
+        self.sources[name] = source
         forget = getattr(source, "forget", None)
         if callable(forget):  # erasure clears the source's in-memory state of a subject
             self.eraser.hooks.append(forget)
@@ -224,6 +227,10 @@ class Gateway:
                         "expired %d events older than %ds unsent", n, self.cfg.buffer.max_age_s
                     )
                     self.metrics.inc("events_expired_total", n)
+                gone = self.consent.forget_expired_evidence(self.now())
+                if gone:  # app-token consent past its expiry: the registry stays bounded
+                    delete = functools.partial(ConsentRegistry.delete, subjects=gone)
+                    await self.outbox.write(delete, invalidates=False)
             # Watchdog (gateway/watchdog.py): the loop runs, the buffer answers and its last
             # write succeeded, and the backlog moves unless the broker is away.
             progressing = watch.progressing(
@@ -239,6 +246,39 @@ class Gateway:
             if mono - last_summary >= self.cfg.status.summary_interval_s:
                 last_summary = mono
                 log.info("%s", self.status_line())
+
+    def memory_stats(self) -> dict[str, int]:
+        """Entries in every in-memory table the daemon keeps, by name: what must stay
+        bounded however long it runs (the soak test watches them; /metrics shows them
+        as ``touchpoint_memory_entries{map=...}``).  A source adds its own tables,
+        prefixed with its name, when it has a ``memory_sizes()`` method."""
+        out = {
+            "consent.records": len(self.consent.records),
+            "consent.withdrawn": len(self.consent.withdrawn),
+            "daemon.encoders": len(self._encoders),
+            "metrics.label_sets": self.metrics.label_sets(),
+            "metrics.sources": len(self.metrics.sources),
+            "metrics.last_error": len(self.metrics.last_error),
+            "outbox.tail_cache": self.outbox.cached_chunks,
+            "outbox.outstanding": self.outbox.outstanding,
+            "eraser.hooks": len(self.eraser.hooks),
+        }
+        if self.policy.hold is not None:
+            out["policy.hold"] = len(self.policy.hold)
+        if self.policy.footfall is not None:
+            out["policy.footfall"] = len(self.policy.footfall)
+        if self.forwarder is not None:
+            out["forwarder.in_flight"] = self.forwarder.in_flight
+            out["forwarder.queued"] = self.forwarder.queued
+        in_flight = getattr(self.publisher, "in_flight", None)
+        if isinstance(in_flight, int):
+            out["mqtt.pending"] = in_flight
+        for name, source in self.sources.items():
+            sizes = getattr(source, "memory_sizes", None)
+            if callable(sizes):
+                for table, n in sizes().items():
+                    out[f"{name}.{table}"] = int(n)
+        return out
 
     def status_line(self) -> str:
         m = self.metrics

@@ -122,6 +122,11 @@ class Forwarder:
     def in_flight(self) -> int:
         return len(self._settling)
 
+    @property
+    def queued(self) -> int:
+        """Batches fetched and not yet handed to the client."""
+        return len(self._queued)
+
     async def drain(self, within: float) -> bool:
         """Wait up to ``within`` seconds for in-flight batches to settle (shutdown)."""
         if not self._settling:

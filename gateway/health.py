@@ -59,6 +59,7 @@ HELP: dict[str, str] = {
     "ble_scanner_starts_total": "BLE scanner (re)starts, by source",
     "ble_watchdog_total": "BLE scan watchdog actions (restart, reset), by source",
     "buffer_depth": "Events waiting in the buffer",
+    "memory_entries": "Entries in each in-memory table of the daemon (all bounded), by map",
     "mqtt_connected": "1 while connected to the broker",
     "last_publish_at": "Unix time of the last acknowledged batch",
     "buffer_write_ok": "0 when the buffer's last write failed, else 1",
@@ -336,6 +337,10 @@ def render_metrics(
     ):
         if stats.get(key) is not None:
             fam.add(name, "gauge", {}, float(stats[key]))
+    sizes = getattr(gw, "memory_stats", None)  # gateway.daemon.Gateway has it
+    if callable(sizes):
+        for table, n in sorted(sizes().items()):
+            fam.add("memory_entries", "gauge", {"map": table}, n)
     pub = gw.publisher
     fam.add("broker_connected", "gauge", {}, 1 if pub is not None and pub.connected else 0)
     for source, info in sorted(m.sources.items()):

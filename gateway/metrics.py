@@ -73,6 +73,10 @@ class Metrics:
     def error(self, component: str, message: str) -> None:
         self.last_error[component] = message
 
+    def label_sets(self) -> int:
+        """How many (name, labels) series are kept: counters and gauges."""
+        return len(self._counters) + len(self._gauges)
+
     def counters(self) -> Iterator[tuple[str, dict[str, str], float]]:
         for (name, labels), cell in sorted(self._counters.items()):
             yield name, dict(labels), cell.value

@@ -189,6 +189,10 @@ class FootfallAggregator:
         self._counts: dict[tuple[str, str, int], int] = {}
         self._closed_until = 0
 
+    def __len__(self) -> int:
+        """Open (source, zone, window) counts."""
+        return len(self._counts)
+
     def add(self, source: str, zone: str, at: float) -> None:
         start = max(int(at) // self.window_s * self.window_s, self._closed_until)
         key = (source, zone, start)
