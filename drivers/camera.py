@@ -122,6 +122,23 @@ class Mailbox:
             frame, self._frame = self._frame, None
         return frame
 
+    async def next_frame(self, ready: asyncio.Event) -> Image:
+        """The newest frame, once there is one (``ready`` is what ``wake`` sets); raises
+        ``StreamLost`` when the capture has failed and no frame is left.
+
+        A failure right after a last frame wakes the loop once for both: after that frame
+        is taken, the failure must not wait for a wake that will never come.
+        """
+        while True:
+            if self.failure is None:
+                await ready.wait()
+            ready.clear()
+            frame = self.take()
+            if frame is not None:
+                return frame
+            if self.failure is not None:
+                raise StreamLost(self.failure)
+
 
 def _open_capture(config: CameraSourceConfig) -> Any:
     """A VideoCapture for the configured url, device or file (blocking)."""
@@ -273,17 +290,10 @@ class CameraSource:
         counted = (0, 0)
         try:
             while True:
-                # A failure right after a last frame wakes the loop once, for both: after
-                # that frame is decoded, the failure must not wait for a wake that is gone.
-                if box.failure is None:
-                    await ready.wait()
-                ready.clear()
-                frame = box.take()
-                counted = self._flush_counts(box, counted)
-                if frame is None:
-                    if box.failure is not None:
-                        raise StreamLost(box.failure)
-                    continue
+                try:
+                    frame = await box.next_frame(ready)
+                finally:
+                    counted = self._flush_counts(box, counted)
                 if not self._streamed:
                     ctx.set_state("ok", f"decoding {where} with {decoder.name}")
                     log.info("%s: streaming from %s", self.name, where)

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from drivers.camera import CameraSource, Mailbox, ScanDebouncer, describe
+from drivers.camera import CameraSource, Mailbox, ScanDebouncer, StreamLost, describe
 from gateway.config import CameraSourceConfig
 from gateway.identity import Keyring
 from gateway.metrics import Metrics
@@ -302,6 +302,20 @@ async def test_video_file_source(tmp_path: Path, keyring: Keyring) -> None:
     source = CameraSource(_config(file=video, app_public_key=pub), ctx)
     readings = await _collect(source, bool, timeout=8)
     assert [r.attrs["kind"] for r in readings] == ["app"]
+
+
+@arun
+async def test_a_failure_right_after_the_last_frame_is_seen_after_that_frame() -> None:
+    """The capture thread puts its last frame and fails at once: one wake for both.  The
+    loop takes the frame, then must see the loss without waiting for another wake."""
+    ready = asyncio.Event()
+    box = Mailbox(ready.set)
+    box.put(np.zeros((4, 4), np.uint8))
+    box.fail("end of stream")
+    frame = await asyncio.wait_for(box.next_frame(ready), 1)
+    assert frame.shape == (4, 4)
+    with pytest.raises(StreamLost, match="end of stream"):
+        await asyncio.wait_for(box.next_frame(ready), 1)
 
 
 @pytest.mark.parametrize(
