@@ -31,6 +31,7 @@ from gateway.events import EventEncoder, status_payload, topic_prefix
 from gateway.forwarder import Forwarder
 from gateway.health import HealthMonitor, HealthRules, Histogram, serve_health
 from gateway.identity import Keyring
+from gateway.memory import release_free_memory
 from gateway.metrics import Cell, Metrics
 from gateway.mqtt import PahoPublisher
 from gateway.notify import Notifier, watchdog_interval
@@ -231,6 +232,7 @@ class Gateway:
                 if gone:  # app-token consent past its expiry: the registry stays bounded
                     delete = functools.partial(ConsentRegistry.delete, subjects=gone)
                     await self.outbox.write(delete, invalidates=False)
+                release_free_memory()  # what a drained backlog freed goes back to the OS
             # Watchdog (gateway/watchdog.py): the loop runs, the buffer answers and its last
             # write succeeded, and the backlog moves unless the broker is away.
             progressing = watch.progressing(
