@@ -69,9 +69,11 @@ def test_scenario_errors_name_the_key(data: dict[str, object], why: str) -> None
 
 def test_app_tokens_verify_under_the_gateways_code() -> None:
     scenario = load_scenario(SCENARIOS / "camera-kiosk.toml")
-    token = sign_app_token(scenario.key, "app-user-1", 1000, 1300, "n1", ["linking", "ads"])
+    token = sign_app_token(
+        scenario.key, "app-user-1", 1_790_000_000, 1_790_000_300, "n1", ["linking", "ads"]
+    )
     key = load_public_key(scenario.key.public_key().public_bytes_raw())
-    claims = verify_app_token(token, key, 1000, ReplaySet())
+    claims = verify_app_token(token, key, 1_790_000_000, ReplaySet())
     assert (claims.sub, claims.purposes) == ("app-user-1", ("linking",))
     assert public_key_b64(scenario.key).endswith("=")
 
