@@ -207,9 +207,11 @@ class TapBase:
         metrics: Metrics | None = None,
         name: str = "receipt-tap",
         now: Callable[[], float] = time.time,
+        on_state: Callable[[str, str], None] | None = None,
     ) -> None:
         if settings.inject != "off" and minting is None:
             raise ValueError("injection needs a keyring, a store id and a counter store")
+        self._on_state = on_state
         self.lane_settings = settings
         self.name = name
         self._minting = minting
@@ -221,6 +223,11 @@ class TapBase:
     @property
     def injecting(self) -> bool:
         return self.lane_settings.inject != "off"
+
+    def _report_state(self, state: str, detail: str) -> None:
+        """Tell the source's status (``on_state``) what the tap's state is now."""
+        if self._on_state is not None:
+            self._on_state(state, detail)
 
     async def start(self) -> object:
         """Open the transport (listen, or open the ports)."""
@@ -348,11 +355,10 @@ class ReceiptTap(TapBase):
         now: Callable[[], float] = time.time,
         on_state: Callable[[str, str], None] | None = None,
     ) -> None:
-        super().__init__(settings, minting, on_printed, metrics, name, now)
+        super().__init__(settings, minting, on_printed, metrics, name, now, on_state)
         self.settings = settings
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self._on_state = on_state
         self._probe: asyncio.Task[None] | None = None  # while the printer is unreachable
         self.port = 0
 
@@ -360,16 +366,13 @@ class ReceiptTap(TapBase):
     def printer_unreachable(self) -> bool:
         return self._probe is not None
 
-    def _state(self, state: str, detail: str) -> None:
-        if self._on_state is not None:
-            self._on_state(state, detail)
-
     def _printer_down(self, why: str) -> None:
         """A job could not reach the printer: say so, and probe it until it answers."""
         if self._probe is not None:
             return
         s = self.settings
-        self._state("error", f"printer {s.printer_host}:{s.printer_port} unreachable ({why})")
+        where = f"{s.printer_host}:{s.printer_port}"
+        self._report_state("error", f"printer {where} unreachable ({why})")
         self._probe = asyncio.create_task(self._probe_printer(), name=f"{self.name}-probe")
 
     def _printer_up(self) -> None:
@@ -380,7 +383,7 @@ class ReceiptTap(TapBase):
             probe.cancel()
         s = self.settings
         log.info("%s: printer %s:%d reachable again", self.name, s.printer_host, s.printer_port)
-        self._state("ok", self.listening)
+        self._report_state("ok", self.listening)
 
     async def _probe_printer(self) -> None:
         """Connect and close at once, with jittered backoff, until the printer accepts.

@@ -261,11 +261,10 @@ class SerialReceiptTap(TapBase):
         now: Callable[[], float] = time.time,
         on_state: Callable[[str, str], None] | None = None,
     ) -> None:
-        super().__init__(settings, minting, on_printed, metrics, name, now)
+        super().__init__(settings, minting, on_printed, metrics, name, now, on_state)
         self.settings = settings
         self.till = SerialPort("till", settings.till_device, settings.line)
         self.printer = SerialPort("printer", settings.printer_device, settings.line)
-        self._on_state = on_state
         self._state: tuple[str, str] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -313,8 +312,7 @@ class SerialReceiptTap(TapBase):
             log.info("%s: relaying %s", self.name, detail)
         elif state == "absent":
             log.warning("%s: %s; retrying with backoff", self.name, detail)
-        if self._on_state is not None:
-            self._on_state(state, detail)
+        self._report_state(state, detail)
 
     async def _open(self, port: SerialPort, backoff: Backoff) -> float:
         """Open ``port``, retrying with backoff until it opens; return when it did."""
