@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from simulators.serial_pty import SerialEnd
@@ -198,26 +198,40 @@ async def send_serial_job(
     return reply
 
 
-async def _run_serial(end: SerialEnd, args: argparse.Namespace) -> None:
+async def _print_jobs(args: argparse.Namespace, send: Callable[[bytes], Awaitable[bytes]]) -> None:
+    """The till's loop: ``args.count`` receipts (0: forever) every ``args.interval`` s.
+
+    ``send`` prints one and returns the printer's status replies; when it fails (the
+    printer or the tap is down) the job is retried later, as a real till does.
+    """
     i = failed = 0
-    print(end.path, flush=True)
     while args.count == 0 or i < args.count:
         qr_data = args.qr.encode() if args.qr else None
         try:
-            async with asyncio.timeout(2):
-                replies = await send_serial_job(end, b"", query_status=True)
-        except TimeoutError:
-            failed += 1  # no answer: the printer (or the tap) is off; a till waits
-            print(f"job {i + 1}: printer does not answer, retrying", flush=True)
+            replies = await send(receipt(qr_data=qr_data, seed=i))
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            failed += 1
+            print(f"job {i + 1}: not printed ({exc.__class__.__name__}), retrying", flush=True)
             await asyncio.sleep(min(5.0, 0.5 * failed))
             continue
-        await send_serial_job(end, receipt(qr_data=qr_data, seed=i))
         failed = 0
         i += 1
         if not args.quiet or i % 100 == 0:
             print(f"job {i}: printer status {replies[:1].hex()}", flush=True)
         if args.interval:
             await asyncio.sleep(args.interval)
+
+
+async def _run_serial(end: SerialEnd, args: argparse.Namespace) -> None:
+    print(end.path, flush=True)
+
+    async def send(data: bytes) -> bytes:
+        async with asyncio.timeout(2):  # no answer: the printer (or the tap) is off
+            replies = await send_serial_job(end, b"", query_status=True)
+        await send_serial_job(end, data)
+        return replies
+
+    await _print_jobs(args, send)
     # A last status query: its answer means the printer side took every byte before it
     # (a pty discards unread bytes when its till end closes).
     with contextlib.suppress(TimeoutError):
@@ -259,28 +273,13 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(_run_serial(end, args))
         return
 
+    async def send(data: bytes) -> bytes:
+        async with asyncio.timeout(30):
+            return await send_job(args.host, args.port, data, query_status=True)
+
     async def run() -> None:
-        i = failed = 0
         print(f"fake till sending to {args.host}:{args.port}", flush=True)
-        while args.count == 0 or i < args.count:
-            qr_data = args.qr.encode() if args.qr else None
-            try:
-                async with asyncio.timeout(30):
-                    replies = await send_job(
-                        args.host, args.port, receipt(qr_data=qr_data, seed=i), query_status=True
-                    )
-            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-                # The tap or printer is down: a real till retries the job later.
-                failed += 1
-                print(f"job {i + 1}: not printed ({exc.__class__.__name__}), retrying", flush=True)
-                await asyncio.sleep(min(5.0, 0.5 * failed))
-                continue
-            failed = 0
-            i += 1
-            if not args.quiet or i % 100 == 0:
-                print(f"job {i}: printer status {replies[:1].hex()}", flush=True)
-            if args.interval:
-                await asyncio.sleep(args.interval)
+        await _print_jobs(args, send)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
