@@ -219,25 +219,21 @@ class SerialPrinter:
 async def _serve(host: str, port: int) -> None:
     async with FakePrinter(host, port) as printer:
         print(f"fake printer on {host}:{printer.port}", flush=True)
-        last = 0
         while True:
             await asyncio.sleep(0.5)
-            for job in printer.jobs[last:]:
+            for job in printer.jobs:
                 log.info("job of %d bytes", len(job))
-            del printer.jobs[:]  # a long run keeps nothing: the log line is the record
-            last = 0
+            printer.jobs.clear()  # a long run keeps nothing: the log line is the record
 
 
 async def _serve_serial(end: SerialEnd) -> None:
     print(end.path, flush=True)
     async with SerialPrinter(end) as printer:
-        seen = 0
         while True:
             await asyncio.sleep(0.5)
-            if len(printer.received) > seen:
-                log.info("received %d bytes", len(printer.received) - seen)
+            if printer.received:
+                log.info("received %d bytes", len(printer.received))
             del printer.received[:]  # a long run keeps nothing: the log line is the record
-            seen = 0
 
 
 def main(argv: list[str] | None = None) -> None:
