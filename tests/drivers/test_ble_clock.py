@@ -8,22 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from gateway.identity import Keyring
 from simulators.fake_bluez import DBusDaemon
 from tests.drivers.test_ble_driver import B, Collector, fake_bluez, hold, make, until
 
 HOURS = 3600.0
-
-
-@pytest.fixture
-def bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[DBusDaemon]:
-    with DBusDaemon() as d:
-        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", d.address)
-        yield d
 
 
 def test_wall_clock_steps_neither_end_nor_freeze_presence(

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,22 +65,15 @@ def config(**overrides: Any) -> BleSourceConfig:
     return BleSourceConfig(**values)
 
 
-@pytest.fixture
-def daemon(monkeypatch: pytest.MonkeyPatch) -> Iterator[DBusDaemon]:
-    with DBusDaemon() as d:
-        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", d.address)
-        yield d
-
-
 @contextlib.asynccontextmanager
-async def fake_bluez(daemon: DBusDaemon) -> AsyncIterator[FakeBlueZ]:
-    fake = FakeBlueZ(daemon.address)
+async def fake_bluez(bus: DBusDaemon) -> AsyncIterator[FakeBlueZ]:
+    fake = FakeBlueZ(bus.address)
     await fake.start()
     try:
         yield fake
     finally:
         await fake.close()
-        daemon.stop()  # bleak's shared connection sees the bus go and closes its socket
+        bus.stop()  # bleak's shared connection sees the bus go and closes its socket
         await asyncio.sleep(0.1)
 
 
@@ -137,12 +130,12 @@ async def hold(fake: FakeBlueZ, seconds: float, rssi: int = -62, adapter: str = 
         await asyncio.sleep(0.04)
 
 
-def test_walkthrough_end_to_end(daemon: DBusDaemon, keyring: Keyring) -> None:
+def test_walkthrough_end_to_end(bus: DBusDaemon, keyring: Keyring) -> None:
     source, ctx = make(keyring)
     scenario = Scenario.load(SCENARIOS / "ble-walkthrough.toml")
 
     async def main() -> None:
-        async with fake_bluez(daemon) as fake:
+        async with fake_bluez(bus) as fake:
             setup(fake, scenario)
             async with Collector(source) as got:
                 await until(lambda: fake.scanning("hci0"))
@@ -175,13 +168,13 @@ def test_walkthrough_end_to_end(daemon: DBusDaemon, keyring: Keyring) -> None:
     assert ctx.state["history"][:2] == ["connecting", "ok"]
 
 
-def test_address_rotation_and_two_zones(daemon: DBusDaemon, keyring: Keyring) -> None:
+def test_address_rotation_and_two_zones(bus: DBusDaemon, keyring: Keyring) -> None:
     scenario = Scenario.load(SCENARIOS / "ble-two-zones.toml")
     entrance, _ = make(keyring)
     checkout, _ = make(keyring, name="checkout-ble", zone="checkout", adapter="hci1")
 
     async def main() -> None:
-        async with fake_bluez(daemon) as fake:
+        async with fake_bluez(bus) as fake:
             setup(fake, scenario)
             async with Collector(entrance) as e, Collector(checkout) as c:
                 await until(lambda: fake.scanning("hci0") and fake.scanning("hci1"))
@@ -198,13 +191,11 @@ def test_address_rotation_and_two_zones(daemon: DBusDaemon, keyring: Keyring) ->
     asyncio.run(main())
 
 
-def test_watchdog_restarts_scanner_then_resets_adapter(
-    daemon: DBusDaemon, keyring: Keyring
-) -> None:
+def test_watchdog_restarts_scanner_then_resets_adapter(bus: DBusDaemon, keyring: Keyring) -> None:
     source, ctx = make(keyring, watchdog_s=0.6, silence_s=5.0)
 
     async def main() -> None:
-        async with fake_bluez(daemon) as fake:
+        async with fake_bluez(bus) as fake:
             fake.add_adapter("hci0")
             async with Collector(source) as got:
                 await until(lambda: fake.scanning("hci0"))
@@ -229,12 +220,12 @@ def test_watchdog_restarts_scanner_then_resets_adapter(
 
 
 def test_adapter_absent_at_start_then_removed_and_replugged(
-    daemon: DBusDaemon, keyring: Keyring
+    bus: DBusDaemon, keyring: Keyring
 ) -> None:
     source, ctx = make(keyring)
 
     async def main() -> None:
-        async with fake_bluez(daemon) as fake, Collector(source) as got:
+        async with fake_bluez(bus) as fake, Collector(source) as got:
             await until(lambda: ctx.state.get("state") == "absent")
             assert "not present" in ctx.state["detail"]
             fake.add_adapter("hci0", powered=False)
@@ -256,13 +247,13 @@ def test_adapter_absent_at_start_then_removed_and_replugged(
     assert "error" not in ctx.state["history"]
 
 
-def test_no_bluez_on_the_bus_is_a_status(daemon: DBusDaemon, keyring: Keyring) -> None:
+def test_no_bluez_on_the_bus_is_a_status(bus: DBusDaemon, keyring: Keyring) -> None:
     source, ctx = make(keyring)
 
     async def main() -> None:
         async with Collector(source):
             await until(lambda: ctx.state.get("state") == "absent")
-        daemon.stop()
+        bus.stop()
 
     asyncio.run(main())
     assert ctx.state["detail"] == "bluetoothd is not running"
@@ -276,11 +267,11 @@ def test_no_bluez_on_the_bus_is_a_status(daemon: DBusDaemon, keyring: Keyring) -
         ["org.bluez.Error.NotReady"],
     ],
 )
-def test_start_errors_recover(daemon: DBusDaemon, keyring: Keyring, errors: list[str]) -> None:
+def test_start_errors_recover(bus: DBusDaemon, keyring: Keyring, errors: list[str]) -> None:
     source, ctx = make(keyring)
 
     async def main() -> None:
-        async with fake_bluez(daemon) as fake, Collector(source):
+        async with fake_bluez(bus) as fake, Collector(source):
             fake.add_adapter("hci0")
             fake.fail_next_start("hci0", *errors)
             await until(lambda: ctx.state.get("state") == "ok")
@@ -292,11 +283,11 @@ def test_start_errors_recover(daemon: DBusDaemon, keyring: Keyring, errors: list
     assert ctx.metrics.total("ble_scan_start_errors_total") == len(errors)
 
 
-def test_passive_scanning(daemon: DBusDaemon, keyring: Keyring) -> None:
+def test_passive_scanning(bus: DBusDaemon, keyring: Keyring) -> None:
     source, ctx = make(keyring, scanning_mode="passive")
 
     async def main() -> None:
-        async with fake_bluez(daemon) as fake, Collector(source) as got:
+        async with fake_bluez(bus) as fake, Collector(source) as got:
             fake.add_adapter("hci0", passive=True)
             await until(lambda: fake.scanning("hci0"))
             await until(lambda: all(p for p in fake.adapters["hci0"].monitors.values()))
@@ -311,14 +302,14 @@ def test_passive_scanning(daemon: DBusDaemon, keyring: Keyring) -> None:
     assert "apple_other" not in ctx.metrics.by_label("ble_adverts_total", "result")
 
 
-def test_burst_is_paced_and_survived(daemon: DBusDaemon, keyring: Keyring) -> None:
+def test_burst_is_paced_and_survived(bus: DBusDaemon, keyring: Keyring) -> None:
     scenario = Scenario.load(SCENARIOS / "ble-burst.toml")
     # the fake sends the burst in one go, so shopper A's own adverts pause meanwhile (the
     # longer the busier the machine): a silence period that tolerates that pause
     source, ctx = make(keyring, silence_s=3.0)
 
     async def main() -> None:
-        async with fake_bluez(daemon) as fake:
+        async with fake_bluez(bus) as fake:
             setup(fake, scenario)
             async with Collector(source) as got:
                 await until(lambda: fake.scanning("hci0"))
@@ -331,7 +322,7 @@ def test_burst_is_paced_and_survived(daemon: DBusDaemon, keyring: Keyring) -> No
 
 
 def test_logs_hold_no_beacon_id_or_address(
-    daemon: DBusDaemon, keyring: Keyring, caplog: pytest.LogCaptureFixture
+    bus: DBusDaemon, keyring: Keyring, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="drivers")
     caplog.set_level(logging.DEBUG, logger="gateway")
@@ -340,7 +331,7 @@ def test_logs_hold_no_beacon_id_or_address(
     source, _ = make(keyring, watchdog_s=0.5)
 
     async def main() -> None:
-        async with fake_bluez(daemon) as fake:
+        async with fake_bluez(bus) as fake:
             setup(fake, scenario)
             async with Collector(source):
                 await until(lambda: fake.scanning("hci0"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 
 import pytest
 
@@ -28,13 +27,6 @@ from tests.drivers.test_ble_driver import (
     make,
     until,
 )
-
-
-@pytest.fixture
-def bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[DBusDaemon]:
-    with DBusDaemon() as d:
-        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", d.address)
-        yield d
 
 
 def test_silent_bluez_restarts_the_scanner_then_resets_the_adapter(
