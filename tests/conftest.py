@@ -1,4 +1,5 @@
-"""Shared fixtures: the contract vectors, a tenant keyring, a real mosquitto."""
+"""Shared fixtures: the contract vectors, a tenant keyring, a real mosquitto, a private
+system D-Bus for the fake BlueZ."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from gateway.identity import Keyring, decode_key
 from simulators.broker import Mosquitto
+from simulators.fake_bluez import DBusDaemon
 
 VECTORS_PATH = Path(__file__).resolve().parents[1] / "gateway" / "contract" / "vectors.json"
 
@@ -40,3 +42,11 @@ def key_file(tmp_path: Path, vectors: dict[str, Any]) -> Path:
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     with Mosquitto(tmp_path / "mosquitto") as b:
         yield b
+
+
+@pytest.fixture
+def bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[DBusDaemon]:
+    """A private system D-Bus (its own dbus-daemon) for a fake BlueZ; bleak is pointed at it."""
+    with DBusDaemon() as d:
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", d.address)
+        yield d

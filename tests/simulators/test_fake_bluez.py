@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -92,24 +92,17 @@ def test_rotating_addresses_rotate() -> None:
     assert all(int(a[:2], 16) >> 6 == 0b01 for a in addresses)  # resolvable private
 
 
-@pytest.fixture
-def daemon(monkeypatch: pytest.MonkeyPatch) -> Iterator[DBusDaemon]:
-    with DBusDaemon() as d:
-        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", d.address)
-        yield d
-
-
 @contextlib.asynccontextmanager
-async def running(daemon: DBusDaemon) -> AsyncIterator[tuple[FakeBlueZ, MessageBus]]:
-    fake = FakeBlueZ(daemon.address, device_timeout_s=0.4)
+async def running(bus: DBusDaemon) -> AsyncIterator[tuple[FakeBlueZ, MessageBus]]:
+    fake = FakeBlueZ(bus.address, device_timeout_s=0.4)
     await fake.start()
-    client = await MessageBus(bus_address=daemon.address).connect()
+    client = await MessageBus(bus_address=bus.address).connect()
     try:
         yield fake, client
     finally:
         client.disconnect()
         await fake.close()
-        daemon.stop()
+        bus.stop()
         await asyncio.sleep(0.1)
 
 
@@ -119,9 +112,9 @@ async def call(client: MessageBus, path: str, iface: str, member: str, sig: str 
                                      member=member, signature=sig, body=body or []))  # fmt: skip
 
 
-def test_dbus_types_are_bluez_types(daemon: DBusDaemon) -> None:
+def test_dbus_types_are_bluez_types(bus: DBusDaemon) -> None:
     async def main() -> None:
-        async with running(daemon) as (fake, client):
+        async with running(bus) as (fake, client):
             fake.add_adapter("hci0")
             reply = await call(client, "/org/bluez/hci0", "org.bluez.Adapter1", "StartDiscovery")
             assert reply.message_type == MessageType.METHOD_RETURN
@@ -145,9 +138,9 @@ def test_dbus_types_are_bluez_types(daemon: DBusDaemon) -> None:
     asyncio.run(main())
 
 
-def test_discovery_sessions_like_bluetoothd(daemon: DBusDaemon) -> None:
+def test_discovery_sessions_like_bluetoothd(bus: DBusDaemon) -> None:
     async def main() -> None:
-        async with running(daemon) as (fake, client):
+        async with running(bus) as (fake, client):
             path, iface = "/org/bluez/hci0", "org.bluez.Adapter1"
             fake.add_adapter("hci0", powered=False)
             reply = await call(client, path, iface, "StartDiscovery")
@@ -168,14 +161,14 @@ def test_discovery_sessions_like_bluetoothd(daemon: DBusDaemon) -> None:
     asyncio.run(main())
 
 
-def test_unmodified_bleak_scans_the_fake(daemon: DBusDaemon) -> None:
+def test_unmodified_bleak_scans_the_fake(bus: DBusDaemon) -> None:
     seen: list[tuple[int, dict[int, bytes], dict[str, bytes]]] = []
 
     def on_advert(device: BLEDevice, adv: AdvertisementData) -> None:
         seen.append((adv.rssi, adv.manufacturer_data, adv.service_data))
 
     async def main() -> None:
-        async with running(daemon) as (fake, _):
+        async with running(bus) as (fake, _):
             fake.add_adapter("hci0")
             scanner = BleakScanner(on_advert, bluez={"adapter": "hci0"})
             await scanner.start()
