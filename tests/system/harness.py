@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.identity import Keyring, decode_key
+from simulators.central import Central
 
 KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 STORE, DEVICE = "nl-ams-001", "gw-01"
@@ -267,3 +269,25 @@ def by_source(
         src = dict(labels).get("source", "")
         out[src] = out.get(src, 0.0) + value
     return out
+
+
+def assert_all_delivered(gw: GatewayProc, central: Central, max_dupes: int) -> dict[str, Any]:
+    """Every committed seq of the daemon's stream reached the central, nothing else did,
+    nothing was refused, a re-sent event equals its first copy, and at most ``max_dupes``
+    came twice.  Returns the central's stats."""
+    stream, last = gw.stream(), gw.last_seq()
+    want = {(STORE, DEVICE, stream, seq) for seq in range(1, last + 1)}
+    with contextlib.suppress(TimeoutError):
+        central.wait_for(lambda s: s["accepted"] >= last, timeout=30)
+    got = {k for k in central.accepted_keys() if k[2] == stream}
+    missing = sorted(k[3] for k in want - got)
+    assert not missing, (
+        f"{len(missing)} of {last} committed events never reached the central: "
+        f"seq {missing[:3]}..{missing[-3:]}"
+    )
+    assert got == want, "the central holds events that were never committed"
+    stats = central.stats()
+    assert stats["invalid_total"] == 0, stats["invalid"]
+    assert stats["conflicts"] == 0, "a re-sent event differs from its first copy"
+    assert stats["duplicates"] <= max_dupes, (stats["duplicates"], max_dupes)
+    return stats

@@ -6,7 +6,6 @@ a stream are exactly 1..last_seq; the central must hold every one of them.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections.abc import Iterator
@@ -16,7 +15,12 @@ import pytest
 
 from simulators.broker import Mosquitto
 from simulators.central import Central
-from tests.system.harness import STORE, GatewayProc, card_number, synthetic
+from tests.system.harness import (
+    GatewayProc,
+    assert_all_delivered,
+    card_number,
+    synthetic,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -45,23 +49,6 @@ def make_gateway(tmp_path: Path, port: int, rate: float = 1500, **kw: str) -> Ga
     ring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")
     consented = [ring.pseudonym("loyalty", card_number(i)) for i in range(50)]
     return GatewayProc(tmp_path / "gw", port, sources=synthetic(rate), consented=consented, **kw)
-
-
-def assert_all_delivered(gw: GatewayProc, central: Central, max_dupes: int) -> None:
-    stream, last = gw.stream(), gw.last_seq()
-    want = {(STORE, "gw-01", stream, seq) for seq in range(1, last + 1)}
-    with contextlib.suppress(TimeoutError):
-        central.wait_for(lambda s: s["accepted"] >= last, timeout=30)
-    got = {k for k in central.accepted_keys() if k[2] == stream}
-    missing = sorted(k[3] for k in want - got)
-    assert not missing, (
-        f"{len(missing)} of {last} committed events never reached the central: "
-        f"seq {missing[:3]}..{missing[-3:]}"
-    )
-    assert got == want, "the central holds events that were never committed"
-    stats = central.stats()
-    assert stats["invalid_total"] == 0, stats["invalid"]
-    assert stats["duplicates"] <= max_dupes
 
 
 def test_kill9_repeatedly_under_load_loses_nothing(
