@@ -12,27 +12,24 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Callable
 
-_trim: Callable[[int], int] | None = None
-_looked = False
 
-
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    global _trim, _looked  # noqa: PLW0603 - looked up once per process
-    if not _looked:
-        _looked = True
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name) if name else None
-            fn = getattr(libc, "malloc_trim", None) if libc is not None else None
-        except OSError:
-            fn = None
-        if fn is not None:
-            fn.argtypes = [ctypes.c_size_t]
-            fn.restype = ctypes.c_int
-            _trim = fn
-    return _trim
+    """glibc's ``malloc_trim``, looked up once; None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    trim: Callable[[int], int] = fn
+    return trim
 
 
 def release_free_memory() -> bool:
