@@ -2,9 +2,20 @@
 
     BleSource(config, ctx).readings()  ->  Reading(presence.enter / presence.exit)
 
-    bleak callback --enqueue only--> deque --(tick timer, or at once for a flood)-->
-        parse (drivers.ble_adverts) --> allow-list --> pseudonym (LRU cache)
-        --> PresenceTracker --> Readings --> readings() (woken only when there are some)
+    bleak callback --queue the advert's fields--> list
+    --(tick timer, or at once for a flood)--> resolve (drivers.ble_adverts: parse -->
+        allow-list --> pseudonym, memoised) --> count --> PresenceTracker --> Readings
+        --> readings() (woken only when there are some)
+
+The callback queues three values per advert and nothing else: the manufacturer-data and
+service-data dicts bleak made for it and its RSSI.  Those are objects Python's cyclic
+garbage collector does not track (dicts of ints, strs and bytes are untracked), so a full
+queue costs no collections; queueing bleak's ``AdvertisementData`` (a tuple holding a list)
+kept thousands of tracked objects alive between ticks under a flood, and the collector's
+passes over them cost as much as the presence step.  The work itself runs in batches, on
+caches still warm from the advert before: done per advert inside bleak's callback, between
+bleak's own steps, the same look-ups cost several times more CPU (both measured with
+``bench ble``).
 
 The scanner is started once and left running (never duty-cycled): active scanning with
 BlueZ's duplicate filter off so RSSI updates keep coming, or passive scanning with
@@ -49,7 +60,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from bleak import BleakScanner
@@ -100,7 +111,9 @@ _CALL_TIMEOUT_S = 5.0  # our own Get/Set/GetAll calls to BlueZ
 # than the adverts' handling.  A flood (_BATCH_N waiting) is handled at once.
 _TICK_S = 0.25
 _BATCH_N = 256
-_MALFORMED = {"ibeacon_malformed", "altbeacon_malformed", "eddystone_malformed", "ad_malformed"}
+_MALFORMED = frozenset(
+    {"ibeacon_malformed", "altbeacon_malformed", "eddystone_malformed", "ad_malformed"}
+)
 PASSIVE_PATTERNS: list[OrPatternLike] = [
     OrPattern(0, AdvertisementDataType.MANUFACTURER_SPECIFIC_DATA, b"\x4c\x00\x02\x15"),
     OrPattern(0, AdvertisementDataType.SERVICE_DATA_UUID16, b"\xaa\xfe"),
@@ -206,9 +219,11 @@ class BleSource:
         self._counted: dict[str, Cell] = {}  # result -> its ble_adverts_total cell
         self._ours = self.ctx.metrics.counter("ble_adverts_total", source=self.name, result=OURS)
         self._counted[OURS] = self._ours
+        self._dropped = self.ctx.metrics.counter("ble_adverts_dropped_total", source=self.name)
         self.control = AdapterControl(config.adapter)
         self.monotonic = time.monotonic  # presence windows and the watchdog: never stepped
-        self._pending: deque[AdvertisementData] = deque()  # the callback's queue (bounded)
+        # the callback's queue: manufacturer data, service data, rssi, ... (3 per advert)
+        self._queue: list[Any] = []
         self._out: deque[Reading] = deque()  # readings waiting for readings() to yield
         self._failure: BaseException | None = None  # a bug in the batch handler
         self._waiter: asyncio.Future[None] | None = None  # set while readings() waits
@@ -219,27 +234,27 @@ class BleSource:
         self._running = False
         self._last_advert = time.monotonic()  # updated by the watchdog from _heard
         self._heard = 0  # adverts bleak reported (the callback counts; no clock read)
-        self._queue_size = config.queue_size
         # a batch waits at most a tick: short next to the shortest presence timing
         shortest = min(config.silence_s, config.smoothing_window_s, config.min_dwell_s or 1e9)
         self._tick_s = max(0.05, min(_TICK_S, shortest / 4))
-        self._batch_n = min(_BATCH_N, config.queue_size)
+        self._batch_n = 3 * min(_BATCH_N, config.queue_size)  # 3 queue items per advert
+        self._queue_cap = 3 * config.queue_size
 
-    # -- the bleak callback: enqueue only ---------------------------------------------
+    # -- the bleak callback: queue only -----------------------------------------------
 
     def _on_advert(self, device: BLEDevice, adv: AdvertisementData) -> None:
         self._heard += 1  # for the watchdog: no clock read per advert
-        pending = self._pending
-        if len(pending) < self._batch_n:
-            pending.append(adv)  # as bleak made it: no copy, no timer
+        queue = self._queue
+        if len(queue) < self._batch_n:
+            queue += (adv.manufacturer_data, adv.service_data, adv.rssi)
             return
         if not self._hurried:  # a flood: handle it right after this read, not at the tick
             self._hurried = True
             asyncio.get_running_loop().call_soon(self._on_batch)
-        if len(pending) < self._queue_size:
-            pending.append(adv)
+        if len(queue) < self._queue_cap:
+            queue += (adv.manufacturer_data, adv.service_data, adv.rssi)
         else:
-            self.ctx.metrics.inc("ble_adverts_dropped_total", source=self.name)
+            self._dropped.value += 1
 
     def _wake(self, *_: object) -> None:
         waiter = self._waiter
@@ -274,39 +289,42 @@ class BleSource:
     # -- the pipeline -----------------------------------------------------------------
 
     def _drain(self) -> None:
-        """Every waiting advert through resolve -> count -> presence, dated now.
+        """Every queued advert through resolve -> count -> presence, dated now.
 
         One call and two clock reads (monotonic for presence, wall for the events) per
         batch; a batch waited at most one tick (longer only under a backlog, where the
         bus already delayed it as much).
         """
-        pending = self._pending
-        if not pending:
+        queue = self._queue
+        if not queue:
             return
-        popleft, resolve, observe = pending.popleft, self.resolver.resolve, self.tracker.observe
+        resolve, observe = self.resolver.resolve, self.tracker.observe
         counted, zone = self._counted, self.config.zone
         now, wall = self.monotonic(), self.ctx.now()
         ours = 0
-        while pending:  # popped, not iterated: each advert is freed once handled
-            adv = popleft()
-            result, subject = resolve(adv.manufacturer_data, adv.service_data)
-            if subject is not None:
-                ours += 1
-                decisions = observe(subject, zone, adv.rssi, now, wall)
-                if decisions:
-                    self._emit(decisions)
-                continue
-            cell = counted.get(result)
-            if cell is None:
-                cell = counted[result] = self.ctx.metrics.counter(
-                    "ble_adverts_total", source=self.name, result=result
-                )
-            cell.value += 1
-            if result in _MALFORMED:
-                self.ctx.reject(result)
-        self._ours.value += ours
+        fields = iter(queue)
+        try:
+            for manufacturer, service, rssi in zip(fields, fields, fields, strict=True):
+                result, subject = resolve(manufacturer, service)
+                if subject is not None:
+                    ours += 1
+                    decisions = observe(subject, zone, rssi, now, wall)
+                    if decisions:
+                        self._emit(decisions)
+                    continue
+                cell = counted.get(result)
+                if cell is None:
+                    cell = counted[result] = self.ctx.metrics.counter(
+                        "ble_adverts_total", source=self.name, result=result
+                    )
+                cell.value += 1
+                if result in _MALFORMED:
+                    self.ctx.reject(result)
+        finally:
+            queue.clear()
+            self._ours.value += ours
 
-    def _emit(self, decisions: list[Decision]) -> None:
+    def _emit(self, decisions: Sequence[Decision]) -> None:
         self._out.extend(Reading(type=d.type, source=self.name, at=d.at, subject=d.subject,
                                  attrs=d.attrs) for d in decisions)  # fmt: skip
 
@@ -320,18 +338,19 @@ class BleSource:
     def memory_sizes(self) -> dict[str, int]:
         """Entries in this source's in-memory tables (``Gateway.memory_stats``)."""
         return {"presence_tracks": len(self.tracker), "pseudonym_cache": len(self.pseudonyms),
-                "advert_cache": len(self.resolver), "advert_queue": len(self._pending)}  # fmt: skip
+                "advert_cache": len(self.resolver),
+                "advert_queue": len(self._queue) // 3}  # fmt: skip
 
     async def readings(self) -> AsyncIterator[Reading]:
         """Run the scanner and yield presence readings until cancelled or closed.
 
-        The callback appends to a deque; a repeating timer puts every waiting advert
-        through the pipeline each tick and expires silent tracks (a flood's batch of
-        ``_BATCH_N`` goes at once).  Those callbacks wake this loop only when they made a
+        The callback queues each advert's fields; a repeating timer puts every queued
+        advert through the pipeline each tick and expires silent tracks (a flood's batch
+        of ``_BATCH_N`` goes at once).  Those callbacks wake this loop only when they made a
         reading.  No future or timer per advert or per batch.
         """
         loop = asyncio.get_running_loop()
-        self._pending.clear()
+        self._queue.clear()
         self._out.clear()
         self._failure = None
         self._hurried = False

@@ -302,7 +302,11 @@ class AllowList:
 
 OURS = "ours"
 FOREIGN = "foreign"
-_PayloadKey = tuple[tuple[int | str, bytes], ...]
+# one field: (company id or service uuid, bytes); more: a tuple of such pairs
+_PayloadKey = tuple[int | str, bytes] | tuple[tuple[int | str, bytes], ...]
+_BEACON_PREFIXES = frozenset({_IBEACON_PREFIX, _ALTBEACON_PREFIX})
+_APPLE_OTHER_OUTCOME: tuple[str, str | None] = ("apple_other", None)
+_OTHER_OUTCOME: tuple[str, str | None] = ("manufacturer_other", None)
 
 
 class AdvertResolver:
@@ -312,12 +316,20 @@ class AdvertResolver:
     is not the retailer's) or a ``Skip`` reason (``subject`` is None).
 
     A beacon sends the same payload in every advert, so payloads that hold an identity are
-    remembered in a bounded LRU keyed on the raw fields: a repeat costs one look-up, with
-    no parsing, no allow-list check and no HMAC.  Payloads without one (phones, whose
-    payloads keep changing; malformed frames) are not remembered: they parse cheaply and
-    would only churn the cache.  ``pseudonym`` is only called on a miss (pass a
-    ``PseudonymCache.get`` so two payloads of one beacon still cost one HMAC).  Raw
-    payloads stay in memory; nothing here logs.
+    remembered in a bounded table keyed on the raw fields: a repeat costs one look-up, with
+    no parsing, no allow-list check and no HMAC.  An advert with a single field (an iBeacon,
+    AltBeacon or phone's manufacturer data; an Eddystone frame) is keyed on that field's
+    ``(company or service uuid, bytes)`` pair as the dict hands it out, with no key to
+    build.  Payloads without an identity (phones, whose payloads keep changing; malformed
+    frames) are not remembered: they would only churn the table, and a single
+    manufacturer field whose first two bytes are neither iBeacon's nor AltBeacon's is
+    answered from those two bytes alone (phones are most of a store's adverts).
+
+    The table is first in, first out: a hit only reads it.  A store's beacons are far
+    fewer than it holds, and an evicted one costs one parse (its pseudonym stays in the
+    ``PseudonymCache``); keeping it least-recently-used would cost a write per advert.
+    ``pseudonym`` is only called on a miss (pass a ``PseudonymCache.get`` so two payloads
+    of one beacon still cost one HMAC).  Raw payloads stay in memory; nothing here logs.
     """
 
     def __init__(
@@ -345,14 +357,20 @@ class AdvertResolver:
         self, manufacturer_data: Mapping[int, bytes], service_data: Mapping[str, bytes]
     ) -> tuple[str, str | None]:
         """The outcome for one advert's fields (see the class docstring)."""
+        key: _PayloadKey
         if service_data:
-            key: _PayloadKey = (*manufacturer_data.items(), *service_data.items())
+            if manufacturer_data or len(service_data) != 1:
+                key = (*manufacturer_data.items(), *service_data.items())
+            else:
+                (key,) = service_data.items()  # (uuid, bytes): an Eddystone frame
+        elif len(manufacturer_data) == 1:
+            (key,) = manufacturer_data.items()  # (company, bytes)
+            if key[1][:2] not in _BEACON_PREFIXES:  # as parse_advert decides, sooner
+                return _APPLE_OTHER_OUTCOME if key[0] == APPLE_COMPANY_ID else _OTHER_OUTCOME
         else:
             key = tuple(manufacturer_data.items())
-        cache = self._cache
-        outcome = cache.get(key)
+        outcome = self._cache.get(key)
         if outcome is not None:
-            cache.move_to_end(key)
             return outcome
         result = parse_advert(manufacturer_data, service_data)
         if not isinstance(result, BeaconId):
@@ -362,6 +380,7 @@ class AdvertResolver:
             outcome = (OURS, self._pseudonym(result.namespace, result.canonical))
         else:
             outcome = (FOREIGN, None)
+        cache = self._cache
         cache[key] = outcome
         if len(cache) > self._maxsize:
             cache.popitem(last=False)

@@ -37,12 +37,13 @@ from __future__ import annotations
 import math
 from bisect import insort
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 ENTER = "presence.enter"
 EXIT = "presence.exit"
+_NONE: tuple[Decision, ...] = ()  # what most sightings decide (shared: no list per call)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,27 +118,45 @@ class PresenceTracker:
 
     def observe(
         self, subject: str, zone: str, rssi: int, now: float, wall: float | None = None
-    ) -> list[Decision]:
+    ) -> Sequence[Decision]:
         """Record one sighting at monotonic ``now`` (``wall``: the wall clock then, to date
         events); returns the decisions it (and expiries due by now) cause."""
-        p = self.params
-        tracks = self._tracks
-        # some track may have gone silent by now: expire it first
-        out = self.tick(now=now, wall=wall) if now >= self._expiry else []
         key = (subject, zone)
-        track = tracks.get(key)
+        track = self._tracks.get(key)
+        if track is None or now >= self._expiry:  # a new track, or some track went silent
+            return self._observe_slow(key, rssi, now, wall)
+        self._tracks.move_to_end(key)
+        if now > track.last_seen:  # noqa: PLR1730 (max() costs a call on the hot path)
+            track.last_seen = now
+        return self._sample(key, track, rssi, now, wall)
+
+    def _observe_slow(
+        self, key: tuple[str, str], rssi: int, now: float, wall: float | None
+    ) -> list[Decision]:
+        """``observe`` when a track is new or an expiry is due: expire silent tracks
+        first, make room, then the sighting."""
+        p = self.params
+        out = self.tick(now=now, wall=wall) if now >= self._expiry else []
+        track = self._tracks.get(key)
         if track is None:
             out.extend(self._make_room(0.0 if wall is None else wall - now))
             size = p.window_samples
             track = _Track(deque(maxlen=size), deque(maxlen=size), [], now)
-            tracks[key] = track
+            self._tracks[key] = track
             self._expiry = min(self._expiry, now + p.silence_s)
         else:
-            tracks.move_to_end(key)
-            if now > track.last_seen:  # noqa: PLR1730 (max() costs a call on the hot path)
-                track.last_seen = now
+            self._tracks.move_to_end(key)
+            track.last_seen = max(track.last_seen, now)
+        out.extend(self._sample(key, track, rssi, now, wall))
+        return out
+
+    def _sample(
+        self, key: tuple[str, str], track: _Track, rssi: int, now: float, wall: float | None
+    ) -> Sequence[Decision]:
+        """Add one sample to the track's window, smooth, and decide."""
+        p = self.params
         times, values, ordered = track.times, track.values, track.ordered
-        if len(values) == values.maxlen:
+        if len(values) == p.window_samples:
             ordered.remove(values[0])  # the deque drops its oldest value on append
         times.append(now)
         values.append(rssi)
@@ -153,11 +172,10 @@ class PresenceTracker:
         # the common cases, decided here: present and staying; absent and not qualifying
         if track.present:
             if smoothed >= p.exit_rssi:
-                return out
+                return _NONE
         elif track.arrived is None and (n < p.min_samples or smoothed < p.enter_rssi):
-            return out
-        out.extend(self._step(key, track, now, 0.0 if wall is None else wall - now))
-        return out
+            return _NONE
+        return self._step(key, track, now, 0.0 if wall is None else wall - now)
 
     def tick(self, *, now: float, wall: float | None = None) -> list[Decision]:
         """Expire silent tracks and emit what that causes; call this every second or so.

@@ -321,7 +321,7 @@ def test_resolver_remembers_beacons_not_phones(keyring: Keyring) -> None:
         assert resolver.resolve({0x004C: b"\x10\x05" + bytes([i]) * 5}, {}) == ("apple_other", None)
     assert len(resolver) == 2
     eddystone = {EDDYSTONE_UUID: EDDYSTONE_UID}
-    assert resolver.resolve({}, eddystone)[0] == OURS  # evicts the least recently used
+    assert resolver.resolve({}, eddystone)[0] == OURS  # evicts the oldest entry (ours)
     assert len(resolver) == 2
     resolver.resolve(foreign, {})
     resolver.resolve(ours, {})  # evicted before: parsed again
