@@ -20,7 +20,9 @@ Three measurements, in one run:
   CPU-seconds per 10,000 adverts sent for all three (the peer's CPU read from /proc).
   The peer scans continuously (``-sd 3600 -tb 0``), not with its default 7 s on / 5 s
   off duty cycle that misses ~40 % of adverts.
-  ``cpu_ratio_vs_peer`` = our CPU per advert / the peer's.  If the peer cannot run,
+  Three rounds of 10 s (1 of 2 s with ``quick``), medians.
+  ``cpu_ratio_vs_peer`` = our CPU per advert / the peer's, the median of the rounds'
+  ratios (each round's two figures were measured side by side).  If the peer cannot run,
   ``peer_error`` says why and no peer figure is given.
 
     from gateway.bench_ble import bench_ble, print_ble
@@ -395,29 +397,50 @@ class _Peer:
 
 
 async def _paced(
-    flood: _Flood, scanners: list[_Scanner], peer: _Peer | None, rate: float, seconds: float
+    flood: _Flood,
+    scanners: list[_Scanner],
+    peer: _Peer | None,
+    *,
+    rate: float,
+    seconds: float,
+    rounds: int,
 ) -> dict[str, Any]:
-    """All scanners (and the peer) on one flood at ``rate``; CPU per 10,000 adverts sent."""
-    base = {s.kind: await s.sample() for s in scanners}
-    peer_base = (peer.cpu_s(), peer.count()) if peer else (0.0, 0)
-    sent = await flood.paced(rate, seconds)
-    out: dict[str, Any] = {"rate_per_s": rate, "sent": sent}
-    for s in scanners:
-        end = await _settle(s, base[s.kind].seen + sent, idle_s=1.0, limit_s=30)
-        out[s.kind] = {
-            "seen": end.seen - base[s.kind].seen,
-            "cpu_s_per_10k": round((end.cpu_now - base[s.kind].cpu_now) / sent * 10_000, 4),
+    """All scanners (and the peer) on one flood at ``rate``; CPU per 10,000 adverts sent.
+
+    ``rounds`` rounds of ``seconds`` each; each figure is the median over the rounds (a
+    round the machine spent on something else does not move it), ``*_runs`` every round.
+    """
+    runs: dict[str, list[float]] = {s.kind: [] for s in scanners}
+    seen: dict[str, int] = {s.kind: 0 for s in scanners}
+    ratios: list[float] = []
+    sent_total = 0
+    for _ in range(rounds):
+        base = {s.kind: await s.sample() for s in scanners}
+        peer_base = (peer.cpu_s(), peer.count()) if peer else (0.0, 0)
+        sent = await flood.paced(rate, seconds)
+        sent_total += sent
+        for s in scanners:
+            end = await _settle(s, base[s.kind].seen + sent, idle_s=1.0, limit_s=30)
+            seen[s.kind] += end.seen - base[s.kind].seen
+            runs[s.kind].append((end.cpu_now - base[s.kind].cpu_now) / sent * 10_000)
+        if peer is not None:
+            changed, last = time.monotonic(), peer.count()
+            while time.monotonic() - changed < 1.5 and time.monotonic() - changed < 60:
+                await asyncio.sleep(0.1)
+                if peer.count() != last:
+                    changed, last = time.monotonic(), peer.count()
+            runs.setdefault("peer", []).append((peer.cpu_s() - peer_base[0]) / sent * 10_000)
+            seen["peer"] = seen.get("peer", 0) + peer.count() - peer_base[1]
+            ratios.append(runs["ours"][-1] / max(runs["peer"][-1], 1e-9))
+    out: dict[str, Any] = {"rate_per_s": rate, "sent": sent_total, "rounds": rounds}
+    for kind, values in runs.items():
+        out[kind] = {
+            "seen": seen[kind],
+            "cpu_s_per_10k": round(statistics.median(values), 4),
+            "cpu_s_per_10k_runs": [round(v, 4) for v in values],
         }
-    if peer is not None:
-        changed, last = time.monotonic(), peer.count()
-        while time.monotonic() - changed < 1.5 and time.monotonic() - changed < 60:
-            await asyncio.sleep(0.1)
-            if peer.count() != last:
-                changed, last = time.monotonic(), peer.count()
-        out["peer"] = {
-            "seen": peer.count() - peer_base[1],
-            "cpu_s_per_10k": round((peer.cpu_s() - peer_base[0]) / sent * 10_000, 4),
-        }
+    if ratios:
+        out["ratio_runs"] = [round(r, 4) for r in ratios]
     return out
 
 
@@ -425,7 +448,7 @@ async def _real_path(quick: bool, with_peer: bool = True) -> dict[str, Any]:
     from simulators.fake_bluez import DBusDaemon, FakeBlueZ
 
     flood_n, rounds = (5_000, 1) if quick else (30_000, 3)
-    paced_s = 2.0 if quick else 10.0
+    paced_s, paced_rounds = (2.0, 1) if quick else (10.0, 3)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tp-bench-ble-") as tmp, DBusDaemon() as daemon:
         path = os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))
@@ -453,7 +476,9 @@ async def _real_path(quick: bool, with_peer: bool = True) -> dict[str, Any]:
                     peer = None
             else:
                 out["peer_error"] = "not run (with_peer=False)"
-            out["paced"] = await _paced(flood, scanners, peer, PACED_RATE, paced_s)
+            out["paced"] = await _paced(
+                flood, scanners, peer, rate=PACED_RATE, seconds=paced_s, rounds=paced_rounds
+            )
         finally:
             if peer is not None:
                 await peer.close()
@@ -494,6 +519,8 @@ def bench_ble(quick: bool = False) -> dict[str, Any]:
         ),
         "paced_rate_per_s": paced["rate_per_s"],
         "paced_adverts": paced["sent"],
+        "paced_rounds": paced["rounds"],
+        "paced_ours_cpu_s_per_10k_runs": paced["ours"]["cpu_s_per_10k_runs"],
         "paced_bare_cpu_s_per_10k": paced["bare"]["cpu_s_per_10k"],
         "paced_ours_cpu_s_per_10k": paced["ours"]["cpu_s_per_10k"],
         "paced_ours_seen": paced["ours"]["seen"],
@@ -504,9 +531,10 @@ def bench_ble(quick: bool = False) -> dict[str, Any]:
             peer="TheengsGateway " + _peer_version(),
             peer_cpu_s_per_10k=peer["cpu_s_per_10k"],
             peer_seen=peer["seen"],
-            cpu_ratio_vs_peer=round(
-                paced["ours"]["cpu_s_per_10k"] / max(peer["cpu_s_per_10k"], 1e-9), 4
-            ),
+            peer_cpu_s_per_10k_runs=peer["cpu_s_per_10k_runs"],
+            # the median of the rounds' ratios: each round's two figures share its noise
+            cpu_ratio_vs_peer=round(statistics.median(paced["ratio_runs"]), 4),
+            cpu_ratio_vs_peer_runs=paced["ratio_runs"],
         )
     else:
         figures["peer_error"] = real.get("peer_error", "the peer did not run")
@@ -536,8 +564,8 @@ def print_ble(figures: dict[str, Any]) -> None:
               f"  saw {f[f'{key}_bleak_seen']:,}")  # fmt: skip
     print(f"    ours / bare bleak           {f['bleak_path_ratio']:>10}  per CPU-second"
           f"  ({f['bleak_path_wall_ratio']} per wall second)")  # fmt: skip
-    print(f"  paced at {f['paced_rate_per_s']:.0f}/s ({f['paced_adverts']:,} adverts),"
-          " CPU-s per 10k:")  # fmt: skip
+    print(f"  paced at {f['paced_rate_per_s']:.0f}/s ({f['paced_adverts']:,} adverts in"
+          f" {f['paced_rounds']} rounds), CPU-s per 10k, median:")  # fmt: skip
     print(f"    bare BleakScanner           {f['paced_bare_cpu_s_per_10k']:>10.3f}")
     print(f"    ours (BleSource)            {f['paced_ours_cpu_s_per_10k']:>10.3f}")
     if "peer_error" in f:
@@ -545,7 +573,8 @@ def print_ble(figures: dict[str, Any]) -> None:
     else:
         print(f"    {f['peer']:<28}{f['peer_cpu_s_per_10k']:>10.3f}"
               f"  (published {f['peer_seen']:,} of {f['paced_adverts']:,})")  # fmt: skip
-        print(f"    ours / peer                 {f['cpu_ratio_vs_peer']:>10}")
+        runs = ", ".join(str(r) for r in f["cpu_ratio_vs_peer_runs"])
+        print(f"    ours / peer                 {f['cpu_ratio_vs_peer']:>10}  (rounds: {runs})")
 
 
 # -- the scanner processes (python -m gateway.bench_ble consume bare|ours) -------------
