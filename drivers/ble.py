@@ -8,14 +8,14 @@
         --> readings() (woken only when there are some)
 
 The callback queues three values per advert and nothing else: the manufacturer-data and
-service-data dicts bleak made for it and its RSSI.  Those are objects Python's cyclic
-garbage collector does not track (dicts of ints, strs and bytes are untracked), so a full
-queue costs no collections; queueing bleak's ``AdvertisementData`` (a tuple holding a list)
-kept thousands of tracked objects alive between ticks under a flood, and the collector's
-passes over them cost as much as the presence step.  The work itself runs in batches, on
-caches still warm from the advert before: done per advert inside bleak's callback, between
-bleak's own steps, the same look-ups cost several times more CPU (both measured with
-``bench ble``).
+service-data dicts bleak made for it and its RSSI.  Python's cyclic garbage collector does
+not track those (dicts of ints, strs and bytes are untracked), so however full the queue
+it has nothing of ours to traverse or promote.  Queueing bleak's ``AdvertisementData`` (a
+tuple holding a list) instead kept thousands of tracked objects alive between ticks under
+a flood, and the collector's passes over them, full collections included, cost about a
+third of the pipeline's CPU.  The work itself runs in batches: done per advert inside
+bleak's callback, between bleak's own steps, the same look-ups measured several times
+slower at a store's paced rate (cold caches).  Both measured on ``bench ble``'s flood.
 
 The scanner is started once and left running (never duty-cycled): active scanning with
 BlueZ's duplicate filter off so RSSI updates keep coming, or passive scanning with
