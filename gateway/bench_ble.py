@@ -230,18 +230,8 @@ class _Flood:
         return sent
 
     async def _sync(self) -> None:
-        """Wait until dbus-daemon has read everything sent so far (a round trip to it).
-
-        dbus-fast writes straight to the socket when its queue is empty and drops the
-        connection if that write would block, so the socket must never fill up.
-        """
-        from dbus_fast import Message
-
+        """Wait until dbus-daemon has read everything sent so far (``FakeBlueZ.drain``)."""
         await self.fake.drain()
-        bus = "org.freedesktop.DBus"
-        await self.fake.bus.call(
-            Message(destination=bus, path="/org/freedesktop/DBus", interface=bus, member="GetId")
-        )
 
     async def paced(self, rate: float, seconds: float) -> int:
         """Send at ``rate`` adverts/s for ``seconds`` (in 10 ms slots; a slot sends the

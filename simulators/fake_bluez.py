@@ -358,10 +358,22 @@ class FakeBlueZ:
         return True
 
     async def drain(self) -> None:
-        """Wait until everything sent so far is written to the bus socket (pacing)."""
+        """Wait until dbus-daemon has read everything sent so far (pacing a flood).
+
+        dbus-fast writes a message straight to the socket when its own queue is empty and
+        drops the connection if that write would block, so a flood must never fill the
+        socket.  Waiting for the last write is not enough (the socket may still be full):
+        this also makes a round trip to dbus-daemon, which answers only after reading
+        every message sent before the call.
+        """
         if self._last_send is not None:
             with contextlib.suppress(Exception):
                 await self._last_send
+        if self.bus is not None and self.bus.connected:
+            bus = "org.freedesktop.DBus"
+            with contextlib.suppress(Exception):
+                await self.bus.call(Message(destination=bus, path="/org/freedesktop/DBus",
+                                            interface=bus, member="GetId"))  # fmt: skip
 
     # -- D-Bus plumbing ---------------------------------------------------------------
 
