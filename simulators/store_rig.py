@@ -47,6 +47,7 @@ from typing import IO, Any
 
 from gateway.identity import Keyring
 from gateway.synthetic import card_number
+from simulators.ble_scenario import Scenario, build_timeline
 from simulators.broker import Mosquitto, free_port
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
@@ -126,6 +127,14 @@ class StoreRig:
         self._sims: dict[str, _Sim] = {}
 
     # ---- identities the scenarios use (for consent grants and privacy canaries) ----
+
+    def ble_addresses(self) -> list[str]:
+        """Every device address the BLE scenario's adverts come from (rotating ones too),
+        as BlueZ writes it (``AA:BB:...``) and in its D-Bus object paths (``AA_BB_...``):
+        personal data the daemon must never keep (privacy canaries)."""
+        steps = build_timeline(Scenario.load(self.load.ble_scenario))
+        addresses = {s.address for s in steps if s.action == "advert" and s.address}
+        return sorted({form for a in addresses for form in (a, a.replace(":", "_"))})
 
     def raw_identities(self) -> list[tuple[str, str]]:
         """(namespace, raw identifier) of every shopper the card and BLE scenarios show."""

@@ -224,6 +224,7 @@ def raw_identifiers(rig: StoreRig, plan: SoakPlan) -> list[str]:
     """Every raw identifier the simulated store shows the daemon (privacy canaries)."""
     raws = [raw for _ns, raw in rig.raw_identities()]
     raws += [card_number(i) for i in range(plan.synthetic_cards)]
+    raws += rig.ble_addresses()
     return sorted({*raws, *APP_SUBS})
 
 

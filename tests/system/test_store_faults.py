@@ -84,6 +84,9 @@ class RawScan:
         for ns, raw in rig.raw_identities():
             for form in {raw, raw.lower(), raw.upper()}:
                 self.exact.append((ns, form.encode()))
+        for address in rig.ble_addresses():
+            for form in {address, address.lower()}:
+                self.exact.append(("BLE address", form.encode()))
         # The synthetic cards are many: find every candidate with one pattern.
         self.cards = {card_number(i).encode() for i in range(rig.load.synthetic_cards)}
         self.card_pattern = re.compile(rb"2600[0-9]{9}")
