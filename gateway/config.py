@@ -102,6 +102,11 @@ class MqttConfig(Model):
     inflight_window: int = Field(default=20, ge=1, le=1000)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=60.0, gt=0)
+    puback_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A batch unacknowledged this long on a live link: reconnect (it is sent again)",
+    )
 
 
 def _default_required() -> dict[str, tuple[Purpose, ...]]:

@@ -55,6 +55,7 @@ HELP: dict[str, str] = {
     "consent_decisions_total": "Consent gate decisions, by decision and reason",
     "mqtt_reconnects_total": "Broker connections lost and re-established",
     "mqtt_connect_failures_total": "Attempts to reach the broker that failed",
+    "mqtt_puback_timeouts_total": "Links broken because a PUBACK did not come on a live link",
     "source_restarts_total": "Sources restarted by the supervisor after an error",
     "ble_scanner_starts_total": "BLE scanner (re)starts, by source",
     "ble_watchdog_total": "BLE scan watchdog actions (restart, reset), by source",

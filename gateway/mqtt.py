@@ -10,6 +10,11 @@ event loop with ``call_soon_threadsafe``.  Designed around paho's known traps:
 - A QoS 1 publish made while disconnected returns an error yet is queued and sent after
   the reconnect: its future stays pending and the message is never published twice.
 - Message ids are 16-bit: the window is far below 65,536.
+- MQTT never sends a message again on a live connection, so a PUBACK the broker (or a
+  middlebox) loses while the link stays up would hold its batch, and in time the whole
+  window, forever.  A PUBACK awaited ``puback_timeout_s`` on a live link counts as a
+  broken link: the socket is shut, paho reconnects with backoff and sends the batch
+  again (a duplicate at worst, which the central drops).
 
 Reconnects use exponential backoff with full jitter, so a fleet does not reconnect in
 lock-step after a broker restart.  The socket gets ``TCP_NODELAY``: QoS 1 throughput is
@@ -108,6 +113,9 @@ class PahoPublisher:
         self.metrics = metrics
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future[Verdict]] = {}
+        # mid -> when its PUBACK became due: the publish, or the connect that resends it
+        self._since: dict[int, float] = {}
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._connected = asyncio.Event()
         self._on_connect_hooks: list[Any] = []
         self._closing = False
@@ -162,6 +170,11 @@ class PahoPublisher:
             kwargs["clean_start"] = True  # the database is the session
         self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s, **kwargs)
         self.client.loop_start()
+        self._ack_timer = self._loop.call_later(self._ack_check_s, self._check_acks)
+
+    @property
+    def _ack_check_s(self) -> float:
+        return min(5.0, self.cfg.puback_timeout_s / 4)
 
     def subscribe(self, topic: str, callback: Callable[[bytes], None]) -> None:
         """Receive ``topic`` at QoS 1 on every connection; ``callback(payload)`` runs on
@@ -196,11 +209,14 @@ class PahoPublisher:
             return fut
         # MQTT_ERR_NO_CONN: queued by paho and sent after the reconnect; wait for it.
         self._pending[info.mid] = fut
+        self._since[info.mid] = time.monotonic()
         return fut
 
     async def close(self, *, graceful: bool = True) -> None:
         """Disconnect; when graceful, first wait (up to 2 s) for pending PUBACKs."""
         self._closing = True
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
         if graceful and self.connected and self._pending:
             await asyncio.wait(set(self._pending.values()), timeout=2.0)
         self.client.disconnect()
@@ -209,6 +225,7 @@ class PahoPublisher:
             if not fut.done():
                 fut.cancel()
         self._pending.clear()
+        self._since.clear()
 
     @property
     def in_flight(self) -> int:
@@ -273,6 +290,9 @@ class PahoPublisher:
             if not self._connected.is_set():
                 log.info("connected to broker %s:%d", self.cfg.host, self.cfg.port)
             self.client.reset_backoff()
+            now = time.monotonic()  # paho sends what is pending again on this connection
+            for mid in self._since:
+                self._since[mid] = now
             for topic in self._subscriptions:
                 self.client.subscribe(topic, qos=1)
             self._connected.set()
@@ -300,7 +320,33 @@ class PahoPublisher:
             log.warning("%s; retrying with backoff", message)  # once per distinct cause
         self.metrics.error("mqtt", message)
 
+    def _check_acks(self) -> None:
+        """Every few seconds: a PUBACK awaited ``puback_timeout_s`` on a live link breaks
+        the link (see the module docstring)."""
+        assert self._loop is not None
+        self._ack_timer = self._loop.call_later(self._ack_check_s, self._check_acks)
+        if not self._since or not self.connected or self._closing:
+            return
+        now = time.monotonic()
+        waited = now - min(self._since.values())
+        if waited < self.cfg.puback_timeout_s:
+            return
+        log.warning(
+            "no PUBACK from the broker for %.0f s on a live connection (%d batches waiting); "
+            "reconnecting to send them again",
+            waited,
+            len(self._since),
+        )
+        self.metrics.inc("mqtt_puback_timeouts_total")
+        for mid in self._since:  # once per stall, not at every check until the link goes
+            self._since[mid] = now
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket too: shuts the TCP link
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def _published(self, mid: int, code: int, reason: str, failure: bool) -> None:
+        self._since.pop(mid, None)
         fut = self._pending.pop(mid, None)
         if fut is None or fut.done():
             return

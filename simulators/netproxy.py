@@ -13,13 +13,16 @@ header: the packet type in the high nibble of the first byte, then the remaining
 as a variable byte integer; the same in MQTT 3.1.1 and 5) for packet-level faults:
 
     proxy.lose_pubacks(every=5)     # every 5th PUBACK to a client is lost with its link
+    proxy.swallow_pubacks(every=5)  # every 5th PUBACK is dropped; the link lives on
     proxy.cut_mid_publish(every=7)  # every 7th PUBLISH from a client is cut half way
     proxy.clear_faults()
-    proxy.pubacks_lost, proxy.publishes_cut   # how many so far
+    proxy.pubacks_lost, proxy.pubacks_swallowed, proxy.publishes_cut   # how many so far
 
 A lost PUBACK is the broker's acknowledgement dying with the connection after the broker
 took the message: the client must send it again on its next connection (a duplicate,
-never a loss).  A publish cut half way through is a link dying mid-batch: the broker
+never a loss).  A swallowed PUBACK is a broker (or middlebox) that took the message and
+never acknowledged it on a link that stays up: MQTT sends nothing again on a live link,
+so the client must notice and break the link itself.  A publish cut half way through is a link dying mid-batch: the broker
 never sees the message, and the client must send it again.
 """
 
@@ -80,10 +83,13 @@ class NetProxy:
         self.delay_s = delay_s
         self.mqtt = mqtt
         self._puback_every = 0
+        self._swallow_every = 0
         self._publish_every = 0
         self._pubacks_seen = 0
+        self._swallow_seen = 0
         self._publishes_seen = 0
         self.pubacks_lost = 0
+        self.pubacks_swallowed = 0
         self.publishes_cut = 0
         self.port = 0
         self._accepting = True
@@ -112,6 +118,11 @@ class NetProxy:
                 if self._pubacks_seen % self._puback_every == 0:
                     self.pubacks_lost += 1
                     return bytes(out), True
+            if not upstream and kind == PUBACK and self._swallow_every:
+                self._swallow_seen += 1
+                if self._swallow_seen % self._swallow_every == 0:
+                    self.pubacks_swallowed += 1
+                    continue
             if upstream and kind == PUBLISH and self._publish_every:
                 self._publishes_seen += 1
                 if self._publishes_seen % self._publish_every == 0:
@@ -199,13 +210,18 @@ class NetProxy:
         self._need_mqtt()
         self._pubacks_seen, self._puback_every = 0, every
 
+    def swallow_pubacks(self, every: int) -> None:
+        """Drop every ``every``-th PUBACK to a client, keeping the connection up."""
+        self._need_mqtt()
+        self._swallow_seen, self._swallow_every = 0, every
+
     def cut_mid_publish(self, every: int) -> None:
         """Cut every ``every``-th PUBLISH from a client half way, and its connection."""
         self._need_mqtt()
         self._publishes_seen, self._publish_every = 0, every
 
     def clear_faults(self) -> None:
-        self._puback_every = self._publish_every = 0
+        self._puback_every = self._swallow_every = self._publish_every = 0
 
     def _need_mqtt(self) -> None:
         if not self.mqtt:

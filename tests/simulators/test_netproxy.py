@@ -106,6 +106,23 @@ def test_a_lost_puback_takes_the_link_with_it(peer_and_proxy: tuple[Peer, NetPro
     assert peer.closed.wait(30), "the broker's side of the link is cut too"
 
 
+@pytest.mark.parametrize(
+    "peer_and_proxy", [PUBACK_1 + PINGRESP + PUBACK_2 + PUBACK_3], indirect=True
+)
+def test_a_swallowed_puback_leaves_the_link_up(peer_and_proxy: tuple[Peer, NetProxy]) -> None:
+    peer, proxy = peer_and_proxy
+    proxy.swallow_pubacks(every=2)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+        got = b""
+        while len(got) < len(PUBACK_1 + PINGRESP + PUBACK_3):
+            got += client.recv(65536)
+        assert got == PUBACK_1 + PINGRESP + PUBACK_3, "only the 2nd PUBACK is missing"
+        client.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            client.recv(1)  # the link is still up: nothing more, and no close
+    assert proxy.pubacks_swallowed == 1
+
+
 def test_a_publish_is_cut_half_way_and_the_link_with_it(
     peer_and_proxy: tuple[Peer, NetProxy],
 ) -> None:

@@ -451,13 +451,15 @@ def test_small_filesystem_fills_under_load_policy_applies_and_recovers(
 # ---- 4. a lossy link to the broker ------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["lose_pubacks", "cut_mid_publish"])
+@pytest.mark.parametrize("fault", ["lose_pubacks", "swallow_pubacks", "cut_mid_publish"])
 def test_lossy_link_duplicates_but_never_loses(
     tmp_path: Path, fault: str, reaper: list[GatewayProc]
 ) -> None:
     """PUBACKs lost with the link (the broker has the batch, the daemon does not know),
-    and links cut half way through a batch: every committed event reaches the central,
-    duplicates stay within the in-flight window per broken link."""
+    PUBACKs lost on a link that stays up (MQTT sends nothing again on a live link: the
+    daemon must break it after ``puback_timeout_s``), and links cut half way through a
+    batch: every committed event reaches the central, duplicates stay within the
+    in-flight window per broken link."""
     from simulators.central import Central
     from simulators.netproxy import NetProxy
 
@@ -468,16 +470,17 @@ def test_lossy_link_duplicates_but_never_loses(
         NetProxy(broker.port, mqtt=True) as proxy,
     ):
         assert central.wait_subscribed(10)
-        gw = make_offline_gateway(tmp_path, proxy.port, "evict_oldest")
+        gw = make_offline_gateway(
+            tmp_path, proxy.port, "evict_oldest", mqtt_extra="puback_timeout_s = 1.5\n"
+        )
         reaper.append(gw)
-        if fault == "lose_pubacks":
-            proxy.lose_pubacks(every=7)
-        else:
-            proxy.cut_mid_publish(every=7)
+        getattr(proxy, fault)(every=7)
         gw.start()
         gw.wait_ready()
 
         def broken() -> int:
+            if fault == "swallow_pubacks":  # the daemon breaks the link; one break per stall
+                return gw.log.read_text().count("disconnected from broker")
             return proxy.pubacks_lost + proxy.publishes_cut
 
         wait_until("the link breaks five times", lambda: broken() >= 5, 90)
@@ -485,7 +488,8 @@ def test_lossy_link_duplicates_but_never_loses(
         assert gw.alive()
         assert gw.stop() == 0
         gw.drain_and_stop()
-        stats = assert_all_delivered(gw, central, max_dupes=(broken() + 2) * window * batch)
-        if fault == "lose_pubacks":
+        lost = broken() + proxy.pubacks_swallowed
+        stats = assert_all_delivered(gw, central, max_dupes=(lost + 2) * window * batch)
+        if fault != "cut_mid_publish":
             assert stats["duplicates"] > 0, "a lost PUBACK makes the batch come again"
         assert gw.log.read_text().count("disconnected from broker") >= 5
