@@ -22,8 +22,9 @@ A lost PUBACK is the broker's acknowledgement dying with the connection after th
 took the message: the client must send it again on its next connection (a duplicate,
 never a loss).  A swallowed PUBACK is a broker (or middlebox) that took the message and
 never acknowledged it on a link that stays up: MQTT sends nothing again on a live link,
-so the client must notice and break the link itself.  A publish cut half way through is a link dying mid-batch: the broker
-never sees the message, and the client must send it again.
+so the client must notice and break the link itself.  A publish cut half way through is
+a link dying mid-batch: the broker never sees the message, and the client must send it
+again.
 """
 
 from __future__ import annotations

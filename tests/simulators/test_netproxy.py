@@ -120,6 +120,7 @@ def test_a_swallowed_puback_leaves_the_link_up(peer_and_proxy: tuple[Peer, NetPr
         client.settimeout(0.3)
         with pytest.raises(TimeoutError):
             client.recv(1)  # the link is still up: nothing more, and no close
+        assert not peer.closed.is_set(), "the broker's side stays up too"
     assert proxy.pubacks_swallowed == 1
 
 
