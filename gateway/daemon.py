@@ -284,11 +284,16 @@ class Gateway:
 
     def status_line(self) -> str:
         m = self.metrics
+        # events the buffer could not take (drop_new on a full buffer, failed writes)
+        lost = sum(
+            m.total("events_dropped_total", reason=r) for r in ("buffer_full", "buffer_error")
+        )
         return (
             f"read {m.total('readings_total'):.0f}, buffered {m.get('events_buffered_total'):.0f}, "
             f"forwarded {m.get('events_forwarded_total'):.0f}, "
             f"dropped(consent) {m.total('events_dropped_total', reason='consent'):.0f}, "
-            f"depth {self.last_stats.get('depth', 0)}, "
+            + (f"lost(buffer) {lost:.0f}, " if lost else "")
+            + f"depth {self.last_stats.get('depth', 0)}, "
             f"broker {'up' if m.get('mqtt_connected') else 'down'}"
         )
 

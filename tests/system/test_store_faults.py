@@ -10,6 +10,7 @@ contiguously in commit order, so the events committed in a stream are exactly
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -446,6 +447,87 @@ def test_small_filesystem_fills_under_load_policy_applies_and_recovers(
         subprocess.run(["mount", "-o", "remount,size=32m", str(small_fs)], check=True)
 
     fill_apply_and_recover(tmp_path, gw, broker_port, policy, space_returns=grow)
+
+
+def fill_to_the_last_byte(path: Path) -> int:
+    """Write ``path`` until the filesystem refuses another byte (another process filling
+    the disk); returns the bytes written."""
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 16, 1 << 10, 1):
+            block = b"\0" * size
+            while True:
+                try:
+                    written += os.write(fd, block)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+    return written
+
+
+def test_filesystem_filled_by_another_process_then_freed(
+    tmp_path: Path, small_fs: Path, reaper: list[GatewayProc]
+) -> None:
+    """Another process takes the buffer's filesystem to its last byte while the broker is
+    away: the daemon keeps running, says so in /healthz, loses only what it counts, and
+    once the space is freed it buffers again and forwards the backlog."""
+    broker_port = free_port()
+    gw = make_offline_gateway(tmp_path, broker_port, "evict_oldest",
+                              buffer_path=small_fs / "buffer.db")  # fmt: skip
+    reaper.append(gw)
+    port = gw.health_port
+    assert port is not None
+    gw.start()
+    gw.wait_ready()
+    depth = lambda: metrics(port).get("buffer_depth", {}).get((), 0)  # noqa: E731
+    wait_until("events are buffered", lambda: depth() > 1000, 30)
+    filler = small_fs / "filler"
+    assert fill_to_the_last_byte(filler) > 0
+
+    def lost_or_evicted() -> float:
+        m = metrics(port)
+        errors = sum(
+            v
+            for k, v in m.get("events_dropped_total", {}).items()
+            if ("reason", "buffer_error") in k
+        )
+        return errors + counted(port, "evict_oldest")
+
+    wait_until("the full disk is counted", lambda: lost_or_evicted() > 0, 60)
+    time.sleep(2.0)  # the disk stays full under load for a while
+    assert gw.alive(), "the daemon keeps running on a full disk"
+    assert healthz(port)[1]["last_error"].get("buffer"), "the buffer's trouble is shown"
+    filler.unlink()
+
+    def buffering_again() -> bool:
+        before = metrics(port)["events_buffered_total"][()]
+        time.sleep(0.5)
+        m = metrics(port)
+        return m["buffer_write_ok"][()] == 1 and m["events_buffered_total"][()] > before
+
+    wait_until("writes succeed again once space is freed", buffering_again, 60)
+    backlog = depth()
+    with Mosquitto(tmp_path / "mq", port=broker_port):
+
+        def forwarding() -> bool:
+            m = metrics(port)
+            return m["events_forwarded_total"][()] > backlog and healthz(port)[0] == 200
+
+        wait_until("the daemon forwards the backlog and is healthy", forwarding, 90, every=0.5)
+        assert gw.alive()
+        assert gw.stop() == 0
+    log = gw.log.read_text()
+    assert "Traceback" not in log
+    # every card read is accounted for: buffered, or lost to the full disk and counted
+    final = re.findall(r"stopped: read (\d+), buffered (\d+), .*lost\(buffer\) (\d+),", log)
+    assert final, "the final status line counts what the buffer lost"
+    read, buffered, lost = map(int, final[-1])
+    assert lost > 0
+    assert read == buffered + lost
 
 
 # ---- 4. a lossy link to the broker ------------------------------------------------------
