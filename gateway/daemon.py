@@ -293,6 +293,7 @@ class Gateway:
             f"forwarded {m.get('events_forwarded_total'):.0f}, "
             f"dropped(consent) {m.total('events_dropped_total', reason='consent'):.0f}, "
             + (f"lost(buffer) {lost:.0f}, " if lost else "")
+            + (f"evicted {evicted:.0f}, " if (evicted := m.get("events_evicted_total")) else "")
             + f"depth {self.last_stats.get('depth', 0)}, "
             f"broker {'up' if m.get('mqtt_connected') else 'down'}"
         )

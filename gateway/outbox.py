@@ -49,8 +49,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EVICT_MIN_EVENTS = 100
+EVICT_LOG_INTERVAL_S = 60.0  # evictions are logged as a sum, at most this often
 WAL_RESERVE_MAX = 8 * 1024 * 1024  # free space kept for the WAL when the disk is small
 RECAP_INTERVAL_S = 1.0  # how often the cap follows the filesystem's free space
+# A file of zeros beside the buffer (``<buffer>.reserve``), deleted the moment the disk is
+# full, so that the full-buffer policy can still run: evicting rows is itself a write
+# and needs room in the WAL.  Made again once the disk has 4x its size free.
+DISK_RESERVE_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -143,6 +148,9 @@ class Outbox:
         self._capacity = asyncio.Event()
         self._last_write_ok: bool | None = None  # writer thread only
         self._recap_at = 0.0  # writer thread only: when to size the cap to the disk again
+        self._evict_log_at = 0.0  # writer thread only: evictions not yet logged, and when
+        self._evicted_unlogged = 0
+        self._evict_logged = False
 
     # -- lifecycle (blocking; call before the pipeline starts) ------------------------
 
@@ -157,6 +165,7 @@ class Outbox:
             conn.execute(f"PRAGMA journal_size_limit = {16 * 1024 * 1024}")
             self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
             migrate(conn)
+            self._keep_reserve()
             self._set_max_pages(conn)
             row = conn.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()
             if row is None:
@@ -449,6 +458,7 @@ class Outbox:
                 self._write_ok(True)
                 if time.monotonic() >= self._recap_at:  # follow the filesystem's free space
                     self._recap_at = time.monotonic() + RECAP_INTERVAL_S
+                    self._keep_reserve()
                     with contextlib.suppress(sqlite3.Error):
                         self._set_max_pages(conn)
                 return appended
@@ -537,12 +547,54 @@ class Outbox:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
 
+    @property
+    def reserve_path(self) -> Path:
+        path = Path(self.cfg.path)
+        return path.with_name(path.name + ".reserve")
+
+    def _keep_reserve(self) -> None:
+        """Make the disk reserve (``DISK_RESERVE_BYTES``) when it is missing and the
+        filesystem has four times that free; never raises (no reserve is no error)."""
+        reserve = self.reserve_path
+        try:
+            if reserve.exists():
+                return
+            fs = os.statvfs(reserve.parent)
+            if fs.f_bavail * fs.f_frsize < 4 * DISK_RESERVE_BYTES:
+                return
+            fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, DISK_RESERVE_BYTES)  # blocks taken now, not later
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.debug("no disk reserve beside the buffer: %s", exc)
+            with contextlib.suppress(OSError):
+                if reserve.exists() and reserve.stat().st_size < DISK_RESERVE_BYTES:
+                    reserve.unlink()
+
+    def _release_reserve(self) -> None:
+        """The disk is full: give the reserve back so the policy's own writes fit."""
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("could not release the disk reserve %s: %s", self.reserve_path, exc)
+            return
+        log.warning(
+            "disk full: released the %d MiB reserve beside the buffer so the %s policy can run",
+            DISK_RESERVE_BYTES >> 20,
+            self.cfg.when_full,
+        )
+
     def _when_full(self, conn: sqlite3.Connection, writes: list[_Cmd]) -> None:
         incoming = sum(len(c.events) for c in writes if c.kind == "append")
         pages, cap = (
             int(conn.execute(f"PRAGMA {p}").fetchone()[0]) for p in ("page_count", "max_page_count")
         )
         if pages < cap:  # the filesystem is full below the cap: that is the cap now
+            self._release_reserve()
             with contextlib.suppress(sqlite3.Error):  # the next commit reuses the WAL
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             with contextlib.suppress(sqlite3.Error):
@@ -577,7 +629,23 @@ class Outbox:
             if self._last_write_ok:  # once per failure, not once per commit
                 log.error("buffer full and eviction failed: %s", exc)
             return
-        log.warning("buffer full: evicted the %d oldest events (policy evict_oldest)", evicted)
+        self._evicted_unlogged += evicted
+        now = time.monotonic()
+        if now >= self._evict_log_at:  # a full buffer under load evicts at every commit
+            self._evict_log_at = now + EVICT_LOG_INTERVAL_S
+            if self._evict_logged:
+                log.warning(
+                    "buffer full: evicted %d more of the oldest events since the last such line",
+                    self._evicted_unlogged,
+                )
+            else:
+                log.warning(
+                    "buffer full: evicted the %d oldest events (policy evict_oldest); "
+                    "further evictions are summed into a line at most every %.0f s",
+                    self._evicted_unlogged,
+                    EVICT_LOG_INTERVAL_S,
+                )
+            self._evicted_unlogged, self._evict_logged = 0, True
         self._count_on_loop("events_evicted_total", evicted)
         self._error_on_loop(
             f"buffer full: evicted the {evicted} oldest events (policy evict_oldest)"
