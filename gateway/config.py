@@ -73,6 +73,11 @@ class BufferConfig(Model):
     commit_max_events: int = Field(
         default=2000, ge=1, description="Group commit: or until this many events"
     )
+    disk_reserve_bytes: int = Field(
+        default=2 * 1024 * 1024,
+        ge=0,
+        description="File of zeros beside the buffer, given back when the disk fills (0: none)",
+    )
 
 
 class TlsConfig(Model):

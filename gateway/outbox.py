@@ -52,10 +52,10 @@ EVICT_MIN_EVENTS = 100
 EVICT_LOG_INTERVAL_S = 60.0  # evictions are logged as a sum, at most this often
 WAL_RESERVE_MAX = 8 * 1024 * 1024  # free space kept for the WAL when the disk is small
 RECAP_INTERVAL_S = 1.0  # how often the cap follows the filesystem's free space
-# A file of zeros beside the buffer (``<buffer>.reserve``), deleted the moment the disk is
-# full, so that the full-buffer policy can still run: evicting rows is itself a write
-# and needs room in the WAL.  Made again once the disk has 4x its size free.
-DISK_RESERVE_BYTES = 2 * 1024 * 1024
+# ``buffer.disk_reserve_bytes``: a file of zeros beside the buffer (``<buffer>.reserve``),
+# deleted the moment the disk is full, so that the full-buffer policy can still run:
+# evicting rows is itself a write and needs room in the WAL.  Made again once the disk
+# has 4x its size free.
 
 
 @dataclass(slots=True)
@@ -553,24 +553,26 @@ class Outbox:
         return path.with_name(path.name + ".reserve")
 
     def _keep_reserve(self) -> None:
-        """Make the disk reserve (``DISK_RESERVE_BYTES``) when it is missing and the
+        """Make the disk reserve (``disk_reserve_bytes``) when it is missing and the
         filesystem has four times that free; never raises (no reserve is no error)."""
-        reserve = self.reserve_path
+        size, reserve = self.cfg.disk_reserve_bytes, self.reserve_path
+        if not size:
+            return
         try:
             if reserve.exists():
                 return
             fs = os.statvfs(reserve.parent)
-            if fs.f_bavail * fs.f_frsize < 4 * DISK_RESERVE_BYTES:
+            if fs.f_bavail * fs.f_frsize < 4 * size:
                 return
             fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.posix_fallocate(fd, 0, DISK_RESERVE_BYTES)  # blocks taken now, not later
+                os.posix_fallocate(fd, 0, size)  # the blocks are taken now, not when needed
             finally:
                 os.close(fd)
         except OSError as exc:
             log.debug("no disk reserve beside the buffer: %s", exc)
             with contextlib.suppress(OSError):
-                if reserve.exists() and reserve.stat().st_size < DISK_RESERVE_BYTES:
+                if reserve.exists() and reserve.stat().st_size < size:
                     reserve.unlink()
 
     def _release_reserve(self) -> None:
@@ -583,8 +585,8 @@ class Outbox:
             log.warning("could not release the disk reserve %s: %s", self.reserve_path, exc)
             return
         log.warning(
-            "disk full: released the %d MiB reserve beside the buffer so the %s policy can run",
-            DISK_RESERVE_BYTES >> 20,
+            "disk full: released the %.1f MiB reserve beside the buffer so the %s policy can run",
+            self.cfg.disk_reserve_bytes / (1 << 20),
             self.cfg.when_full,
         )
 

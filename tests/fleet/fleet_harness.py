@@ -96,6 +96,7 @@ active = "k1"
 k1 = "k1.key"
 [buffer]
 path = "buffer.db"
+disk_reserve_bytes = 0  # 200 gateways on one disk
 [mqtt]
 host = "127.0.0.1"
 port = {port}

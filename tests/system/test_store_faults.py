@@ -517,7 +517,7 @@ def test_filesystem_filled_by_another_process_then_freed(
         assert gw.stop() == 0
     log = gw.log.read_text()
     assert "Traceback" not in log
-    assert "released the 2 MiB reserve beside the buffer" in log
+    assert "released the 2.0 MiB reserve beside the buffer" in log
     # every card read is accounted for: buffered, or lost to the full disk and counted
     final = log.split("stopped: ")[-1].splitlines()[0]
     fields = {k: v for k, _, v in (f.rpartition(" ") for f in final.split(", "))}
