@@ -131,32 +131,38 @@ async def hold(fake: FakeBlueZ, seconds: float, rssi: int = -62, adapter: str = 
         await asyncio.sleep(0.04)
 
 
+async def replay(
+    bus: DBusDaemon, source: BleSource, name: str, done: Callable[[Collector], bool]
+) -> Collector:
+    """Play scenario ``name`` on a fake BlueZ to ``source`` until ``done(got)`` holds."""
+    scenario = Scenario.load(SCENARIOS / f"{name}.toml")
+    async with fake_bluez(bus) as fake:
+        setup(fake, scenario)
+        async with Collector(source) as got:
+            await until(lambda: fake.scanning("hci0"))
+            await play(fake, scenario)
+            await until(lambda: done(got), timeout=3)
+    return got
+
+
 def test_walkthrough_end_to_end(bus: DBusDaemon, keyring: Keyring) -> None:
     source, ctx = make(keyring)
-    scenario = Scenario.load(SCENARIOS / "ble-walkthrough.toml")
-
-    async def main() -> None:
-        async with fake_bluez(bus) as fake:
-            setup(fake, scenario)
-            async with Collector(source) as got:
-                await until(lambda: fake.scanning("hci0"))
-                await play(fake, scenario)
-                await until(lambda: bool(got.of("presence.exit", A)), timeout=3)
-            assert [r.type for r in got.readings if r.subject == A] == [
-                "presence.enter",
-                "presence.exit",
-            ]
-            assert [r.type for r in got.readings if r.subject == B] == ["presence.enter"]
-            assert {r.subject for r in got.readings} == {A, B}  # C passed by, others foreign
-            enter_a, exit_a = got.of("presence.enter", A)[0], got.of("presence.exit", A)[0]
-            assert enter_a.source == "entrance-ble"
-            assert enter_a.attrs["zone"] == "entrance"
-            assert isinstance(enter_a.attrs["rssi"], int)
-            assert -66 <= enter_a.attrs["rssi"] <= -54
-            assert exit_a.attrs["zone"] == "entrance"
-            assert 1 <= exit_a.attrs["dwell_s"] <= 3
-
-    asyncio.run(main())
+    got = asyncio.run(
+        replay(bus, source, "ble-walkthrough", lambda got: bool(got.of("presence.exit", A)))
+    )
+    assert [r.type for r in got.readings if r.subject == A] == [
+        "presence.enter",
+        "presence.exit",
+    ]
+    assert [r.type for r in got.readings if r.subject == B] == ["presence.enter"]
+    assert {r.subject for r in got.readings} == {A, B}  # C passed by, others foreign
+    enter_a, exit_a = got.of("presence.enter", A)[0], got.of("presence.exit", A)[0]
+    assert enter_a.source == "entrance-ble"
+    assert enter_a.attrs["zone"] == "entrance"
+    assert isinstance(enter_a.attrs["rssi"], int)
+    assert -66 <= enter_a.attrs["rssi"] <= -54
+    assert exit_a.attrs["zone"] == "entrance"
+    assert 1 <= exit_a.attrs["dwell_s"] <= 3
     counts = ctx.metrics.by_label("ble_adverts_total", "result")
     assert counts["foreign"] > 0
     assert counts["apple_other"] > 0  # phones
@@ -184,17 +190,9 @@ def test_queued_adverts_hold_nothing_the_garbage_collector_tracks(
         kept.extend((type(x).__name__, gc.is_tracked(x)) for x in source._queue[-3:])
 
     monkeypatch.setattr(source, "_on_advert", spy)
-    scenario = Scenario.load(SCENARIOS / "ble-walkthrough.toml")
-
-    async def main() -> None:
-        async with fake_bluez(bus) as fake:
-            setup(fake, scenario)
-            async with Collector(source) as got:
-                await until(lambda: fake.scanning("hci0"))
-                await play(fake, scenario)
-                await until(lambda: bool(got.of("presence.enter", A)), timeout=3)
-
-    asyncio.run(main())
+    asyncio.run(
+        replay(bus, source, "ble-walkthrough", lambda got: bool(got.of("presence.enter", A)))
+    )
     assert {kind for kind, _ in kept} == {"dict", "int"}
     assert [kind for kind, tracked in kept if tracked] == []
 

@@ -360,6 +360,25 @@ def make_offline_gateway(tmp_path: Path, broker_port: int, policy: str, **kw: An
     )
 
 
+def broker_returns_and_backlog_forwards(
+    tmp_path: Path, gw: GatewayProc, broker_port: int, backlog: float
+) -> str:
+    """Start the broker: the daemon forwards more than ``backlog`` events and is healthy;
+    then it stops cleanly.  Returns its log."""
+    port = gw.health_port
+    assert port is not None
+    with Mosquitto(tmp_path / "mq", port=broker_port):
+
+        def forwarding() -> bool:
+            m = metrics(port)
+            return m["events_forwarded_total"][()] > backlog and healthz(port)[0] == 200
+
+        wait_until("the daemon forwards the backlog and is healthy", forwarding, 90, every=0.5)
+        assert gw.alive()
+        assert gw.stop() == 0
+    return gw.log.read_text()
+
+
 def fill_apply_and_recover(
     tmp_path: Path,
     gw: GatewayProc,
@@ -387,16 +406,7 @@ def fill_apply_and_recover(
     assert m["buffer_depth"][()] > 0
     full_depth = m["buffer_depth"][()]
     space_returns()
-    with Mosquitto(tmp_path / "mq", port=broker_port):
-
-        def forwarding() -> bool:
-            m = metrics(port)
-            return m["events_forwarded_total"][()] > full_depth and healthz(port)[0] == 200
-
-        wait_until("the daemon forwards the backlog and is healthy", forwarding, 90, every=0.5)
-        assert gw.alive()
-        assert gw.stop() == 0
-    log = gw.log.read_text()
+    log = broker_returns_and_backlog_forwards(tmp_path, gw, broker_port, full_depth)
     assert "Traceback" not in log, log[-3000:]
     assert "buffer write failed" not in log, "the policy applies before writes fail"
 
@@ -506,16 +516,7 @@ def test_filesystem_filled_by_another_process_then_freed(
 
     wait_until("writes succeed again once space is freed", buffering_again, 60)
     backlog = depth()
-    with Mosquitto(tmp_path / "mq", port=broker_port):
-
-        def forwarding() -> bool:
-            m = metrics(port)
-            return m["events_forwarded_total"][()] > backlog and healthz(port)[0] == 200
-
-        wait_until("the daemon forwards the backlog and is healthy", forwarding, 90, every=0.5)
-        assert gw.alive()
-        assert gw.stop() == 0
-    log = gw.log.read_text()
+    log = broker_returns_and_backlog_forwards(tmp_path, gw, broker_port, backlog)
     assert "Traceback" not in log
     assert "released the 2.0 MiB reserve beside the buffer" in log
     # every card read is accounted for: buffered, or lost to the full disk and counted
