@@ -339,11 +339,17 @@ class CameraSim:
         self._render_once()
 
     def outage(self, seconds: float) -> None:
-        """End every open stream now and refuse new ones (503) for ``seconds``."""
+        """End every open stream now and refuse new ones (503) for ``seconds``.
+
+        The scene goes empty too: whatever was held up before the drop is gone when the
+        stream comes back (a reconnect that beats the next ``show`` must not scan it
+        again as a new code)."""
         with self._cond:
             self._down_until = time.monotonic() + seconds
             self._generation += 1
+            self._payload, self._look = None, Look()
             self._cond.notify_all()
+        self._render_once()
 
     @property
     def down(self) -> bool:
