@@ -273,11 +273,17 @@ def check(run: SoakRun, *, flat_checks: bool) -> Verdict:
     released = counter(run, "consent_policy_total", outcome="released")
     lapsed = counter(run, "consent_policy_total", outcome="hold_expired")
     v.figures["erasures"] = int(counter(run, "erasures_total"))
+    # A held reading expires only when no grant comes within the hold TTL and a policy
+    # tick (once a real second: 16 simulated minutes at x960) falls in between; half a
+    # simulated day has a dozen held readings, too few to be sure of both outcomes, so
+    # the smoke asks for one of them and a run of a simulated day or more for both.
+    both = plan.days >= 1
+    held_ok = (released > 0 and lapsed > 0) if both else released + lapsed > 0
     v.add(
         "consent cycled",
-        v.figures["erasures"] > 0 and released > 0 and lapsed > 0,
+        v.figures["erasures"] > 0 and held_ok,
         f"{v.figures['erasures']} erasures; held readings: {int(released)} released,"
-        f" {int(lapsed)} expired",
+        f" {int(lapsed)} expired ({'both' if both else 'either'} needed)",
     )
     # privacy
     rig = run.work / "rig"
