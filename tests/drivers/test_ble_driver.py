@@ -179,8 +179,9 @@ def test_queued_adverts_hold_nothing_the_garbage_collector_tracks(
     bus: DBusDaemon, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Until the tick, the source keeps only what bleak made for each advert that the
-    cyclic GC does not track (its field dicts and RSSI): a full queue under a flood then
-    triggers no collections.  Checked on bleak's real objects, every kind of advert."""
+    cyclic GC does not track (its field dicts and RSSI): however full the queue under a
+    flood, the collector has none of it to traverse or promote to an older generation.
+    Checked on bleak's real objects, every kind of advert."""
     source, _ = make(keyring)
     kept: list[tuple[str, bool]] = []
     on_advert = source._on_advert
