@@ -347,9 +347,8 @@ class CameraSim:
         with self._cond:
             self._down_until = time.monotonic() + seconds
             self._generation += 1
-            self._payload, self._look = None, Look()
             self._cond.notify_all()
-        self._render_once()
+        self.show(None)
 
     @property
     def down(self) -> bool:
