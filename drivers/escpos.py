@@ -2,20 +2,31 @@
 
 The parser is a pure state machine: ``feed(bytes)`` may be called with any
 segmentation of the stream and reports the same things as one call with everything.
-It walks command by command so that declared payloads (raster images ``GS v 0``,
-``GS ( L``, ``GS 8 L``, ``ESC *``, ``GS Q 0``, ``GS *``, ``FS q``, barcodes, every
-``GS ( x pL pH`` block) are skipped by length: a byte scan would find QR-looking bytes
-inside image data.  Memory is bounded whatever the lengths say: a skipped payload is
-counted down, never buffered, and a QR payload larger than ``max_qr_bytes`` is skipped
-the same way.  At most ``MAX_HEADER`` bytes of an incomplete command header are kept.
+It walks command by command with the length rule of every command of the printer
+reference (``drivers.escpos_commands.COMMANDS``), so a parameter byte is never taken
+for a command, and declared payloads (raster images, graphics, bit images, barcodes,
+every ``GS ( fn pL pH`` block) are skipped by length: a byte scan would find
+QR-looking bytes inside image data.  Memory is bounded whatever the lengths say: a
+skipped payload is counted down, never buffered, and a QR payload larger than
+``max_qr_bytes`` is skipped the same way.  At most ``MAX_HEADER`` bytes of an
+incomplete command header are kept.
 
 Reported:
   - ``qr``: the data of each QR store-data command (``GS ( k`` cn 49 fn 80);
   - ``cuts``: the stream offset at which each cut command starts (``GS V``, ``ESC i``,
     ``ESC m``), so a caller can inject bytes just before it.
 
-Commands outside the common set are stepped over by their two command bytes.  QR
-payloads may hold personal data: nothing here logs them.
+Unknown commands (a prefix byte ``ESC``, ``FS`` or ``GS`` followed by a byte the
+reference does not define, or a selector it does not list) are stepped over by the
+bytes read so far, as a printer ignores them, but their parameters, if they have any,
+are unknown: from there on the parser is *unsure* where commands start.  While
+unsure, a cut is reported in ``unsure_cuts``, not in ``cuts``, so nothing is ever
+injected into what may be the middle of a command (that receipt gets no token, and
+it is counted).  ``ESC @`` (initialise, sent at the start of a receipt) or a new
+stream makes the parser sure again.  ``DLE`` followed by anything but ``EOT``, ``ENQ``
+or ``DC4`` is a data byte to the printer and is stepped over alone.
+
+QR payloads may hold personal data: nothing here logs them.
 """
 
 from __future__ import annotations
@@ -24,39 +35,40 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-ESC, GS, FS, DLE, NUL = 0x1B, 0x1D, 0x1C, 0x10, 0x00
-MAX_HEADER = 10
-DEFAULT_MAX_QR_BYTES = 7089  # the largest QR code (version 40, numeric, level L)
-_CONTROL_BYTES = (0x10, 0x1B, 0x1C, 0x1D)  # DLE ESC FS GS: every command starts with one
-_CONTROL_SET = frozenset(_CONTROL_BYTES)
+from drivers.escpos_commands import (
+    COMMANDS,
+    CUTS,
+    DLE,
+    GS,
+    PREFIXES,
+    QR_STORE,
+    RESYNC,
+    Block,
+    Counted,
+    Fixed,
+    Rule,
+    Select,
+    Terminated,
+    header_limit,
+    u16,
+)
 
-# Parameter bytes after the two command bytes, for fixed-length commands.
-_ESC_FIXED = {
-    0x0C: 0, 0x20: 1, 0x21: 1, 0x24: 2, 0x25: 1, 0x2D: 1, 0x32: 0, 0x33: 1, 0x3C: 0,
-    0x3D: 1, 0x3F: 1, 0x40: 0, 0x42: 2, 0x45: 1, 0x47: 1, 0x4A: 1, 0x4B: 1, 0x4C: 0,
-    0x4D: 1, 0x52: 1, 0x53: 0, 0x54: 1, 0x55: 1, 0x56: 1, 0x57: 8, 0x5C: 2, 0x61: 1,
-    0x63: 2, 0x64: 1, 0x65: 1, 0x69: 0, 0x6D: 0, 0x70: 3, 0x72: 1, 0x74: 1, 0x75: 1,
-    0x76: 0, 0x7B: 1,
-}  # fmt: skip
-_GS_FIXED = {
-    0x21: 1, 0x24: 2, 0x2F: 1, 0x3A: 0, 0x42: 1, 0x45: 1, 0x48: 1, 0x49: 1, 0x4C: 2,
-    0x50: 2, 0x54: 1, 0x57: 2, 0x5C: 2, 0x5E: 3, 0x61: 1, 0x62: 1, 0x63: 0, 0x66: 1,
-    0x67: 4, 0x68: 1, 0x6A: 1, 0x72: 1, 0x77: 1, 0x7A: 3,
-}  # fmt: skip
-_FS_FIXED = {0x21: 1, 0x26: 0, 0x2D: 1, 0x2E: 0, 0x32: 74, 0x43: 1, 0x53: 2, 0x57: 1, 0x70: 2}
-_DLE_FIXED = {0x04: 1, 0x05: 1, 0x14: 3}
-_FIXED = {ESC: _ESC_FIXED, GS: _GS_FIXED, FS: _FS_FIXED, DLE: _DLE_FIXED}
-_CUTS_ESC = (0x69, 0x6D)  # ESC i, ESC m
-_CUT_4_BYTES = (65, 66, 97, 98, 103, 104)  # GS V m n (feed then cut)
-_QR_CN, _QR_STORE = 49, 80
+MAX_HEADER = header_limit() + 3  # + cn fn m of a GS ( k block
+DEFAULT_MAX_QR_BYTES = 7089  # the largest QR code (version 40, numeric, level L)
+_PREFIX_SET = frozenset(PREFIXES)
+_QR_FN, _QR_CN, _QR_STORE = QR_STORE
 
 
 @dataclass
 class ParseResult:
-    """What one ``feed`` found: QR payloads and absolute offsets of cut commands."""
+    """What one ``feed`` found: QR payloads and absolute offsets of cut commands.
+
+    ``unsure_cuts``: cuts met after an unknown command, before the next ``ESC @``.
+    """
 
     qr: list[bytes] = field(default_factory=list)
     cuts: list[int] = field(default_factory=list)
+    unsure_cuts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -70,7 +82,7 @@ class ParserStats:
     unknown: int = 0
 
 
-Mode = Literal["text", "amp", "fsq", "nul"]
+Mode = Literal["text", "amp", "fsq", "term"]
 
 
 class EscPosParser:
@@ -80,13 +92,16 @@ class EscPosParser:
         self.max_qr_bytes = max_qr_bytes
         self.stats = ParserStats()
         self.offset = 0  # bytes fed so far
+        self.unsure = False  # an unknown command was met since the last ESC @
         self._header = b""  # start of an incomplete command
         self._skip = 0  # payload bytes still to step over
         self._collect: bytearray | None = None
         self._collect_left = 0
         self._mode: Mode = "text"  # what follows the current skip
-        self._repeat = 0  # amp: characters left / fsq: images left / nul: bytes left
+        self._repeat = 0  # amp: characters left / fsq: images left / term: bytes left
         self._amp_y = 0
+        self._term_end = 0  # term: the end byte and how many are still to come
+        self._term_count = 0
 
     @property
     def pending(self) -> int:
@@ -108,7 +123,7 @@ class EscPosParser:
         self.offset += len(data)
         self._header = b""
         i, n = 0, len(buf)
-        nxt = [-2, -2, -2, -2]  # next offset of each control byte (-1: none left)
+        nxt = [-2, -2, -2, -2]  # next offset of each prefix byte (-1: none left)
         while i < n:
             if self._skip:
                 take = min(self._skip, n - i)
@@ -124,8 +139,8 @@ class EscPosParser:
                     result.qr.append(bytes(self._collect))
                     self._collect = None
             elif self._mode == "text":
-                if buf[i] not in _CONTROL_SET:
-                    i = _next_control(buf, i, nxt)
+                if buf[i] not in _PREFIX_SET:
+                    i = _next_prefix(buf, i, nxt)
                     if i < 0:
                         break
                 used = self._command(buf, i, base + i, result)
@@ -143,13 +158,21 @@ class EscPosParser:
         return result
 
     def _continue(self, buf: bytes, i: int) -> int:
-        """Inside ESC &, FS q or a NUL-terminated payload: the next piece."""
+        """Inside ESC &, FS q or a terminated parameter list: the next piece."""
         n = len(buf)
-        if self._mode == "nul":
-            end = buf.find(b"\x00", i, min(n, i + self._repeat))
-            used = (end + 1 - i) if end >= 0 else min(n - i, self._repeat)
+        if self._mode == "term":
+            end = min(n, i + self._repeat)
+            at = i
+            while self._term_count and at < end:
+                hit = buf.find(self._term_end, at, end)
+                if hit < 0:
+                    at = end
+                    break
+                self._term_count -= 1
+                at = hit + 1
+            used = at - i
             self._repeat -= used
-            if end >= 0 or not self._repeat:
+            if not self._term_count or not self._repeat:
                 self._mode = "text"
             return used
         size = 1 if self._mode == "amp" else 4
@@ -159,7 +182,7 @@ class EscPosParser:
         if self._mode == "amp":  # x, then y * x bytes
             self._skip = self._amp_y * buf[i]
         else:  # fsq: xL xH yL yH, then x * y * 8 bytes
-            self._skip = _u16(buf, i) * _u16(buf, i + 2) * 8
+            self._skip = u16(buf, i) * u16(buf, i + 2) * 8
             self.stats.images += 1
         if not self._repeat:
             self._mode = "text"
@@ -167,63 +190,69 @@ class EscPosParser:
 
     def _command(self, buf: bytes, i: int, at: int, result: ParseResult) -> int:
         """Parse the command starting at ``buf[i]``; return its header length, 0 if cut short."""
-        if i + 2 > len(buf):
+        n = len(buf)
+        if i + 2 > n:
             return 0
-        lead, cmd = buf[i], buf[i + 1]
-        key = (lead, cmd)
-        fixed = _FIXED[lead].get(cmd)
-        if fixed is not None:
-            size = 2 + fixed
-        elif key in _VARIABLE:
-            size = _header_size(buf, i, key)
-        else:  # a stray prefix byte, or a command outside the common set
-            self.stats.unknown += int(lead != DLE)
-            return 1 if lead == DLE or cmd in _FIXED else 2
-        if i + size > len(buf):
+        key = buf[i : i + 2]
+        rule: Rule | Select | None = COMMANDS.get(key)
+        j = i + 2  # the next byte of the header
+        while isinstance(rule, Select):
+            if j >= n:
+                return 0
+            rule = rule.rules.get(buf[j])
+            j += 1
+        if rule is None:
+            return self._unknown(buf, i, j - i)
+        size = j - i + rule.params
+        qr_block = isinstance(rule, Block) and key[0] == GS and i + size <= n
+        if qr_block and buf[j] == _QR_FN and u16(buf, j + 1) >= 3:
+            size += 3  # GS ( k pL pH cn fn m: look at cn and fn
+        if i + size > n:
             return 0
-        if fixed is None:
-            self._act(key, buf[i : i + size], at, result)
-        elif lead == ESC and cmd in _CUTS_ESC:
-            result.cuts.append(at)
+        self._act(rule, buf[j : i + size], key, at, result)
         return size
 
-    def _act(self, key: tuple[int, int], h: bytes, at: int, result: ParseResult) -> None:
-        """Set up the state for a variable-length command whose header is ``h``."""
-        if key in ((GS, 0x28), (ESC, 0x28), (FS, 0x28)):  # x ( fn pL pH ...
-            if len(h) == 8 and h[5] == _QR_CN and h[6] == _QR_STORE:
-                self._start_qr(_u16(h, 3) - 3)
-            else:
-                if key == (GS, 0x28) and h[2] == 0x4C:
-                    self.stats.images += 1
-                self._skip = _u16(h, 3) - (len(h) - 5)
-        elif key == (GS, 0x56):  # GS V m [n]
-            result.cuts.append(at)
-        elif key in ((GS, 0x76), (GS, 0x51)):  # GS v 0 / GS Q 0: m xL xH yL yH
-            self._image(_u16(h, 4) * _u16(h, 6))
-        elif key == (GS, 0x38):  # GS 8 L p1 p2 p3 p4
-            self._image(int.from_bytes(h[3:7], "little"))
-        elif key == (GS, 0x2A):  # GS * x y: x * y * 8 bytes
-            self._image(h[2] * h[3] * 8)
-        elif key == (ESC, 0x2A):  # ESC * m nL nH: n columns of 1 or 3 bytes
-            self._image(_u16(h, 3) * (3 if h[2] >= 32 else 1))
-        elif key == (GS, 0x6B):  # GS k m: NUL-terminated (m <= 6) or n-prefixed data
-            if len(h) == 4:
-                self._skip = h[3]
-            else:
-                self._mode, self._repeat = "nul", 256
-        elif key == (ESC, 0x44):  # ESC D n1 ... nk NUL (tab stops, at most 32)
-            self._mode, self._repeat = "nul", 33
-        elif key == (ESC, 0x26):  # ESC & y c1 c2, then per character: x, y * x bytes
-            self._amp_y = h[2]
-            self._repeat = max(0, h[4] - h[3] + 1)
-            self._mode = "amp" if self._repeat else "text"
-        elif key == (FS, 0x71):  # FS q n, then n images
-            self._repeat = h[2]
-            self._mode = "fsq" if self._repeat else "text"
+    def _unknown(self, buf: bytes, i: int, read: int) -> int:
+        """A command the reference does not define: step over it, unsure from here on.
 
-    def _image(self, size: int) -> None:
-        self.stats.images += 1
-        self._skip = size
+        ``DLE`` only starts real-time commands: before anything else it is a data byte
+        (a real-time command with an unknown function is unknown, like any other).
+        A prefix followed by a prefix (``ESC ESC``) is stepped over alone.
+        """
+        if buf[i] == DLE and read == 2:
+            return 1
+        self.stats.unknown += 1
+        self.unsure = True
+        return 1 if read == 2 and buf[i + 1] in _PREFIX_SET else read
+
+    def _act(self, rule: Rule, p: bytes, key: bytes, at: int, result: ParseResult) -> None:
+        """Set up the state for what follows the header; ``p``: its parameter bytes."""
+        if isinstance(rule, Fixed):
+            if key in CUTS:
+                (result.unsure_cuts if self.unsure else result.cuts).append(at)
+            elif key == RESYNC:
+                self.unsure = False
+        elif isinstance(rule, Block):
+            size = u16(p, 1)
+            if len(p) == 6 and p[3] == _QR_CN and p[4] == _QR_STORE:
+                self._start_qr(size - 3)
+            else:
+                if key[0] == GS and p[0] == 0x4C:  # GS ( L graphics
+                    self.stats.images += 1
+                self._skip = size - (len(p) - 3)
+        elif isinstance(rule, Counted):
+            self.stats.images += int(rule.image)
+            self._skip = rule.data(p)
+        elif isinstance(rule, Terminated):
+            self._mode, self._repeat = "term", rule.limit
+            self._term_end, self._term_count = rule.end, rule.count
+        elif rule.mode == "amp":  # ESC & y c1 c2, then per character: x, y * x bytes
+            self._amp_y = p[0]
+            self._repeat = max(0, p[2] - p[1] + 1)
+            self._mode = "amp" if self._repeat else "text"
+        else:  # FS q n, then n images
+            self._repeat = p[0]
+            self._mode = "fsq" if self._repeat else "text"
 
     def _start_qr(self, size: int) -> None:
         if size > self.max_qr_bytes:
@@ -233,47 +262,21 @@ class EscPosParser:
             self._collect, self._collect_left = bytearray(), size
 
 
-def _next_control(buf: bytes, i: int, nxt: list[int]) -> int:
-    """The offset of the next command byte at or after ``i`` (-1: none).
+def _next_prefix(buf: bytes, i: int, nxt: list[int]) -> int:
+    """The offset of the next command prefix byte at or after ``i`` (-1: none).
 
     ``nxt`` remembers where each of the four bytes occurs next, so each is searched
     for again (memchr) only once passed: linear in the buffer, unlike a search per
     command for a byte that does not occur at all.
     """
     best = -1
-    for k, byte in enumerate(_CONTROL_BYTES):
+    for k, byte in enumerate(PREFIXES):
         at = nxt[k]
         if -1 < at < i or at == -2:
             at = nxt[k] = buf.find(byte, i)
         if at >= 0 and (best < 0 or at < best):
             best = at
     return best
-
-
-def _u16(buf: bytes, i: int) -> int:
-    return buf[i] | buf[i + 1] << 8
-
-
-# Header lengths of variable-length commands; _header_size extends a few on their bytes.
-_VARIABLE = {
-    (GS, 0x28): 5, (ESC, 0x28): 5, (FS, 0x28): 5, (GS, 0x56): 3, (GS, 0x76): 8,
-    (GS, 0x51): 8, (GS, 0x38): 7, (GS, 0x2A): 4, (ESC, 0x2A): 5, (GS, 0x6B): 3,
-    (ESC, 0x44): 2, (ESC, 0x26): 5, (FS, 0x71): 3,
-}  # fmt: skip
-
-
-def _header_size(buf: bytes, i: int, key: tuple[int, int]) -> int:
-    """The header length of the command at ``buf[i]`` (as far as its bytes are known)."""
-    size = _VARIABLE[key]
-    if len(buf) - i < size:
-        return size
-    if key == (GS, 0x28) and buf[i + 2] == 0x6B and _u16(buf, i + 3) >= 3:
-        return 8  # GS ( k pL pH cn fn m: look at cn and fn
-    if key == (GS, 0x56) and buf[i + 2] in _CUT_4_BYTES:
-        return 4
-    if key == (GS, 0x6B) and buf[i + 2] > 6:
-        return 4
-    return size
 
 
 def parse(data: bytes, max_qr_bytes: int = DEFAULT_MAX_QR_BYTES) -> ParseResult:
@@ -288,7 +291,7 @@ _EC_LEVELS = {"L": 48, "M": 49, "Q": 50, "H": 51}
 
 def _gs_k(fn: int, params: bytes) -> bytes:
     length = 2 + len(params)
-    return bytes([GS, 0x28, 0x6B, length & 0xFF, length >> 8, _QR_CN, fn]) + params
+    return bytes([GS, 0x28, _QR_FN, length & 0xFF, length >> 8, _QR_CN, fn]) + params
 
 
 def qr_native(data: bytes, *, module_size: int = 6, ec: str = "M") -> bytes:

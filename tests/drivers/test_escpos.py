@@ -12,7 +12,7 @@ import zxingcpp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.escpos import EscPosParser, parse, qr_native, qr_raster, raster_image
+from drivers.escpos import MAX_HEADER, EscPosParser, parse, qr_native, qr_raster, raster_image
 
 ESC, GS, FS = b"\x1b", b"\x1d", b"\x1c"
 
@@ -172,7 +172,7 @@ def feed_split(stream: bytes, splits: list[int]) -> tuple[list[bytes], list[int]
         qrs += result.qr
         cuts += result.cuts
         last = at
-        assert parser.pending <= 10
+        assert parser.pending <= MAX_HEADER
     return qrs, cuts
 
 
