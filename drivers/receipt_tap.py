@@ -15,6 +15,20 @@ Bytes from the till are parsed by ``drivers.escpos`` on their way through:
   Only the bytes of an incomplete command header (at most ``escpos.MAX_HEADER``) are
   held back, so that a cut split across TCP segments is still seen before it is sent.
 
+Guards (the tap mints signed receipt tokens, so it must not be an open printer):
+
+- it listens on loopback unless the config names an address of the store network, and
+  then only takes connections from ``till_allow`` (addresses or networks); any other
+  connection is closed before the printer is touched;
+- tokens are minted at most ``mint_rate_per_min`` per minute per lane on average
+  (``mint_burst`` at once): a cut beyond that prints without a token, so a flood of
+  cuts cannot burn counters or make events;
+- only cuts at a known command boundary get a token: after a command the parser does
+  not know (``drivers.escpos``) cuts are counted in ``receipt_tap_cuts_unsure_total``
+  and passed on untouched.
+Refusals are counted in ``source_refused_total`` by reason (``address``,
+``mint_rate``), shown per source in ``/healthz``, and logged at most once a minute.
+
 A printer that refuses or times out a connection turns the source's state to
 ``error`` (the till's job is closed, as a printer switched off would do) and is probed
 (connect, then close at once) with jittered backoff until it accepts again; it is never
@@ -34,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import sqlite3
 import time
@@ -61,6 +76,8 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 65536
 PROBE_MIN_S, PROBE_MAX_S = 1.0, 30.0  # an unreachable printer is probed this often
 COUNTER_MAX = 0xFFFFFFFF
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+REFUSAL_LOG_EVERY_S = 60.0  # refusals are logged at most this often per tap (with a count)
 _MIGRATIONS = (
     (
         "001_receipt_counter",
@@ -148,6 +165,9 @@ class TapSettings:
     connect_timeout_s: float = 5.0
     linger_s: float = 1.0
     idle_timeout_s: float = 60.0
+    till_allow: tuple[str, ...] = LOOPBACK_NETWORKS
+    mint_rate_per_min: float = 30.0
+    mint_burst: int = 5
 
 
 class LaneSettings(Protocol):
@@ -165,6 +185,10 @@ class LaneSettings(Protocol):
     def module_size(self) -> int: ...
     @property
     def idle_timeout_s(self) -> float: ...
+    @property
+    def mint_rate_per_min(self) -> float: ...
+    @property
+    def mint_burst(self) -> int: ...
 
 
 class Sink(Protocol):
@@ -190,6 +214,26 @@ class Minting:
     keyring: Keyring
     store: str
     counters: CounterStore
+
+
+class MintBucket:
+    """A token bucket: ``rate_per_min`` on average, ``burst`` at once (``now``: monotonic s)."""
+
+    def __init__(self, rate_per_min: float, burst: int) -> None:
+        self.rate = rate_per_min / 60.0
+        self.burst = float(burst)
+        self._level = self.burst
+        self._at: float | None = None
+
+    def take(self, now: float) -> bool:
+        """One unit if there is one."""
+        if self._at is not None:
+            self._level = min(self.burst, self._level + (now - self._at) * self.rate)
+        self._at = now
+        if self._level >= 1.0:
+            self._level -= 1.0
+            return True
+        return False
 
 
 class TapBase:
@@ -219,6 +263,9 @@ class TapBase:
         self._metrics = metrics or Metrics()
         self._now = now
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-counter")
+        self._mint_bucket = MintBucket(settings.mint_rate_per_min, settings.mint_burst)
+        self._refusals_unlogged = 0
+        self._refusal_logged_at = -REFUSAL_LOG_EVERY_S
 
     @property
     def injecting(self) -> bool:
@@ -252,6 +299,19 @@ class TapBase:
     def _count(self, metric: str, amount: float = 1) -> None:
         self._metrics.inc(metric, amount, source=self.name)
 
+    def _refuse(self, reason: str, what: str) -> None:
+        """Count a refusal (``source_refused_total``, shown in /healthz); log it sparingly."""
+        self._metrics.inc("source_refused_total", source=self.name, reason=reason)
+        self._refusals_unlogged += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= REFUSAL_LOG_EVERY_S:
+            log.warning(
+                "%s: refused %s (%d refusal(s) since the last report)",
+                self.name, what, self._refusals_unlogged,
+            )  # fmt: skip
+            self._refusals_unlogged = 0
+            self._refusal_logged_at = now
+
     async def _stop_worker(self) -> None:
         await asyncio.to_thread(self._worker.shutdown, wait=True)
 
@@ -259,6 +319,13 @@ class TapBase:
         """Reserve a counter, mint a token, write its QR.  A failure skips one token."""
         assert self._minting is not None
         m, s = self._minting, self.lane_settings
+        if not self._mint_bucket.take(time.monotonic()):
+            self._refuse(
+                "mint_rate",
+                f"a receipt token above the lane's rate ({s.mint_rate_per_min:g}/min, burst "
+                f"{s.mint_burst}); the receipt prints without one",
+            )
+            return
         loop = asyncio.get_running_loop()
         try:
             counter = await loop.run_in_executor(
@@ -308,6 +375,8 @@ class JobForwarder:
         result = self.parser.feed(data)
         if result.qr:
             tap._count("receipt_tap_qr_seen_total", len(result.qr))
+        if result.unsure_cuts:
+            tap._count("receipt_tap_cuts_unsure_total", len(result.unsure_cuts))
         if printer is not None and not tap.injecting:
             printer.write(data)
             await printer.drain()
@@ -360,6 +429,7 @@ class ReceiptTap(TapBase):
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None  # while the printer is unreachable
+        self._allowed = tuple(ipaddress.ip_network(n, strict=False) for n in settings.till_allow)
         self.port = 0
 
     @property
@@ -440,12 +510,29 @@ class ReceiptTap(TapBase):
             await server.wait_closed()
         await self._stop_worker()
 
+    def _till_allowed(self, till_w: asyncio.StreamWriter) -> bool:
+        """Whether the connecting address is on ``till_allow``; a refusal is counted."""
+        peer = till_w.get_extra_info("peername")
+        try:
+            address = ipaddress.ip_address(peer[0].split("%", 1)[0])
+        except (TypeError, IndexError, ValueError):
+            address = None
+        if address is not None and isinstance(address, ipaddress.IPv6Address):
+            address = address.ipv4_mapped or address
+        if address is not None and any(address in net for net in self._allowed):
+            return True
+        self._refuse("address", f"a connection from {address}: not on till_allow")
+        return False
+
     async def _handle(self, till_r: asyncio.StreamReader, till_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
         try:
-            await self._job(till_r, till_w)
+            if self._till_allowed(till_w):
+                await self._job(till_r, till_w)
+            else:
+                await _close(till_w)
         finally:
             self._handlers.discard(task)
 
@@ -549,6 +636,9 @@ class ReceiptTapSource:
             module_size=c.module_size,
             connect_timeout_s=c.connect_timeout_s,
             idle_timeout_s=c.idle_timeout_s,
+            till_allow=tuple(c.till_allow),
+            mint_rate_per_min=c.mint_rate_per_min,
+            mint_burst=c.mint_burst,
         )
 
     async def readings(self) -> AsyncIterator[Reading]:
@@ -629,4 +719,6 @@ def _serial_settings(c: ReceiptTapSourceConfig) -> SerialTapSettings:
         idle_timeout_s=c.idle_timeout_s,
         reopen_min_s=c.reopen_min_s,
         reopen_max_s=c.reopen_max_s,
+        mint_rate_per_min=c.mint_rate_per_min,
+        mint_burst=c.mint_burst,
     )

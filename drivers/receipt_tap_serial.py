@@ -93,6 +93,8 @@ class SerialTapSettings:
     idle_timeout_s: float = 60.0
     reopen_min_s: float = 0.5
     reopen_max_s: float = 30.0
+    mint_rate_per_min: float = 30.0
+    mint_burst: int = 5
 
 
 class PortLost(Exception):

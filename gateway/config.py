@@ -8,6 +8,7 @@ are resolved against the file's folder.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import tomllib
@@ -258,8 +259,10 @@ class BleSourceConfig(Model):
 
 
 _TAP_TCP_FIELDS = (
-    "listen_host", "listen_port", "printer_host", "printer_port", "connect_timeout_s",
+    "listen_host", "listen_port", "till_allow", "printer_host", "printer_port",
+    "connect_timeout_s",
 )  # fmt: skip
+_LOOPBACK_NETS = ("127.0.0.0/8", "::1/128")
 _TAP_SERIAL_FIELDS = (
     "till_device", "printer_device", "baudrate", "bytesize", "parity", "stopbits",
     "flow_control", "reopen_min_s", "reopen_max_s",
@@ -280,7 +283,19 @@ class ReceiptTapSourceConfig(Model):
     transport: Literal["tcp", "serial"] = Field(
         default="tcp", description="tcp: network printer; serial: RS-232 / USB-serial printer"
     )
-    listen_host: str = Field(default="0.0.0.0", description="tcp: address the till connects to")  # noqa: S104
+    listen_host: str = Field(
+        default="127.0.0.1",
+        description="tcp: address the till connects to (an IP address of this box; "
+        "loopback by default: set the store network's address, with till_allow)",
+    )
+    till_allow: list[str] = Field(
+        default=list(_LOOPBACK_NETS),
+        min_length=1,
+        max_length=64,
+        description="tcp: till addresses or networks allowed to connect (CIDR); "
+        "others are refused, counted and shown in /healthz. Required with a listen_host "
+        "that is not loopback",
+    )
     listen_port: int = Field(default=9100, ge=0, le=65535, description="tcp: 0 = any free port")
     printer_host: str | None = Field(
         default=None, min_length=1, description="tcp: the real printer's address (required)"
@@ -315,6 +330,46 @@ class ReceiptTapSourceConfig(Model):
     )
     connect_timeout_s: float = Field(default=5.0, gt=0, description="tcp: printer connect")
     idle_timeout_s: float = Field(default=60.0, gt=0, description="Silent till: end the job")
+    mint_rate_per_min: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Receipt tokens this lane may mint per minute, on average; a cut beyond "
+        "it prints without a token (counted, shown in /healthz)",
+    )
+    mint_burst: int = Field(
+        default=5, ge=1, le=100, description="Tokens that may be minted at once above that rate"
+    )
+
+    @field_validator("till_allow")
+    @classmethod
+    def _till_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"till_allow: {item!r} is not an IP address or network (e.g. 192.0.2.21 "
+                    "or 192.0.2.0/28)"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _open_listener_needs_an_allow_list(self) -> ReceiptTapSourceConfig:
+        if self.transport != "tcp":
+            return self
+        try:
+            loopback = ipaddress.ip_address(self.listen_host).is_loopback
+        except ValueError:
+            raise ValueError(
+                f"listen_host: {self.listen_host!r} is not an IP address of this box"
+            ) from None
+        if not loopback and "till_allow" not in self.model_fields_set:
+            raise ValueError(
+                f"listen_host {self.listen_host} is reachable from the network: set till_allow "
+                "to the till's address (or network), so nothing else can print receipt tokens"
+            )
+        return self
 
     @model_validator(mode="after")
     def _prefix_when_injecting(self) -> ReceiptTapSourceConfig:

@@ -45,6 +45,8 @@ CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 HELP: dict[str, str] = {
     "readings_total": "Readings taken from sources, by source and event type",
     "readings_rejected_total": "Inputs a source rejected (bad frame, bad token), by reason",
+    "source_refused_total": "What a source refused at its boundary (a till address not "
+    "allowed, a token above the lane's mint rate), by source and reason",
     "events_buffered_total": "Events committed to the SQLite buffer",
     "events_forwarded_total": "Events acknowledged by the broker (PUBACK success)",
     "events_dropped_total": "Events dropped before the buffer, by reason",
@@ -143,6 +145,15 @@ class HealthRules:
     consent_max_age_s: float | None = None
 
 
+def _by_reason(metrics: Metrics, name: str, source: str) -> dict[str, float]:
+    """A counter of one source, by its ``reason`` label."""
+    return {
+        labels.get("reason", ""): value
+        for n, labels, value in metrics.counters()
+        if n == name and labels.get("source") == source
+    }
+
+
 def _gauge(metrics: Metrics, name: str) -> float | None:
     for n, labels, value in metrics.gauges():
         if n == name and not labels:
@@ -211,6 +222,9 @@ class HealthMonitor:
                 "last_reading_age_s": None if last is None else now - last,
                 "readings": self._reading_totals.get(name, 0.0),
             }
+            refused = _by_reason(m, "source_refused_total", name)
+            if refused:
+                sources[name]["refused"] = refused
             if state == "disabled":
                 problems.append(f"source {name} disabled: {info.get('detail', '')}")
             elif state in ("error", "absent") and (state_age or 0.0) > rules.source_down_s:

@@ -50,6 +50,7 @@ async def rig(
     printed: list[Printed] | None = None,
     metrics: Metrics | None = None,
     idle_timeout_s: float = 10.0,
+    **over: Any,
 ) -> AsyncIterator[tuple[FakePrinter, ReceiptTap]]:
     async with FakePrinter() as printer:
         settings = TapSettings(
@@ -63,6 +64,7 @@ async def rig(
             module_size=4,
             linger_s=0.5,
             idle_timeout_s=idle_timeout_s,
+            **over,
         )
         minting = None
         if counters is not None and keyring is not None:
