@@ -15,7 +15,7 @@ import pytest
 import zxingcpp
 from pydantic import ValidationError
 
-from drivers.escpos import parse
+from drivers.escpos import parse, qr_native
 from drivers.receipt_tap import (
     CounterStore,
     Minting,
@@ -33,6 +33,7 @@ from gateway.registry import source_class
 from gateway.tokens import verify_receipt_token
 from simulators import till
 from simulators.printer import PAPER_OUT, FakePrinter
+from tests.drivers.test_escpos_commands import REFERENCE
 
 PREFIX = "HTTPS://R.EXAMPLE.COM/R/"
 STORE = "nl-ams-001"
@@ -462,3 +463,54 @@ def test_bench_tap_reports_figures_beside_the_reference(capsys: pytest.CaptureFi
     print_tap(figures)
     out = capsys.readouterr().out
     assert "bare asyncio byte relay" in out and "baud" in out
+
+
+# ------------------------------------------------------- injection at command boundaries
+
+
+def strip_injected(sent: bytes, printed: bytes, blocks: list[bytes]) -> None:
+    """``printed`` is ``sent`` with ``blocks[k]`` inserted just before its k-th cut."""
+    cuts = parse(sent).cuts
+    assert len(cuts) == len(blocks)
+    rebuilt, last = bytearray(), 0
+    for cut, block in zip(cuts, blocks, strict=True):
+        rebuilt += sent[last:cut] + block
+        last = cut
+    rebuilt += sent[last:]
+    assert sha(bytes(rebuilt)) == sha(printed)
+
+
+def injected_blocks(printed: list[Printed]) -> list[bytes]:
+    """The bytes the tap writes for each token (native QR, as in drivers.receipt_tap)."""
+    return [
+        b"\n\x1ba\x01" + qr_native((PREFIX + p.receipt).encode(), module_size=4) + b"\n\x1ba\x00"
+        for p in printed
+    ]
+
+
+@pytest.mark.parametrize("max_segment", [1, 3, 17, 100_000])
+def test_injection_never_lands_inside_a_command(
+    tmp_path: Path, keyring: Keyring, max_segment: int
+) -> None:
+    """The issue's receipt (ESC + n with n = GS before "VAT"), then every reference command:
+    one token per cut, each just before its cut, the till's bytes otherwise untouched."""
+    vat = b"\x1b@\x1b+\x1dVAT 21% ...... 0.21\n\x1bd\x06\x1dV\x00"
+    every = b"\x1b@" + b"".join(REFERENCE[name] + b"VAT\n" for name in sorted(REFERENCE))
+    job = vat + every + b"\x1dV\x00"
+
+    async def scenario() -> None:
+        printed: list[Printed] = []
+        counters = CounterStore(tmp_path / "counters.db")
+        try:
+            async with rig("native", counters, keyring, printed, mint_burst=100) as (printer, tap):
+                await till.send_job(
+                    "127.0.0.1", tap.port, job, rnd=random.Random(max_segment),
+                    max_segment=max_segment,
+                )  # fmt: skip
+                (got,) = await printer.wait_jobs(1)
+        finally:
+            counters.close()
+        assert len(printed) == len(parse(job).cuts) == 12
+        strip_injected(job, got, injected_blocks(printed))
+
+    run(scenario)
