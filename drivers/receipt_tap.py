@@ -5,6 +5,9 @@
 
 Per till connection the tap opens one printer connection and closes it when the till
 closes (many printers take one connection at a time, so nothing is held between jobs).
+Till connections are served one at a time: a till that reconnects at once for its next
+receipt waits until the previous job's printer connection is closed, rather than
+meeting a busy printer.
 Bytes from the till are parsed by ``drivers.escpos`` on their way through:
 
 - injection off: every byte is forwarded as soon as it arrives, unaltered;
@@ -430,6 +433,7 @@ class ReceiptTap(TapBase):
         self._handlers: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None  # while the printer is unreachable
         self._allowed = tuple(ipaddress.ip_network(n, strict=False) for n in settings.till_allow)
+        self._printer_lock = asyncio.Lock()
         self.port = 0
 
     @property
@@ -530,7 +534,8 @@ class ReceiptTap(TapBase):
         self._handlers.add(task)
         try:
             if self._till_allowed(till_w):
-                await self._job(till_r, till_w)
+                async with self._printer_lock:  # one printer connection at a time
+                    await self._job(till_r, till_w)
             else:
                 await _close(till_w)
         finally:
