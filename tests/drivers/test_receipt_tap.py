@@ -514,3 +514,27 @@ def test_injection_never_lands_inside_a_command(
         strip_injected(job, got, injected_blocks(printed))
 
     run(scenario)
+
+
+def test_a_second_till_connection_waits_for_the_printer() -> None:
+    """A till that connects for its next receipt before the last job is done loses nothing:
+    the tap holds it until the printer connection of the previous job is closed."""
+
+    async def scenario() -> None:
+        async with rig() as (printer, tap):
+            _, first = await asyncio.open_connection("127.0.0.1", tap.port)
+            first.write(till.receipt(seed=1))
+            await first.drain()
+            while printer.active == 0:
+                await asyncio.sleep(0.005)
+            _, second = await asyncio.open_connection("127.0.0.1", tap.port)
+            second.write(till.receipt(seed=2))
+            await second.drain()
+            for writer in (first, second):
+                writer.close()
+                await writer.wait_closed()
+            jobs = await printer.wait_jobs(2)
+        assert jobs == [till.receipt(seed=1), till.receipt(seed=2)]
+        assert printer.refused == 0
+
+    run(scenario)
