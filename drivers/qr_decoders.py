@@ -31,6 +31,11 @@ the most widely deployed), opencv-aruco is as accurate but 20x slower.
 
 Downscaling: ``scale_for(min_module_px)`` is the smallest scale at which the smallest
 expected QR module still covers ``MIN_MODULE_PX`` (3) pixels; frames are never upscaled.
+
+Edges: a code held so that it touches the frame's edge has no quiet zone on that side,
+and zxing-cpp misses it when part of a finder pattern's outer ring falls outside the
+frame.  ``prepare`` adds ``EDGE_PAD_PX`` light pixels around every frame (a quiet zone
+for such a code; nothing for the others), so every decoder reads codes at the edge.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from numpy.typing import NDArray
 from gateway.errors import SourceError
 
 MIN_MODULE_PX = 3.0
+EDGE_PAD_PX = 8  # light border added by prepare: a quiet zone for a code at the edge
 DECODERS = ("zxing", "pyzbar", "opencv-aruco", "opencv")
 DEFAULT_DECODER = "zxing"
 
@@ -86,7 +92,8 @@ def roi_box(shape: Sequence[int], roi: Roi) -> tuple[int, int, int, int]:
 
 
 def prepare(frame: Image, roi: Roi = FULL_ROI, scale: float = 1.0) -> Image:
-    """Grey, crop to ``roi``, then shrink by ``scale`` (INTER_AREA) when it is below 1."""
+    """Grey, crop to ``roi``, shrink by ``scale`` (INTER_AREA) when it is below 1, then
+    add a light border of ``EDGE_PAD_PX`` (a quiet zone for a code at the edge)."""
     import cv2  # noqa: PLC0415 - OpenCV loads only with a camera source
 
     x0, y0, x1, y1 = roi_box(frame.shape, roi)
@@ -99,7 +106,9 @@ def prepare(frame: Image, roi: Roi = FULL_ROI, scale: float = 1.0) -> Image:
     if scale < 1.0:
         size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
         grey = np.asarray(cv2.resize(grey, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
-    return np.ascontiguousarray(grey)
+    pad = EDGE_PAD_PX
+    padded = cv2.copyMakeBorder(grey, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=255)
+    return np.ascontiguousarray(padded, dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------ decoders

@@ -8,6 +8,7 @@ import pytest
 from drivers.qr_decoders import (
     DECODERS,
     DEFAULT_DECODER,
+    EDGE_PAD_PX,
     DecoderUnavailable,
     QrDecoder,
     make_decoder,
@@ -17,7 +18,7 @@ from drivers.qr_decoders import (
 )
 from gateway.bench_qr import CLASSES, bench_qr, corpus
 from gateway.errors import SourceError
-from simulators.camera import Look, hostile_payload, render_frame
+from simulators.camera import Look, hostile_payload, qr_matrix, render_frame
 
 PAYLOAD = b"TPA1.eyJzdWIiOiJhcHAtdXNlci0xIn0.c2lnbmF0dXJlLXBsYWNlaG9sZGVyLXh4eHh4eHh4eHh4eA"
 
@@ -73,10 +74,43 @@ def test_prepare_greys_crops_and_downscales() -> None:
     grey = _frame(PAYLOAD, Look(module_px=6, x=0.3))
     bgr = np.repeat(grey[:, :, None], 3, axis=2)
     small = prepare(bgr, (0.0, 0.0, 0.6, 1.0), scale_for(6.0))
-    assert small.shape == (240, 192) and small.dtype == np.uint8
+    assert small.shape == (240 + 2 * EDGE_PAD_PX, 192 + 2 * EDGE_PAD_PX)
+    assert small.dtype == np.uint8
     assert make_decoder(DEFAULT_DECODER).decode(small) == [PAYLOAD], "modules still 3 px"
     outside = prepare(bgr, (0.6, 0.0, 0.4, 1.0))
     assert make_decoder(DEFAULT_DECODER).decode(outside) == [], "the code is outside the ROI"
+
+
+def edge_frame(side: str, module_px: int, off: int) -> np.ndarray:
+    """A frame whose code's first dark module starts ``off`` px from the ``side`` edge
+    (negative: partly outside), the phone's screen and bezel cut off by the frame."""
+    width, height = 1280, 720
+    n = qr_matrix(PAYLOAD).shape[0]  # with its 4-module quiet zone
+    code = n * module_px
+    pad = code // 8
+    bezel = pad // 2 + 2
+    phone_w, phone_h = code + 2 * pad + 2 * bezel, code + 2 * pad + 6 * bezel
+    dark_x, dark_y = bezel + pad + 4 * module_px, 3 * bezel + pad + 4 * module_px
+    x, y = 0.5, 0.5
+    if side == "left":
+        x = (off - dark_x + phone_w / 2) / width
+    elif side == "right":
+        x = (width - off + dark_x - phone_w / 2) / width
+    elif side == "top":
+        y = (off - dark_y + phone_h / 2) / height
+    else:
+        y = (height - off + dark_y - phone_h / 2) / height
+    look = Look(module_px=module_px, x=x, y=y)
+    return render_frame(width, height, PAYLOAD, look, np.random.default_rng(1))
+
+
+@pytest.mark.parametrize("side", ["left", "right", "top", "bottom"])
+@pytest.mark.parametrize(("module_px", "off"), [(3, -2), (4, -3), (4, -2), (6, -4), (0, 0)])
+def test_a_code_touching_the_frame_edge_is_read(side: str, module_px: int, off: int) -> None:
+    """The code's edge modules are cut by the frame: no quiet zone on that side."""
+    module_px = module_px or 5
+    frame = edge_frame(side, module_px, off)
+    assert make_decoder(DEFAULT_DECODER).decode(prepare(frame)) == [PAYLOAD]
 
 
 def test_roi_box() -> None:
