@@ -6,12 +6,17 @@ bytes, ``service_data``: 128-bit service UUID string -> bytes), or raw AD struct
 two dicts.  Nothing here does I/O or logs: a raw beacon id is a personal identifier.
 
     iBeacon    manufacturer 0x004C: 02 15 | uuid(16) | major(2 BE) | minor(2 BE) | tx(1, signed)
-    Eddystone  service 0xFEAA: frame type 00 UID | 10 URL | 20 TLM | 30 EID
+    Eddystone  service 0xFEAA: frame type 00 UID | 10 URL | 20 TLM | 30 EID | others
                UID: tx(1, signed) | namespace(10) | instance(6) [| reserved(2)]
+               TLM: version 00 (plain, 14 bytes) or 01 (encrypted, 18 bytes)
     AltBeacon  any manufacturer: BE AC | beacon id(20) | reference rssi(1, signed) | reserved(1)
 
 Only iBeacon, Eddystone-UID and AltBeacon carry an identity; URL, TLM and EID frames are
-parsed (URL, TLM) or recognised (EID) and reported as ``Skip`` with a countable reason.
+parsed (URL, TLM) or recognised (EID, encrypted TLM) and reported as ``Skip`` with a
+countable reason.  Frame types the Eddystone spec leaves to others (vendor sensor frames
+such as 0x21, E2EE-EID 0x40, ...) and TLM versions other than 00 and 01 are healthy
+devices: ``eddystone_other``.  Only a known frame of the wrong length, or an empty one,
+is ``eddystone_malformed``.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ _REASON_PRIORITY = (
     "eddystone_url",
     "eddystone_tlm",
     "eddystone_eid",
+    "eddystone_other",
     "apple_other",
     "manufacturer_other",
 )
@@ -91,6 +97,7 @@ _RANK = {reason: rank for rank, reason in enumerate(_REASON_PRIORITY)}
 _SKIPS = (*(Skip(reason) for reason in _REASON_PRIORITY), Skip("no_beacon"))
 _SKIP = {skip.reason: skip for skip in _SKIPS}  # shared: Skip is frozen, no per-advert object
 _NO_BEACON = len(_SKIPS) - 1
+_SKIP_AD_MALFORMED = Skip("ad_malformed")
 _APPLE_OTHER = _RANK["apple_other"]
 _MANUFACTURER_OTHER = _RANK["manufacturer_other"]
 
@@ -137,6 +144,20 @@ def parse_eddystone_url(data: bytes) -> str | None:
     return "".join(parts)
 
 
+_ETLM_LEN = 18  # 20 01 | encrypted TLM(12) | salt(2) | MIC(2)
+
+
+def _tlm_reason(data: bytes) -> str:
+    """Plain (00) or encrypted (01) TLM of the right length: ``eddystone_tlm``."""
+    if len(data) < 2:
+        return "eddystone_malformed"
+    if data[1] == 0x00:
+        return "eddystone_tlm" if parse_eddystone_tlm(data) is not None else "eddystone_malformed"
+    if data[1] == 0x01:
+        return "eddystone_tlm" if len(data) == _ETLM_LEN else "eddystone_malformed"
+    return "eddystone_other"  # a TLM version this spec does not know yet
+
+
 def parse_eddystone_tlm(data: bytes) -> EddystoneTlm | None:
     """Decode an unencrypted Eddystone-TLM frame (frame type byte included)."""
     if len(data) != 14 or data[0] != 0x20 or data[1] != 0x00:
@@ -146,27 +167,27 @@ def parse_eddystone_tlm(data: bytes) -> EddystoneTlm | None:
     return EddystoneTlm(battery, temperature, adv_count, uptime / 10.0)
 
 
-_EDDYSTONE_OTHER: dict[int, tuple[str, Callable[[bytes], bool]]] = {
-    0x10: ("eddystone_url", lambda d: parse_eddystone_url(d) is not None),
-    0x20: ("eddystone_tlm", lambda d: parse_eddystone_tlm(d) is not None),
-    0x30: ("eddystone_eid", lambda d: len(d) == 10),
+_EDDYSTONE_OTHER: dict[int, Callable[[bytes], str]] = {
+    0x10: lambda d: (
+        "eddystone_url" if parse_eddystone_url(d) is not None else "eddystone_malformed"
+    ),
+    0x20: _tlm_reason,
+    0x30: lambda d: "eddystone_eid" if len(d) == 10 else "eddystone_malformed",
 }
 
 
 def parse_eddystone(data: bytes) -> ParseResult:
     """Parse Eddystone service data (frame type first).  Only UID frames are identities."""
     if not data:
-        return Skip("eddystone_malformed")
+        return _SKIP["eddystone_malformed"]
     frame = data[0]
     if frame == 0x00:
         if len(data) not in (18, 20):
-            return Skip("eddystone_malformed")
+            return _SKIP["eddystone_malformed"]
         tx = struct.unpack_from(">b", data, 1)[0]
         return BeaconId("eddystone", f"{data[2:12].hex()}:{data[12:18].hex()}", tx)
-    if frame in _EDDYSTONE_OTHER:
-        reason, check = _EDDYSTONE_OTHER[frame]
-        return Skip(reason if check(data) else "eddystone_malformed")
-    return Skip("eddystone_malformed")
+    reason = _EDDYSTONE_OTHER.get(frame)
+    return _SKIP[reason(data) if reason is not None else "eddystone_other"]
 
 
 def parse_advert(
@@ -208,14 +229,27 @@ class AdFields:
     service_data: dict[str, bytes]
 
 
+_MIN_VALUE = {
+    AD_MANUFACTURER: 2,
+    AD_SERVICE_DATA_16: 2,
+    AD_SERVICE_DATA_32: 4,
+    AD_SERVICE_DATA_128: 16,
+}  # the company id or service UUID that must open the value
+
+
 def parse_ad(raw: bytes) -> AdFields | Skip:
-    """Split raw advertising data into AD structures; ``Skip('ad_malformed')`` if broken.
+    """Split raw advertising data into AD structures, as BlueZ does.
 
     A zero length byte ends the significant part (the rest is padding), as the Core
-    specification says.  Repeated fields keep the last value, like BlueZ does.
+    specification says.  A structure that runs past the end stops the parse and one
+    too short for its company id or service UUID is ignored; the structures before them
+    are kept (a controller may cut the last structure short).  Only an advert with a
+    broken structure and nothing kept is ``Skip('ad_malformed')``.  Repeated fields keep
+    the last value, like BlueZ does.
     """
     manufacturer: dict[int, bytes] = {}
     service: dict[str, bytes] = {}
+    broken = False
     pos = 0
     while pos < len(raw):
         length = raw[pos]
@@ -223,26 +257,23 @@ def parse_ad(raw: bytes) -> AdFields | Skip:
             break
         end = pos + 1 + length
         if end > len(raw):
-            return Skip("ad_malformed")
+            broken = True
+            break
         ad_type, value = raw[pos + 1], bytes(raw[pos + 2 : end])
-        if ad_type == AD_MANUFACTURER:
-            if len(value) < 2:
-                return Skip("ad_malformed")
+        pos = end
+        if len(value) < _MIN_VALUE.get(ad_type, 0):
+            broken = True
+        elif ad_type == AD_MANUFACTURER:
             manufacturer[int.from_bytes(value[:2], "little")] = value[2:]
         elif ad_type == AD_SERVICE_DATA_16:
-            if len(value) < 2:
-                return Skip("ad_malformed")
             service[full_uuid16(int.from_bytes(value[:2], "little"))] = value[2:]
         elif ad_type == AD_SERVICE_DATA_32:
-            if len(value) < 4:
-                return Skip("ad_malformed")
             short = int.from_bytes(value[:4], "little")
             service[f"{short:08x}{_BASE_UUID_TAIL}"] = value[4:]
         elif ad_type == AD_SERVICE_DATA_128:
-            if len(value) < 16:
-                return Skip("ad_malformed")
             service[str(uuid.UUID(bytes=value[15::-1]))] = value[16:]
-        pos = end
+    if broken and not manufacturer and not service:
+        return _SKIP_AD_MALFORMED
     return AdFields(manufacturer, service)
 
 

@@ -100,6 +100,15 @@ def test_eddystone_tlm_is_parsed_and_not_an_identity() -> None:
         ({}, {EDDYSTONE_UUID: b""}, "eddystone_malformed"),
         ({}, {EDDYSTONE_UUID: EDDYSTONE_UID[:17]}, "eddystone_malformed"),
         ({}, {EDDYSTONE_UUID: b"\x30" + b"\x00" * 9}, "eddystone_eid"),
+        ({}, {EDDYSTONE_UUID: b"\x30" + b"\x00" * 8}, "eddystone_malformed"),
+        ({}, {EDDYSTONE_UUID: b"\x20\x00" + b"\x0b\xb8" + b"\x00" * 9}, "eddystone_malformed"),
+        # healthy frames that carry no identity and are not UID, URL or TLM v0
+        ({}, {EDDYSTONE_UUID: bytes.fromhex("2001") + b"\xa5" * 16}, "eddystone_tlm"),  # ETLM
+        ({}, {EDDYSTONE_UUID: bytes.fromhex("2001") + b"\xa5" * 15}, "eddystone_malformed"),
+        ({}, {EDDYSTONE_UUID: bytes.fromhex("21") + b"\x01\x02" * 8}, "eddystone_other"),
+        ({}, {EDDYSTONE_UUID: bytes.fromhex("40") + b"\x5a" * 20}, "eddystone_other"),  # E2EE-EID
+        ({}, {EDDYSTONE_UUID: bytes.fromhex("2002") + b"\x00" * 12}, "eddystone_other"),
+        ({}, {EDDYSTONE_UUID: b"\x21"}, "eddystone_other"),
         ({}, {full_uuid16(0x180F): b"\x64"}, "no_beacon"),
     ],
 )
@@ -120,6 +129,25 @@ def test_truncated_ad_structure_is_malformed() -> None:
     assert parse_ad(bytes([1, 0xFF])) == Skip("ad_malformed")  # manufacturer without company
     # zero length ends the significant part: trailing padding is fine
     assert parse_raw_advert(IBEACON_RAW + b"\x00\x00\x00") == parse_raw_advert(IBEACON_RAW)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"\x05",  # a length byte and nothing else
+        b"\x09\x09TP",  # a local name cut short
+        b"\x1a\xff\x4c\x00\x02\x15",  # a second manufacturer structure cut short
+        b"\x01\xff",  # manufacturer data without its company id (ignored, as BlueZ does)
+        b"\x02\x16\xaa",  # service data without its whole UUID
+    ],
+)
+def test_valid_structures_before_a_broken_one_are_kept(tail: bytes) -> None:
+    """As BlueZ: the structures before a truncated trailing one still count."""
+    assert parse_raw_advert(IBEACON_RAW + tail) == parse_raw_advert(IBEACON_RAW)
+    eddystone = bytes([3, 0x03, 0xAA, 0xFE, len(EDDYSTONE_UID) + 3, 0x16, 0xAA, 0xFE])
+    eddystone += EDDYSTONE_UID
+    assert isinstance(parse_raw_advert(eddystone), BeaconId)
+    assert parse_raw_advert(eddystone + tail) == parse_raw_advert(eddystone)
 
 
 def test_128_bit_service_data_key() -> None:
@@ -226,8 +254,8 @@ def test_allow_list_rejects_malformed_config(kwargs: dict[str, list[str]]) -> No
 def _reference_parse(manufacturer: dict[int, bytes], service: dict[str, bytes]) -> Any:
     """The first, slower form of parse_advert: the fast one must agree with it."""
     priority = ["ibeacon_malformed", "altbeacon_malformed", "eddystone_malformed",
-                "eddystone_url", "eddystone_tlm", "eddystone_eid", "apple_other",
-                "manufacturer_other"]  # fmt: skip
+                "eddystone_url", "eddystone_tlm", "eddystone_eid", "eddystone_other",
+                "apple_other", "manufacturer_other"]  # fmt: skip
     reasons: list[str] = []
     for company, data in manufacturer.items():
         results = [parse_altbeacon(data)]

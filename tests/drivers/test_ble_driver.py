@@ -24,7 +24,7 @@ from gateway.identity import Keyring
 from gateway.metrics import Metrics
 from gateway.ports import Reading, Source, SourceContext
 from gateway.registry import build_source
-from simulators.ble_scenario import Scenario, encode_eddystone_uid, play, setup
+from simulators.ble_scenario import EDDYSTONE_SERVICE, Scenario, encode_eddystone_uid, play, setup
 from simulators.fake_bluez import DBusDaemon, FakeBlueZ
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulators" / "scenarios"
@@ -375,3 +375,32 @@ def test_logs_hold_no_beacon_id_or_address(
     forbidden = ["83256b74", "e157bd5d", "2f234454", "f7826da6", "c4:00", "dev_"]
     assert not any(word in text for word in forbidden)
     assert not re.search(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", text)
+
+
+def test_healthy_eddystone_frames_without_an_identity_are_not_malformed(
+    bus: DBusDaemon, keyring: Keyring
+) -> None:
+    """Vendor sensor frames (0x21), E2EE-EID (0x40) and encrypted TLM (version 01) come
+    from working devices: counted as what they are, never as eddystone_malformed."""
+    source, ctx = make(keyring)
+    frames = {
+        "C4:00:00:00:00:21": bytes.fromhex("21") + bytes(range(16)),
+        "C4:00:00:00:00:40": bytes.fromhex("40") + bytes(range(20)),
+        "C4:00:00:00:00:20": bytes.fromhex("2001") + bytes(range(16)),
+    }
+
+    async def main() -> None:
+        async with fake_bluez(bus) as fake, Collector(source) as got:
+            fake.add_adapter("hci0")
+            await until(lambda: fake.scanning("hci0"))
+            for address, frame in frames.items():
+                fake.advert("hci0", address, rssi=-60, service_data={EDDYSTONE_SERVICE: frame})
+            await hold(fake, 0.6)
+            assert got.of("presence.enter", B)
+
+    asyncio.run(main())
+    counts = ctx.metrics.by_label("ble_adverts_total", "result")
+    assert counts.get("eddystone_other", 0) >= 2
+    assert counts.get("eddystone_tlm", 0) >= 1
+    assert "eddystone_malformed" not in counts
+    assert ctx.metrics.total("readings_rejected_total", reason="eddystone_malformed") == 0

@@ -93,8 +93,8 @@ NOW = 1_795_000_100.0
 SKIP_REASONS = frozenset(
     {
         "ibeacon_malformed", "altbeacon_malformed", "eddystone_malformed", "eddystone_url",
-        "eddystone_tlm", "eddystone_eid", "apple_other", "manufacturer_other", "no_beacon",
-        "ad_malformed",
+        "eddystone_tlm", "eddystone_eid", "eddystone_other", "apple_other",
+        "manufacturer_other", "no_beacon", "ad_malformed",
     }
 )  # fmt: skip
 CARD_REASONS = frozenset(
