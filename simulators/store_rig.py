@@ -219,7 +219,12 @@ lane = "bulk"
 """
         inject = ""
         if self.load.inject != "off":
-            inject = f'inject = "{self.load.inject}"\nurl_prefix = "{RECEIPT_PREFIX}"\n'
+            # the simulated till may print faster than a real lane's mint bound allows
+            rate = min(600, max(30, round(120 / self.load.till_interval_s)))
+            inject = (
+                f'inject = "{self.load.inject}"\nurl_prefix = "{RECEIPT_PREFIX}"\n'
+                f"mint_rate_per_min = {rate}\n"
+            )
         return f"""# Written by simulators.store_rig: every source of the simulated store.
 [gateway]
 store = "{STORE}"
