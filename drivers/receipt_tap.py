@@ -269,6 +269,7 @@ class TapBase:
         self._mint_bucket = MintBucket(settings.mint_rate_per_min, settings.mint_burst)
         self._refusals_unlogged = 0
         self._refusal_logged_at = -REFUSAL_LOG_EVERY_S
+        self._unsure_logged = False
 
     @property
     def injecting(self) -> bool:
@@ -301,6 +302,18 @@ class TapBase:
 
     def _count(self, metric: str, amount: float = 1) -> None:
         self._metrics.inc(metric, amount, source=self.name)
+
+    def _unsure_cuts(self, unknown: int) -> None:
+        """Cuts after a command the parser does not know got no token: say so, once."""
+        if self._unsure_logged:
+            return
+        self._unsure_logged = True
+        log.warning(
+            "%s: the till sent %d ESC/POS command(s) outside the printer reference; cuts "
+            "after one get no receipt token until the next ESC @ "
+            "(receipt_tap_cuts_unsure_total counts them)",
+            self.name, unknown,
+        )  # fmt: skip
 
     def _refuse(self, reason: str, what: str) -> None:
         """Count a refusal (``source_refused_total``, shown in /healthz); log it sparingly."""
@@ -380,6 +393,7 @@ class JobForwarder:
             tap._count("receipt_tap_qr_seen_total", len(result.qr))
         if result.unsure_cuts:
             tap._count("receipt_tap_cuts_unsure_total", len(result.unsure_cuts))
+            tap._unsure_cuts(self.parser.stats.unknown)
         if printer is not None and not tap.injecting:
             printer.write(data)
             await printer.drain()

@@ -538,3 +538,34 @@ def test_a_second_till_connection_waits_for_the_printer() -> None:
         assert printer.refused == 0
 
     run(scenario)
+
+
+def test_a_cut_after_an_unknown_command_gets_no_token(
+    tmp_path: Path, keyring: Keyring, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a command outside the reference the parser cannot tell a parameter from a
+    command: nothing is injected (counted, logged once) until ESC @ starts a receipt."""
+    unsure = b"\x1b@\x1b\x7f\x1dVAT 21%\n\x1dV\x00"  # ESC 0x7F: no such command
+    sure = b"\x1b@receipt 2\n\x1dV\x00"
+
+    async def scenario() -> None:
+        metrics = Metrics()
+        printed: list[Printed] = []
+        counters = CounterStore(tmp_path / "counters.db")
+        try:
+            async with rig("native", counters, keyring, printed, metrics) as (printer, tap):
+                await till.send_job("127.0.0.1", tap.port, unsure + sure)
+                await till.send_job("127.0.0.1", tap.port, unsure)
+                got = await printer.wait_jobs(2)
+        finally:
+            counters.close()
+        assert len(printed) == 1
+        assert got[1] == unsure
+        head = unsure + b"\x1b@receipt 2\n"
+        assert got[0].startswith(head) and got[0].endswith(b"\x1dV\x00")
+        assert parse(got[0][len(head) :]).qr == [(PREFIX + printed[0].receipt).encode()]
+        assert metrics.get("receipt_tap_cuts_unsure_total", source="receipt-tap") == 4
+        warnings = [r for r in caplog.records if "outside the printer reference" in r.message]
+        assert len(warnings) == 1
+
+    run(scenario)
