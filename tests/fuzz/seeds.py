@@ -112,6 +112,9 @@ def escpos() -> dict[str, bytes]:
         "column-image": till.column_image(8, b"\x1d(k") + till.status_query(2),
         "tabs-and-amp": b"\x1bD\x08\x10\x00\x1b&\x03\x41\x42\x02" + bytes(12) + b"\x1cq\x01"
         + b"\x01\x00\x01\x00" + bytes(8) + b"\x1dk\x04123\x00\x1dkI\x03abc",
+        # ESC + n / ESC A n / ESC 3 n with n = GS before "VAT": once read as a cut
+        "line-spacing-vat": b"\x1b@\x1b+\x1dVAT 21% ...... 0.21\n\x1bA\x1dVAT\n\x1b3\x1dVAT\n"
+        + b"\x1bd\x06\x1dV\x00",
     }  # fmt: skip
 
 
