@@ -39,6 +39,7 @@ from gateway.outbox import Outbox, Pending
 from gateway.policy import ConsentPolicy
 from gateway.ports import Publisher, Reading, Source, SourceContext
 from gateway.registry import build_source
+from gateway.token_replay import TokenReplay
 from gateway.watchdog import ProgressWatch
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Gateway:
         self.eraser = Eraser(
             self.outbox, self.consent, self.metrics, hold=self.policy.hold, now=now
         )
+        self.token_replay = TokenReplay(self.outbox)  # one for every source, persisted
         self.consent_updater = RegistryUpdater(
             self.consent,
             self.outbox,
@@ -179,6 +181,7 @@ class Gateway:
             metrics=self.metrics,
             now=self.now,
             store=self.cfg.gateway.store,
+            replay=self.token_replay.set,
         )
         if source is None:
             try:
@@ -232,6 +235,8 @@ class Gateway:
                 if gone:  # app-token consent past its expiry: the registry stays bounded
                     delete = functools.partial(ConsentRegistry.delete, subjects=gone)
                     await self.outbox.write(delete, invalidates=False)
+                await self.token_replay.prune(self.now())  # used tokens now expired
+                await self.eraser.prune_tombstones(self.now())  # older than any token
                 release_free_memory()  # what a drained backlog freed goes back to the OS
             # Watchdog (gateway/watchdog.py): the loop runs, the buffer answers and its last
             # write succeeded, and the backlog moves unless the broker is away.
@@ -264,6 +269,7 @@ class Gateway:
             "outbox.tail_cache": self.outbox.cached_chunks,
             "outbox.outstanding": self.outbox.outstanding,
             "eraser.hooks": len(self.eraser.hooks),
+            "tokens.replay": len(self.token_replay.set or ()),
         }
         if self.policy.hold is not None:
             out["policy.hold"] = len(self.policy.hold)
@@ -310,6 +316,7 @@ class Gateway:
         try:
             self._open_buffer()
             await self._load_consent()
+            await self.token_replay.load(self.now())
             publisher = self._make_publisher()
             topic = f"{self.prefix}/events"
             on_latency: Callable[[list[float]], None] = self.publish_latency.observe_many
