@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
-from gateway.paths import CREDENTIALS_VAR, expand_credentials_in
+from gateway.paths import CREDENTIALS_VAR, expand_credentials_in, secret_file_problem
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
 KEY_ID_PATTERN = r"^[a-z0-9]{1,16}$"
@@ -545,7 +545,37 @@ def load_config(path: str | Path, *, credentials_directory: str | None = None) -
     data, problems = expand_credentials_in(data, credentials_directory)
     if problems:
         raise ConfigError([(str(p), key, why) for key, why in problems])
-    return parse_config(data, str(p), p.resolve().parent)
+    cfg = parse_config(data, str(p), p.resolve().parent)
+    found = file_problems(cfg, str(p))
+    if found:
+        raise ConfigError(found)
+    return cfg
+
+
+def secret_files(cfg: Config) -> dict[str, Path]:
+    """Every secret file the config names, by key path: keys, token, password, TLS key."""
+    out = {f"keyring.keys.{kid}": path for kid, path in cfg.keyring.keys.items()}
+    if cfg.mqtt.password_file is not None:
+        out["mqtt.password_file"] = cfg.mqtt.password_file
+    if cfg.mqtt.tls is not None and cfg.mqtt.tls.key_file is not None:
+        out["mqtt.tls.key_file"] = cfg.mqtt.tls.key_file
+    if cfg.consent.sync is not None:
+        out["consent.sync.token_file"] = cfg.consent.sync.token_file
+    return out
+
+
+def file_problems(cfg: Config, file: str) -> list[tuple[str, str, str]]:
+    """The checks of a valid config that look at files: (file, key path, why) each.
+
+    Secret files open to the group or others are refused (``paths.secret_file_problem``).
+    ``load_config`` runs this, so ``check-config``, start and reload all do.
+    """
+    problems = []
+    for key, path in secret_files(cfg).items():
+        why = secret_file_problem(path)
+        if why is not None:
+            problems.append((file, key, why))
+    return problems
 
 
 def json_schema() -> str:

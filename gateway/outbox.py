@@ -44,6 +44,7 @@ from gateway.errors import BufferError_
 from gateway.events import new_stream_id, with_seq
 from gateway.metrics import Metrics
 from gateway.migrations import migrate
+from gateway.paths import private_database
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,6 +159,7 @@ class Outbox:
         path = Path(self.cfg.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            private_database(path)  # 0600 whatever the umask: it holds pseudonyms
             conn = connect(path)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
@@ -178,7 +180,7 @@ class Outbox:
                 self.stream = str(row[0])
             self._next_seq = _last_seq(conn) + 1
             self._cache_from = self._next_seq
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise BufferError_(f"{path}: cannot open the buffer database: {exc}") from exc
         self._conn = conn
         self._loop = loop or asyncio.get_running_loop()

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from gateway.cli import build_parser, main
+from gateway.paths import write_secret
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,7 +92,7 @@ def test_check_config_ok(
 def test_check_config_short_key_is_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (tmp_path / "k.key").write_text("AAEC\n", encoding="ascii")
+    write_secret(tmp_path / "k.key", "AAEC\n")
     cfg = tmp_path / "c.toml"
     cfg.write_text(
         '[gateway]\nstore = "s"\ndevice = "d"\n'
