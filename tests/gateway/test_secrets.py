@@ -18,7 +18,7 @@ from gateway.cli import main
 from gateway.identity import ALLOW_TEST_KEY_VALUE, ALLOW_TEST_KEY_VAR
 from gateway.paths import write_secret
 from simulators.broker import free_port
-from tests.system.harness import GatewayProc, synthetic
+from tests.system.harness import GatewayProc, healthz, synthetic
 
 GOOD_KEY = base64.b64encode(bytes(range(100, 132))).decode()
 
@@ -172,3 +172,26 @@ def test_the_receipt_counter_store_is_created_owner_only(tmp_path: Path) -> None
             assert _mode(tmp_path / name) == 0o600, name
     finally:
         store.close()
+
+
+# ---- secrets in memory: no core dumps ---------------------------------------------------
+
+
+def test_the_running_daemon_cannot_dump_core_and_still_answers_health(tmp_path: Path) -> None:
+    """A core dump held raw card numbers and the tenant key.  The limit is read from
+    outside (/proc/<pid>/limits); PR_SET_DUMPABLE 0 is confirmed by the daemon's own
+    PR_GET_DUMPABLE (as root, /proc shows no difference: every file is root's anyway)."""
+    port = free_port()
+    gw = GatewayProc(tmp_path / "gw", free_port(), sources=synthetic(20), health_port=port)
+    gw.start()
+    try:
+        gw.wait_ready()
+        gw.wait_log("core dumps off: not dumpable")
+        assert gw.proc is not None
+        limits = Path(f"/proc/{gw.proc.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max core file size"))
+        assert line.split()[4:6] == ["0", "0"], line
+        status, doc = healthz(port)  # /proc/<pid> is root's now: health still answers
+        assert status in (200, 503) and "sources" in doc
+    finally:
+        gw.stop()
