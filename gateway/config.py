@@ -546,7 +546,7 @@ def load_config(path: str | Path, *, credentials_directory: str | None = None) -
     if problems:
         raise ConfigError([(str(p), key, why) for key, why in problems])
     cfg = parse_config(data, str(p), p.resolve().parent)
-    found = file_problems(cfg, str(p))
+    found = file_problems(cfg, str(p), credentials_directory=credentials_directory)
     if found:
         raise ConfigError(found)
     return cfg
@@ -564,7 +564,9 @@ def secret_files(cfg: Config) -> dict[str, Path]:
     return out
 
 
-def file_problems(cfg: Config, file: str) -> list[tuple[str, str, str]]:
+def file_problems(
+    cfg: Config, file: str, *, credentials_directory: str | None = None
+) -> list[tuple[str, str, str]]:
     """The checks of a valid config that look at files: (file, key path, why) each.
 
     Secret files open to the group or others are refused (``paths.secret_file_problem``).
@@ -572,7 +574,7 @@ def file_problems(cfg: Config, file: str) -> list[tuple[str, str, str]]:
     """
     problems = []
     for key, path in secret_files(cfg).items():
-        why = secret_file_problem(path)
+        why = secret_file_problem(path, credentials_directory)
         if why is not None:
             problems.append((file, key, why))
     return problems

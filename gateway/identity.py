@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import KeyringError, RejectedInput
-from gateway.paths import secret_file_problem
+from gateway.paths import CREDENTIALS_VAR, secret_file_problem
 
 NAMESPACES = ("loyalty", "rfid", "ibeacon", "eddystone", "altbeacon", "app")
 KEY_ID_RE = re.compile(r"[a-z0-9]{1,16}")
@@ -175,7 +175,7 @@ class Keyring:
                 raise KeyringError(
                     f"{path}: cannot read key file: {exc.__class__.__name__}"
                 ) from None
-            problem = secret_file_problem(Path(path))
+            problem = secret_file_problem(Path(path), os.environ.get(CREDENTIALS_VAR))
             if problem is not None:
                 raise KeyringError(problem)
             key = decode_key(text, str(path))

@@ -133,12 +133,17 @@ def credential_references(data: Any) -> dict[str, str]:
 SECRET_MODE_MASK = 0o077  # as ssh: a secret file gives the group and others nothing
 
 
-def secret_file_problem(path: Path) -> str | None:
+def secret_file_problem(path: Path, credentials_directory: str | None = None) -> str | None:
     """Why a secret file (key, token, password, TLS key) is not safe to use, or None.
 
     A file the group or others may read or write is refused, naming the fix.  A file
-    that cannot be stat'ed is not judged here: whoever reads it reports that.
+    that cannot be stat'ed is not judged here: whoever reads it reports that.  Nor is a
+    file in systemd's credentials directory: systemd grants the service user read
+    access there with an ACL, which shows as group bits (0440), and the directory is
+    private to the service.
     """
+    if credentials_directory and Path(path).is_relative_to(credentials_directory):
+        return None
     try:
         mode = stat.S_IMODE(Path(path).stat().st_mode)
     except OSError:

@@ -195,3 +195,26 @@ def test_the_running_daemon_cannot_dump_core_and_still_answers_health(tmp_path: 
         assert status in (200, 503) and "sources" in doc
     finally:
         gw.stop()
+
+
+def test_credentials_from_systemd_are_not_judged_by_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd grants the service user a credential with an ACL: the file shows 0440."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    write_secret(creds / "k1.key", GOOD_KEY + "\n")
+    (creds / "k1.key").chmod(0o440)
+    cfg = write_config(tmp_path)
+    cfg.write_text(
+        cfg.read_text().replace('k1 = "k1.key"', 'k1 = "${CREDENTIALS_DIRECTORY}/k1.key"')
+    )
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert main(["check-config", str(cfg)]) == 0, capsys.readouterr().out
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").mkdir()
+    (creds / "k1.key").rename(tmp_path / "elsewhere" / "k1.key")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    cfg.write_text(cfg.read_text().replace("${CREDENTIALS_DIRECTORY}/k1.key", "elsewhere/k1.key"))
+    assert main(["check-config", str(cfg)]) == 1  # the same file outside it: refused
+    assert "chmod 600" in capsys.readouterr().out
