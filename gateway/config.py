@@ -8,11 +8,13 @@ are resolved against the file's folder.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -28,6 +30,25 @@ Purpose = Literal["analytics", "linking", "marketing"]
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 and ``localhost`` (and ``*.localhost``, RFC 6761): traffic to
+    them never leaves the box, so plaintext there is not the network's to read.  Any
+    other name counts as the network, whatever it resolves to today."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+ALLOW_PLAINTEXT_HELP = (
+    "Accept a plaintext link to a host that is not loopback (warned at start, shown in "
+    "/healthz); off: refused"
+)
 
 
 class GatewayIdentity(Model):
@@ -100,6 +121,7 @@ class MqttConfig(Model):
     username: str | None = None
     password_file: Path | None = None
     tls: TlsConfig | None = None
+    allow_plaintext: bool = Field(default=False, description=ALLOW_PLAINTEXT_HELP)
     keepalive_s: int = Field(default=30, ge=2, le=3600)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     batch_max_events: int = Field(default=500, ge=1, le=10000)
@@ -112,6 +134,22 @@ class MqttConfig(Model):
         gt=0,
         description="A batch unacknowledged this long on a live link: reconnect (it is sent again)",
     )
+
+    @property
+    def plaintext(self) -> bool:
+        """The link crosses the network without TLS (``allow_plaintext`` let it)."""
+        return self.tls is None and not is_loopback_host(self.host)
+
+    @model_validator(mode="after")
+    def _no_silent_plaintext(self) -> MqttConfig:
+        if self.plaintext and not self.allow_plaintext:
+            what = "the password and " if self.username or self.password_file else ""
+            raise ValueError(
+                f"no TLS to {self.host}, which is not loopback: {what}every event (personal "
+                "data) would cross the network in the clear; add [mqtt.tls] (ca_file, "
+                "cert_file, key_file), or set mqtt.allow_plaintext = true to accept that"
+            )
+        return self
 
 
 def _default_required() -> dict[str, tuple[Purpose, ...]]:
@@ -137,6 +175,29 @@ class ConsentSyncConfig(Model):
     poll_interval_s: float = Field(default=60.0, gt=0, description="Delta poll interval")
     timeout_s: float = Field(default=10.0, gt=0, description="Per-request timeout")
     backoff: ConsentSyncBackoff = ConsentSyncBackoff()
+    allow_plaintext: bool = Field(default=False, description=ALLOW_PLAINTEXT_HELP)
+
+    @property
+    def plaintext(self) -> bool:
+        """Plain http:// to a host that is not loopback (``allow_plaintext`` let it)."""
+        parts = urlsplit(self.base_url)
+        return parts.scheme == "http" and not is_loopback_host(parts.hostname or "")
+
+    @model_validator(mode="after")
+    def _no_credentials_in_url_no_silent_plaintext(self) -> ConsentSyncConfig:
+        # The URL itself is never put in a message: it may hold a password.
+        if "@" in urlsplit(self.base_url).netloc:
+            raise ValueError(
+                "base_url holds credentials (user:password@host): a URL is logged and "
+                "shown, so they would leak; remove them and put the bearer token in token_file"
+            )
+        if self.plaintext and not self.allow_plaintext:
+            raise ValueError(
+                "base_url is http:// to a host that is not loopback: the bearer token and "
+                "the registry would cross the network in the clear; use https://, or set "
+                "consent.sync.allow_plaintext = true to accept that"
+            )
+        return self
 
 
 class ConsentConfig(Model):
@@ -578,6 +639,18 @@ def file_problems(
         if why is not None:
             problems.append((file, key, why))
     return problems
+
+
+def plaintext_links(cfg: Config) -> dict[str, str]:
+    """The links a config lets cross the network in the clear (``allow_plaintext``):
+    link name -> what to say.  The daemon warns of each at start and /healthz lists them."""
+    out: dict[str, str] = {}
+    if cfg.mqtt.plaintext:
+        out["mqtt"] = f"MQTT to {cfg.mqtt.host}:{cfg.mqtt.port} without TLS"
+    sync = cfg.consent.sync
+    if sync is not None and sync.plaintext:
+        out["consent_sync"] = f"consent sync to {urlsplit(sync.base_url).hostname} over http://"
+    return out
 
 
 def json_schema() -> str:

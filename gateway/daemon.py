@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, plaintext_links
 from gateway.consent import ConsentRegistry, load_seed_file
 from gateway.consent_sync import ConsentSync, RegistryUpdater
 from gateway.erasure import Eraser
@@ -334,6 +334,9 @@ class Gateway:
                 now=self.now,
                 on_latency=on_latency,
             )
+            for link, what in plaintext_links(self.cfg).items():  # opted in: say so, loudly
+                log.warning("plaintext: %s (allow_plaintext = true): readable on the network", what)
+                self.metrics.set("plaintext_transport", 1, link=link)
             log.info(
                 "touchpoint-gateway %s: store %s device %s stream %s, %d source(s)",
                 __version__,

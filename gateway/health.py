@@ -257,6 +257,12 @@ class HealthMonitor:
                 "erased_events": m.get("erased_events_total"),
             },
             "last_error": dict(sorted(m.last_error.items())),
+            # links the config lets cross the network in the clear (allow_plaintext)
+            "plaintext_transports": sorted(
+                labels.get("link", "")
+                for name, labels, value in m.gauges()
+                if name == "plaintext_transport" and value
+            ),
         }
         return not problems, doc
 
