@@ -88,6 +88,7 @@ def _age(seconds: float | None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from gateway.config import load_config
+    from gateway.erasure import WAL_WAIT_WHY
     from gateway.outbox import buffer_stats, connect
 
     cfg = load_config(args.config)
@@ -113,6 +114,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("last seq", str(stats["last_seq"])),
         ("last successful publish", "never" if last is None else f"{_age(now - last)} ago"),
         ("dead letters", str(stats["dead_letters"])),
+        (
+            "erased bytes in the WAL",
+            "none"
+            if stats["erased_in_wal_since"] is None
+            else f"waiting {_age(now - stats['erased_in_wal_since'])}: {WAL_WAIT_WHY}",
+        ),
         (
             "database size",
             f"{stats['db_bytes'] / 1e6:.1f} MB (cap {cfg.buffer.max_bytes / 1e6:.0f} MB)",
@@ -206,7 +213,7 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from gateway.config import load_config
-    from gateway.erasure import erase_offline
+    from gateway.erasure import WAL_WAIT_WHY, erase_offline
 
     cfg = load_config(args.config)
     path = Path(cfg.buffer.path)
@@ -219,6 +226,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
         f"{out.held} held, {out.consent} consent record(s); the erasure log keeps "
         "the pseudonym and the time"
     )
+    if out.erased_in_wal:
+        print(f"warning: {WAL_WAIT_WHY} (by the daemon, at its next start)", file=sys.stderr)
     return 0
 
 

@@ -223,6 +223,7 @@ class Gateway:
             self.metrics.set("buffer_depth", self.last_stats["depth"])
             for reading in self.policy.tick(self.now()):  # hold expiry, footfall windows
                 self.accept(reading)
+            await self.eraser.retry_checkpoint()  # erased bytes a reader kept in the WAL
             if mono - last_expire >= 60:
                 last_expire = mono
                 n = await self.outbox.expire()
@@ -317,6 +318,7 @@ class Gateway:
             self._open_buffer()
             await self._load_consent()
             await self.token_replay.load(self.now())
+            await self.eraser.load_pending()  # a checkpoint a reader blocked before a restart
             publisher = self._make_publisher()
             topic = f"{self.prefix}/events"
             on_latency: Callable[[list[float]], None] = self.publish_latency.observe_many

@@ -7,12 +7,21 @@
          chunk and dead-letter row (a row left empty is deleted), its held rows and its
          consent row are deleted, and ``erasure_log`` records (pseudonym, time) only
       3. after that commit: every ``after_commit`` callback (the forwarder drops the
-         batches it prefetched), then ``PRAGMA wal_checkpoint(TRUNCATE)``
+         batches it prefetched), then ``PRAGMA wal_checkpoint(TRUNCATE)``, which never
+         waits for a reader (``busy_timeout`` 0 for the call)
 
 The outbox runs with ``secure_delete = ON``, so deleted cells and freed pages are
 zeroed; the checkpoint copies those pages into the database file and truncates the WAL,
 which still held the old page images.  After it, the pseudonym's bytes are gone from both
 files except the erasure log's own row.
+
+Another process reading the buffer (a technician's sqlite3 shell, a backup) holds a
+snapshot: the checkpoint cannot copy past it nor truncate the WAL until it ends.  The
+rows are gone at once for everyone else, and the writer does not wait (waiting was 5 s
+of ``busy_timeout`` per attempt, with every commit stuck behind it); the old page images
+stay until the reader leaves.  That is recorded (``meta.erased_in_wal_since``, shown by
+``status`` and /healthz with the reason) and the checkpoint is retried from the daemon's
+housekeeping with backoff until it gets through.
 
 ``erase_rows`` takes a plain sqlite3 connection, so erasure also works without the
 daemon (``erase_offline``); running it twice changes nothing more (idempotent).
@@ -20,7 +29,6 @@ daemon (``erase_offline``); running it twice changes nothing more (idempotent).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sqlite3
@@ -33,6 +41,7 @@ from typing import TYPE_CHECKING
 from gateway.clock import clock_is_set
 from gateway.consent import ConsentRegistry
 from gateway.metrics import Metrics
+from gateway.outbox import ERASED_IN_WAL_KEY
 from gateway.tokens import APP_CLOCK_SKEW_S, MAX_APP_TOKEN_LIFETIME_S
 
 if TYPE_CHECKING:
@@ -42,7 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _decoder = json.JSONDecoder()
-CHECKPOINT_ATTEMPTS = 5
 
 
 @dataclass(slots=True)
@@ -54,6 +62,7 @@ class Erased:
     rows_deleted: int = 0
     held: int = 0
     consent: int = 0
+    erased_in_wal: bool = False  # a reader blocked the checkpoint: old pages still wait
 
 
 def split_body(body: str) -> list[tuple[str, object]]:
@@ -169,10 +178,42 @@ def prune_erasure_log(conn: sqlite3.Connection, before: float) -> int:
     return conn.execute("DELETE FROM erasure_log WHERE erased_at < ?", (before,)).rowcount
 
 
+WAL_WAIT_WHY = (
+    "another process holds a read transaction on the buffer (a sqlite3 shell, a backup): "
+    "the old page images of the erased rows stay in the WAL and database file until it "
+    "ends; the checkpoint is retried in the background"
+)
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0
+
+
 def checkpoint(conn: sqlite3.Connection) -> bool:
-    """Copy the WAL into the database and truncate it; False if a reader blocked it."""
-    busy, _log_frames, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    """Copy the WAL into the database and truncate it; False if a reader blocked it.
+
+    Never waits: ``busy_timeout`` is 0 for the call (a reader's snapshot would otherwise
+    hold the caller, the writer thread, for the whole timeout).
+    """
+    (timeout,) = conn.execute("PRAGMA busy_timeout").fetchone()
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        busy, _log_frames, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout)}")
     return int(busy) == 0
+
+
+def mark_erased_in_wal(conn: sqlite3.Connection, since: float | None) -> None:
+    """Record (or, with None, clear) that erased bytes wait for a checkpoint."""
+    if since is None:
+        conn.execute("DELETE FROM meta WHERE key = ?", (ERASED_IN_WAL_KEY,))
+    else:
+        conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (ERASED_IN_WAL_KEY, str(since))
+        )
+
+
+def _erased_in_wal_since(conn: sqlite3.Connection) -> float | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (ERASED_IN_WAL_KEY,)).fetchone()
+    return float(row[0]) if row else None
 
 
 def erase_offline(db_path: Path, subjects: Sequence[str], now: float | None = None) -> Erased:
@@ -187,7 +228,11 @@ def erase_offline(db_path: Path, subjects: Sequence[str], now: float | None = No
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        checkpoint(conn)
+        if not checkpoint(conn):  # a reader: the daemon retries it at its next start
+            conn.execute("BEGIN IMMEDIATE")
+            mark_erased_in_wal(conn, time.time() if now is None else now)
+            conn.execute("COMMIT")
+            out.erased_in_wal = True
         return out
     finally:
         conn.close()
@@ -217,6 +262,9 @@ class Eraser:
         self.now = now
         self.hooks: list[Callable[[str], None]] = []
         self.after_commit: list[Callable[[], None]] = []
+        self.erased_in_wal_since: float | None = None  # see the module docstring
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_MIN_S
 
     def forget_in_memory(self, subjects: Iterable[str], now: float) -> None:
         """Step 1, synchronous: from here on the gate refuses the subjects."""
@@ -229,6 +277,39 @@ class Eraser:
                     hook(subject)
                 except Exception:
                     log.exception("erasure hook %r failed", hook)
+
+    async def load_pending(self) -> None:
+        """At start: an erasure whose checkpoint a reader blocked before the restart."""
+        since = await self.outbox.read(_erased_in_wal_since)
+        if since is not None:
+            await self._wait_for_checkpoint(since)
+
+    async def _wait_for_checkpoint(self, since: float) -> None:
+        if self.erased_in_wal_since is None:
+            log.warning("erasure: %s", WAL_WAIT_WHY)
+            self.metrics.inc("erasure_checkpoint_blocked_total")
+        self.erased_in_wal_since = min(since, self.erased_in_wal_since or since)
+        self.metrics.set("erased_in_wal_since", self.erased_in_wal_since)
+        self._retry_delay = RETRY_MIN_S
+        self._retry_at = time.monotonic() + self._retry_delay
+        await self.outbox.write(
+            lambda c: mark_erased_in_wal(c, self.erased_in_wal_since), invalidates=False
+        )
+
+    async def retry_checkpoint(self) -> bool:
+        """Housekeeping: retry a blocked checkpoint, with backoff; True once it is done."""
+        if self.erased_in_wal_since is None or time.monotonic() < self._retry_at:
+            return False
+        if not await self.outbox.read(checkpoint):
+            self._retry_delay = min(RETRY_MAX_S, self._retry_delay * 2)
+            self._retry_at = time.monotonic() + self._retry_delay
+            return False
+        waited = self.now() - self.erased_in_wal_since
+        self.erased_in_wal_since = None
+        self.metrics.set("erased_in_wal_since", 0)
+        await self.outbox.write(lambda c: mark_erased_in_wal(c, None), invalidates=False)
+        log.info("erasure: WAL checkpoint done after %.0f s; the erased bytes are gone", waited)
+        return True
 
     async def prune_tombstones(self, now: float) -> int:
         """Forget withdrawals older than the longest an app token lives (contract §6).
@@ -260,17 +341,8 @@ class Eraser:
                 callback()
             except Exception:
                 log.exception("erasure callback %r failed", callback)
-        for attempt in range(CHECKPOINT_ATTEMPTS):
-            if await self.outbox.read(checkpoint):
-                break
-            await asyncio.sleep(0.05 * (attempt + 1))
-        else:
-            log.error(
-                "erasure: WAL checkpoint blocked by a reader %d times; the old pages stay "
-                "in the WAL until the next checkpoint (stop other readers of the buffer)",
-                CHECKPOINT_ATTEMPTS,
-            )
-            self.metrics.inc("erasure_checkpoint_blocked_total")
+        if not await self.outbox.read(checkpoint):
+            await self._wait_for_checkpoint(now)
         self.metrics.inc("erasures_total", len(batch))
         self.metrics.inc("erased_events_total", result.events + result.held)
         log.info(

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from gateway.clock import CLOCK_FLOOR
 from gateway.erasure import erase_offline, erase_rows, split_body
 from gateway.migrations import migrate
+from gateway.outbox import buffer_stats
 from gateway.ports import Reading
 from gateway.tokens import MAX_APP_TOKEN_LIFETIME_S
 from tests.gateway.consent_helpers import Clock, Rig, card
@@ -24,6 +27,14 @@ X = "k1:XXXXXXXXXXXXXXXXXXXXXX"  # the subject who withdraws
 Y = "k1:YYYYYYYYYYYYYYYYYYYYYY"
 Z = "k1:ZZZZZZZZZZZZZZZZZZZZZZ"  # never consented: held
 SECRET_LANE = "lane-only-x-uses"
+READER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN")
+conn.execute("SELECT count(*) FROM chunks").fetchone()
+print("reading", flush=True)
+sys.stdin.read()
+"""
 T_SET = 1_790_000_000.0  # a set wall clock (gateway.clock)
 
 
@@ -278,3 +289,43 @@ def test_re_erasing_logged_withdrawals_is_linear_in_their_number(tmp_path: Path)
     times as long for twice as many).  Counted in SQLite VM steps, not time."""
     small, big = _erasure_steps(tmp_path, 2000), _erasure_steps(tmp_path, 4000)
     assert big < 2.5 * small, (small, big)
+
+
+def test_offline_erasure_does_not_wait_for_a_reader_and_records_what_waits(
+    tmp_path: Path,
+) -> None:
+    """A second process holds a read transaction: the erasure commits at once, the
+    checkpoint does not wait (5 s of busy_timeout per try, before), and the buffer records
+    that erased bytes wait in the WAL, for status and the daemon's retry."""
+    db = tmp_path / "buffer.db"
+
+    async def run() -> None:
+        rig = Rig(db, Clock(), policy_name="hold")
+        await rig.open()
+        await fill(rig)
+        rig.close()
+
+    asyncio.run(run())
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == b"reading"
+        started = time.monotonic()
+        out = erase_offline(db, [Y])
+        assert time.monotonic() - started < 4.0  # no busy_timeout wait (5 s)
+        assert out.events == 43 and out.erased_in_wal
+        conn = sqlite3.connect(db)
+        try:
+            stats = buffer_stats(conn, time.time())
+            assert stats["erased_in_wal_since"] is not None
+            assert (
+                conn.execute(
+                    "SELECT count(*) FROM chunks WHERE instr(subjects, ?)", (Y,)
+                ).fetchone()[0]
+                == 0
+            )
+        finally:
+            conn.close()
+    finally:
+        reader.communicate(b"", timeout=10)
