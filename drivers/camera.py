@@ -209,7 +209,8 @@ class CameraSource:
         self.config = config
         self.name = config.name
         self._ctx = ctx
-        self._replay = ReplaySet()
+        # The daemon's one replay set (kept in the buffer database); a private one alone.
+        self._replay = ctx.replay if ctx.replay is not None else ReplaySet()
         self._debounce = ScanDebouncer(config.debounce_s)
         self._place = {"zone": config.zone} if config.zone is not None else {"lane": config.lane}
         self._scale = scale_for(config.min_module_px)
@@ -246,7 +247,10 @@ class CameraSource:
 
     def memory_sizes(self) -> dict[str, int]:
         """Entries in this source's in-memory tables (``Gateway.memory_stats``)."""
-        return {"debounce": len(self._debounce), "token_replay": len(self._replay)}
+        sizes = {"debounce": len(self._debounce)}
+        if self._replay is not self._ctx.replay:  # the daemon's shared set is its own entry
+            sizes["token_replay"] = len(self._replay)
+        return sizes
 
     async def readings(self) -> AsyncGenerator[Reading, None]:
         """Capture, decode and classify until cancelled; reopen the stream when it is lost."""

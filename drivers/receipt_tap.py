@@ -68,6 +68,7 @@ from gateway.config import ReceiptTapSourceConfig
 from gateway.errors import SourceError
 from gateway.identity import Keyring
 from gateway.metrics import Metrics
+from gateway.paths import private_database
 from gateway.ports import Reading, SourceContext
 from gateway.tokens import mint_receipt_token
 
@@ -102,11 +103,12 @@ class CounterStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            private_database(self.path)  # 0600 whatever the umask
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._migrate()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise SourceError(f"{self.path}: cannot open the receipt counter store: {exc}") from exc
 
     @contextlib.contextmanager

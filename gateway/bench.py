@@ -31,9 +31,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.config import parse_config
 from gateway.daemon import Gateway
 from gateway.events import batch_payload, batch_prefix, event_tail, with_seq
+from gateway.paths import write_secret
 from gateway.ports import Reading
 
-KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+KEY = "Ok41XFEl/DeKy6pux3hFfJerdJWtAhOlimOtK81inSo="  # a bench key, not the published one
 SUBJECTS = 200
 WINDOW, BATCH = 20, 500
 DEADLINE_S = 300.0  # a reference that gets no PUBACK says so instead of hanging
@@ -66,7 +67,7 @@ class _Source:
 
 def _gateway(work: Path, port: int, n: int, rate: float | None) -> tuple[Gateway, int]:
     work.mkdir(parents=True, exist_ok=True)
-    (work / "k1.key").write_text(KEY, encoding="ascii")
+    write_secret(work / "k1.key", KEY)
     cfg = parse_config(
         {
             "gateway": {"store": "bench", "device": "gw-01"},

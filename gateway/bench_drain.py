@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.bench import KEY, WINDOW, _gateway
 from gateway.events import batch_payload, batch_prefix
+from gateway.paths import write_secret
 
 DEADLINE_S = 300.0  # a benchmark that cannot finish says so instead of hanging
 
@@ -123,7 +124,7 @@ def _config_text(port: int, sources: str = "") -> str:
 
 def startup_to_ready(work: Path, port: int) -> float:
     """Seconds from exec of ``touchpoint-gateway run`` to READY=1 on a notify socket."""
-    (work / "k1.key").write_text(KEY, encoding="ascii")
+    write_secret(work / "k1.key", KEY)
     (work / "gateway.toml").write_text(_config_text(port), encoding="utf-8")
     path = str(work / "notify.sock")
     Path(path).unlink(missing_ok=True)
@@ -149,7 +150,7 @@ def startup_to_ready(work: Path, port: int) -> float:
 def rss_at_load(work: Path, port: int, rate: float, seconds: float) -> float:
     """MiB of resident memory of the daemon process after ``seconds`` at ``rate``."""
     work.mkdir(parents=True, exist_ok=True)
-    (work / "k1.key").write_text(KEY, encoding="ascii")
+    write_secret(work / "k1.key", KEY)
     sources = f'[[sources]]\nkind = "synthetic"\nname = "load"\nrate_per_s = {rate}\ncards = 500\n'
     (work / "gateway.toml").write_text(_config_text(port, sources), encoding="utf-8")
     proc = subprocess.Popen(

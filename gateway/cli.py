@@ -30,6 +30,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.notify import Notifier
 
     _setup_logging(args.log_level)
+    from gateway.memory import forbid_core_dumps
+
+    if forbid_core_dumps():  # before the keys are read: no core dump carries them
+        logging.getLogger("gateway.daemon").info(
+            "core dumps off: not dumpable, RLIMIT_CORE 0 (keys and raw ids stay in memory)"
+        )
 
     async def serve() -> None:
         notifier = Notifier()
@@ -82,6 +88,7 @@ def _age(seconds: float | None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from gateway.config import load_config
+    from gateway.erasure import WAL_WAIT_WHY
     from gateway.outbox import buffer_stats, connect
 
     cfg = load_config(args.config)
@@ -107,6 +114,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("last seq", str(stats["last_seq"])),
         ("last successful publish", "never" if last is None else f"{_age(now - last)} ago"),
         ("dead letters", str(stats["dead_letters"])),
+        (
+            "erased bytes in the WAL",
+            "none"
+            if stats["erased_in_wal_since"] is None
+            else f"waiting {_age(now - stats['erased_in_wal_since'])}: {WAL_WAIT_WHY}",
+        ),
         (
             "database size",
             f"{stats['db_bytes'] / 1e6:.1f} MB (cap {cfg.buffer.max_bytes / 1e6:.0f} MB)",
@@ -157,12 +170,41 @@ def _live_rows(cfg: Any) -> list[tuple[str, str]]:
     return rows
 
 
+MAX_IDENTIFIER_CHARS = 256
+
+
+def _read_identifier(namespace: str) -> str | None:
+    """The raw identifier from a prompt (not echoed) on a terminal, else stdin's first
+    line; None when there is none.  Never from argv: /proc shows argv to every user."""
+    if sys.stdin.isatty():
+        import getpass
+
+        text = getpass.getpass(f"{namespace} identifier (not echoed): ")
+    else:
+        text = sys.stdin.readline(MAX_IDENTIFIER_CHARS + 1)
+    text = text.strip()
+    return text if text and len(text) <= MAX_IDENTIFIER_CHARS else None
+
+
 def cmd_pseudonym(args: argparse.Namespace) -> int:
     from gateway.identity import Keyring
 
+    if args.value is not None:
+        print(
+            "pseudonym: give the identifier on stdin, not on the command line (every user "
+            "sees a command line in /proc and ps); e.g.  touchpoint-gateway pseudonym "
+            f"--key-file K --key-id {args.key_id} {args.namespace} < FILE, or type it at "
+            "the prompt",
+            file=sys.stderr,
+        )
+        return 2
     ring = Keyring.from_files({args.key_id: Path(args.key_file)}, args.key_id)
+    raw = _read_identifier(args.namespace)
+    if raw is None:
+        print("pseudonym: no identifier on stdin", file=sys.stderr)
+        return 2
     try:
-        print(ring.pseudonym(args.namespace, args.value))
+        print(ring.pseudonym(args.namespace, raw))
     except RejectedInput as exc:
         print(f"not a valid {args.namespace} identifier: {exc}", file=sys.stderr)
         return 2
@@ -171,7 +213,7 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from gateway.config import load_config
-    from gateway.erasure import erase_offline
+    from gateway.erasure import WAL_WAIT_WHY, erase_offline
 
     cfg = load_config(args.config)
     path = Path(cfg.buffer.path)
@@ -184,6 +226,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
         f"{out.held} held, {out.consent} consent record(s); the erasure log keeps "
         "the pseudonym and the time"
     )
+    if out.erased_in_wal:
+        print(f"warning: {WAL_WAIT_WHY} (by the daemon, at its next start)", file=sys.stderr)
     return 0
 
 
@@ -294,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "pseudonym",
         help="print the pseudonym of an identifier",
         description="Print the pseudonym of a raw identifier (for erasure requests). "
-        "The raw value is not logged.",
+        "The identifier is read from stdin (a prompt that does not echo on a terminal), "
+        "never from the command line, which every user can see in /proc; it is not logged.",
     )
     s.add_argument("--key-file", required=True, help="tenant key file (base64 of >= 32 bytes)")
     s.add_argument("--key-id", required=True, help="the key's id, e.g. k1")
@@ -303,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["loyalty", "rfid", "ibeacon", "eddystone", "altbeacon", "app"],
         help="identifier namespace",
     )
-    s.add_argument("value", help="the raw identifier")
+    s.add_argument("value", nargs="?", help=argparse.SUPPRESS)  # refused: see cmd_pseudonym
     s.set_defaults(fn=cmd_pseudonym)
 
     s = sub.add_parser(

@@ -14,11 +14,12 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
-from gateway.paths import CREDENTIALS_VAR, expand_credentials_in
+from gateway.paths import CREDENTIALS_VAR, expand_credentials_in, secret_file_problem
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
 KEY_ID_PATTERN = r"^[a-z0-9]{1,16}$"
@@ -29,6 +30,25 @@ Purpose = Literal["analytics", "linking", "marketing"]
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 and ``localhost`` (and ``*.localhost``, RFC 6761): traffic to
+    them never leaves the box, so plaintext there is not the network's to read.  Any
+    other name counts as the network, whatever it resolves to today."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+ALLOW_PLAINTEXT_HELP = (
+    "Accept a plaintext link to a host that is not loopback (warned at start, shown in "
+    "/healthz); off: refused"
+)
 
 
 class GatewayIdentity(Model):
@@ -101,6 +121,7 @@ class MqttConfig(Model):
     username: str | None = None
     password_file: Path | None = None
     tls: TlsConfig | None = None
+    allow_plaintext: bool = Field(default=False, description=ALLOW_PLAINTEXT_HELP)
     keepalive_s: int = Field(default=30, ge=2, le=3600)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     batch_max_events: int = Field(default=500, ge=1, le=10000)
@@ -113,6 +134,22 @@ class MqttConfig(Model):
         gt=0,
         description="A batch unacknowledged this long on a live link: reconnect (it is sent again)",
     )
+
+    @property
+    def plaintext(self) -> bool:
+        """The link crosses the network without TLS (``allow_plaintext`` let it)."""
+        return self.tls is None and not is_loopback_host(self.host)
+
+    @model_validator(mode="after")
+    def _no_silent_plaintext(self) -> MqttConfig:
+        if self.plaintext and not self.allow_plaintext:
+            what = "the password and " if self.username or self.password_file else ""
+            raise ValueError(
+                f"no TLS to {self.host}, which is not loopback: {what}every event (personal "
+                "data) would cross the network in the clear; add [mqtt.tls] (ca_file, "
+                "cert_file, key_file), or set mqtt.allow_plaintext = true to accept that"
+            )
+        return self
 
 
 def _default_required() -> dict[str, tuple[Purpose, ...]]:
@@ -138,6 +175,29 @@ class ConsentSyncConfig(Model):
     poll_interval_s: float = Field(default=60.0, gt=0, description="Delta poll interval")
     timeout_s: float = Field(default=10.0, gt=0, description="Per-request timeout")
     backoff: ConsentSyncBackoff = ConsentSyncBackoff()
+    allow_plaintext: bool = Field(default=False, description=ALLOW_PLAINTEXT_HELP)
+
+    @property
+    def plaintext(self) -> bool:
+        """Plain http:// to a host that is not loopback (``allow_plaintext`` let it)."""
+        parts = urlsplit(self.base_url)
+        return parts.scheme == "http" and not is_loopback_host(parts.hostname or "")
+
+    @model_validator(mode="after")
+    def _no_credentials_in_url_no_silent_plaintext(self) -> ConsentSyncConfig:
+        # The URL itself is never put in a message: it may hold a password.
+        if "@" in urlsplit(self.base_url).netloc:
+            raise ValueError(
+                "base_url holds credentials (user:password@host): a URL is logged and "
+                "shown, so they would leak; remove them and put the bearer token in token_file"
+            )
+        if self.plaintext and not self.allow_plaintext:
+            raise ValueError(
+                "base_url is http:// to a host that is not loopback: the bearer token and "
+                "the registry would cross the network in the clear; use https://, or set "
+                "consent.sync.allow_plaintext = true to accept that"
+            )
+        return self
 
 
 class ConsentConfig(Model):
@@ -600,7 +660,51 @@ def load_config(path: str | Path, *, credentials_directory: str | None = None) -
     data, problems = expand_credentials_in(data, credentials_directory)
     if problems:
         raise ConfigError([(str(p), key, why) for key, why in problems])
-    return parse_config(data, str(p), p.resolve().parent)
+    cfg = parse_config(data, str(p), p.resolve().parent)
+    found = file_problems(cfg, str(p), credentials_directory=credentials_directory)
+    if found:
+        raise ConfigError(found)
+    return cfg
+
+
+def secret_files(cfg: Config) -> dict[str, Path]:
+    """Every secret file the config names, by key path: keys, token, password, TLS key."""
+    out = {f"keyring.keys.{kid}": path for kid, path in cfg.keyring.keys.items()}
+    if cfg.mqtt.password_file is not None:
+        out["mqtt.password_file"] = cfg.mqtt.password_file
+    if cfg.mqtt.tls is not None and cfg.mqtt.tls.key_file is not None:
+        out["mqtt.tls.key_file"] = cfg.mqtt.tls.key_file
+    if cfg.consent.sync is not None:
+        out["consent.sync.token_file"] = cfg.consent.sync.token_file
+    return out
+
+
+def file_problems(
+    cfg: Config, file: str, *, credentials_directory: str | None = None
+) -> list[tuple[str, str, str]]:
+    """The checks of a valid config that look at files: (file, key path, why) each.
+
+    Secret files open to the group or others are refused (``paths.secret_file_problem``).
+    ``load_config`` runs this, so ``check-config``, start and reload all do.
+    """
+    problems = []
+    for key, path in secret_files(cfg).items():
+        why = secret_file_problem(path, credentials_directory)
+        if why is not None:
+            problems.append((file, key, why))
+    return problems
+
+
+def plaintext_links(cfg: Config) -> dict[str, str]:
+    """The links a config lets cross the network in the clear (``allow_plaintext``):
+    link name -> what to say.  The daemon warns of each at start and /healthz lists them."""
+    out: dict[str, str] = {}
+    if cfg.mqtt.plaintext:
+        out["mqtt"] = f"MQTT to {cfg.mqtt.host}:{cfg.mqtt.port} without TLS"
+    sync = cfg.consent.sync
+    if sync is not None and sync.plaintext:
+        out["consent_sync"] = f"consent sync to {urlsplit(sync.base_url).hostname} over http://"
+    return out
 
 
 def json_schema() -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, plaintext_links
 from gateway.consent import ConsentRegistry, load_seed_file
 from gateway.consent_sync import ConsentSync, RegistryUpdater
 from gateway.erasure import Eraser
@@ -39,6 +39,7 @@ from gateway.outbox import Outbox, Pending
 from gateway.policy import ConsentPolicy
 from gateway.ports import Publisher, Reading, Source, SourceContext
 from gateway.registry import build_source
+from gateway.token_replay import TokenReplay
 from gateway.watchdog import ProgressWatch
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Gateway:
         self.eraser = Eraser(
             self.outbox, self.consent, self.metrics, hold=self.policy.hold, now=now
         )
+        self.token_replay = TokenReplay(self.outbox)  # one for every source, persisted
         self.consent_updater = RegistryUpdater(
             self.consent,
             self.outbox,
@@ -179,6 +181,7 @@ class Gateway:
             metrics=self.metrics,
             now=self.now,
             store=self.cfg.gateway.store,
+            replay=self.token_replay.set,
         )
         if source is None:
             try:
@@ -220,6 +223,7 @@ class Gateway:
             self.metrics.set("buffer_depth", self.last_stats["depth"])
             for reading in self.policy.tick(self.now()):  # hold expiry, footfall windows
                 self.accept(reading)
+            await self.eraser.retry_checkpoint()  # erased bytes a reader kept in the WAL
             if mono - last_expire >= 60:
                 last_expire = mono
                 n = await self.outbox.expire()
@@ -232,6 +236,8 @@ class Gateway:
                 if gone:  # app-token consent past its expiry: the registry stays bounded
                     delete = functools.partial(ConsentRegistry.delete, subjects=gone)
                     await self.outbox.write(delete, invalidates=False)
+                await self.token_replay.prune(self.now())  # used tokens now expired
+                await self.eraser.prune_tombstones(self.now())  # older than any token
                 release_free_memory()  # what a drained backlog freed goes back to the OS
             # Watchdog (gateway/watchdog.py): the loop runs, the buffer answers and its last
             # write succeeded, and the backlog moves unless the broker is away.
@@ -264,6 +270,7 @@ class Gateway:
             "outbox.tail_cache": self.outbox.cached_chunks,
             "outbox.outstanding": self.outbox.outstanding,
             "eraser.hooks": len(self.eraser.hooks),
+            "tokens.replay": len(self.token_replay.set or ()),
         }
         if self.policy.hold is not None:
             out["policy.hold"] = len(self.policy.hold)
@@ -310,6 +317,8 @@ class Gateway:
         try:
             self._open_buffer()
             await self._load_consent()
+            await self.token_replay.load(self.now())
+            await self.eraser.load_pending()  # a checkpoint a reader blocked before a restart
             publisher = self._make_publisher()
             topic = f"{self.prefix}/events"
             on_latency: Callable[[list[float]], None] = self.publish_latency.observe_many
@@ -327,6 +336,9 @@ class Gateway:
                 now=self.now,
                 on_latency=on_latency,
             )
+            for link, what in plaintext_links(self.cfg).items():  # opted in: say so, loudly
+                log.warning("plaintext: %s (allow_plaintext = true): readable on the network", what)
+                self.metrics.set("plaintext_transport", 1, link=link)
             log.info(
                 "touchpoint-gateway %s: store %s device %s stream %s, %d source(s)",
                 __version__,

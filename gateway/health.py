@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.erasure import WAL_WAIT_WHY
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,13 @@ def _by_reason(metrics: Metrics, name: str, source: str) -> dict[str, float]:
     }
 
 
+def _erased_in_wal(m: Metrics, now: float) -> dict[str, Any]:
+    since = _gauge(m, "erased_in_wal_since")
+    if not since:
+        return {"waiting": False, "for_s": None, "why": ""}
+    return {"waiting": True, "for_s": max(0.0, now - since), "why": WAL_WAIT_WHY}
+
+
 def _gauge(metrics: Metrics, name: str) -> float | None:
     for n, labels, value in metrics.gauges():
         if n == name and not labels:
@@ -262,6 +270,9 @@ class HealthMonitor:
                 "dead_letters": stats.get("dead_letters"),
                 "db_bytes": stats.get("db_bytes"),
                 "last_write_ok": write_ok != 0,
+                # an erasure's old page images still in the WAL (a reader blocks the
+                # checkpoint, retried in the background): since when, and why
+                "erased_in_wal": _erased_in_wal(m, now),
             },
             "sources": sources,
             "consent": {
@@ -271,6 +282,12 @@ class HealthMonitor:
                 "erased_events": m.get("erased_events_total"),
             },
             "last_error": dict(sorted(m.last_error.items())),
+            # links the config lets cross the network in the clear (allow_plaintext)
+            "plaintext_transports": sorted(
+                labels.get("link", "")
+                for name, labels, value in m.gauges()
+                if name == "plaintext_transport" and value
+            ),
         }
         return not problems, doc
 

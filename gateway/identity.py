@@ -11,16 +11,26 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import KeyringError, RejectedInput
+from gateway.paths import CREDENTIALS_VAR, secret_file_problem
 
 NAMESPACES = ("loyalty", "rfid", "ibeacon", "eddystone", "altbeacon", "app")
 KEY_ID_RE = re.compile(r"[a-z0-9]{1,16}")
 MIN_KEY_BYTES = 32
+MIN_DISTINCT_KEY_BYTES = 16  # 32 random bytes hold ~31 distinct values; 16 is never chance
+# Keys printed in the contract (gateway/contract/vectors.json): anyone can reverse their
+# pseudonyms.  A key file holding one is refused unless ALLOW_TEST_KEY_VAR is set to
+# ALLOW_TEST_KEY_VALUE and the process is not a systemd service (no INVOCATION_ID): the
+# test suite's opt-in, which a unit file or a copied config cannot set by accident.
+PUBLISHED_TEST_KEYS = frozenset({bytes(range(32))})
+ALLOW_TEST_KEY_VAR = "TOUCHPOINT_ALLOW_PUBLISHED_TEST_KEY"
+ALLOW_TEST_KEY_VALUE = "yes-this-key-is-public"
 
 _LOYALTY_RE = re.compile(r"[0-9]{8,19}")
 _RFID_RE = re.compile(r"[0-9A-F]{8,20}")
@@ -120,6 +130,27 @@ def decode_key(text: str, where: str) -> bytes:
     return key
 
 
+def published_test_key_allowed() -> bool:
+    """The explicit opt-in of the test suite (see ``PUBLISHED_TEST_KEYS``)."""
+    return (
+        os.environ.get(ALLOW_TEST_KEY_VAR) == ALLOW_TEST_KEY_VALUE
+        and "INVOCATION_ID" not in os.environ
+    )
+
+
+def weak_key_problem(key: bytes) -> str | None:
+    """Why a tenant key must not be used (all zeros, a pattern, a published key), or None."""
+    new_key = "make a new one: head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE"
+    if len(set(key)) < MIN_DISTINCT_KEY_BYTES:
+        return f"the key is not random (all zeros or a pattern): {new_key}"
+    if key in PUBLISHED_TEST_KEYS and not published_test_key_allowed():
+        return (
+            "the key is the contract's published test-vector key: anyone can reverse its "
+            f"pseudonyms; {new_key}"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class Keyring:
     """Tenant keys by key id; ``active`` names the one used for new pseudonyms."""
@@ -144,7 +175,14 @@ class Keyring:
                 raise KeyringError(
                     f"{path}: cannot read key file: {exc.__class__.__name__}"
                 ) from None
-            keys[key_id] = decode_key(text, str(path))
+            problem = secret_file_problem(Path(path), os.environ.get(CREDENTIALS_VAR))
+            if problem is not None:
+                raise KeyringError(problem)
+            key = decode_key(text, str(path))
+            weak = weak_key_problem(key)
+            if weak is not None:
+                raise KeyringError(f"{path}: {weak}")
+            keys[key_id] = key
         return cls(keys=keys, active=active)
 
     @property

@@ -76,10 +76,32 @@ def _m003_consent_policy(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m004_token_replay(db: sqlite_utils.Database) -> None:
+    # The daemon's one app-token replay set (contract §6): a keyed digest of (sub, nonce),
+    # never the subject, and the token's exp; pruned once the token has expired.
+    db.execute(
+        "CREATE TABLE token_replay (key TEXT PRIMARY KEY, exp INTEGER NOT NULL) WITHOUT ROWID"
+    )
+    # The erasure log keyed by pseudonym: a lookup was a scan of the whole log for each
+    # subject (re-erasing 16,000 logged withdrawals took seconds, growing quadratically).
+    # WITHOUT ROWID keeps the pseudonym's one copy on disk: the table is its own index.
+    db.execute(
+        "CREATE TABLE erasure_log_new (subject TEXT PRIMARY KEY, erased_at REAL NOT NULL)"
+        " WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT INTO erasure_log_new(subject, erased_at)"
+        " SELECT subject, max(erased_at) FROM erasure_log GROUP BY subject"
+    )
+    db.execute("DROP TABLE erasure_log")  # secure_delete (set by the caller) zeroes its pages
+    db.execute("ALTER TABLE erasure_log_new RENAME TO erasure_log")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_outbox", _m001_outbox),
     ("002_consent", _m002_consent),
     ("003_consent_policy", _m003_consent_policy),
+    ("004_token_replay", _m004_token_replay),
 ]
 
 

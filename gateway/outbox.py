@@ -44,6 +44,7 @@ from gateway.errors import BufferError_
 from gateway.events import new_stream_id, with_seq
 from gateway.metrics import Metrics
 from gateway.migrations import migrate
+from gateway.paths import private_database
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,6 +159,7 @@ class Outbox:
         path = Path(self.cfg.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            private_database(path)  # 0600 whatever the umask: it holds pseudonyms
             conn = connect(path)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
@@ -178,7 +180,7 @@ class Outbox:
                 self.stream = str(row[0])
             self._next_seq = _last_seq(conn) + 1
             self._cache_from = self._next_seq
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise BufferError_(f"{path}: cannot open the buffer database: {exc}") from exc
         self._conn = conn
         self._loop = loop or asyncio.get_running_loop()
@@ -767,11 +769,17 @@ def _expire(conn: sqlite3.Connection, cutoff: float, chunk: int = 500) -> int:
         return total
 
 
+# meta key: when an erasure committed whose old page images a WAL checkpoint has not yet
+# cleared from the files (a reader held a snapshot); deleted once a checkpoint succeeds.
+ERASED_IN_WAL_KEY = "erased_in_wal_since"
+
+
 def buffer_stats(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     depth, oldest = conn.execute("SELECT coalesce(sum(n), 0), min(created) FROM chunks").fetchone()
     dead = conn.execute("SELECT coalesce(sum(n), 0) FROM dead_letters").fetchone()[0]
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     last_pub = meta.get("last_publish_at")
+    erased_in_wal = meta.get(ERASED_IN_WAL_KEY)
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     free = conn.execute("PRAGMA freelist_count").fetchone()[0]
@@ -784,4 +792,5 @@ def buffer_stats(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
         "dead_letters": int(dead),
         "db_bytes": int(page_size) * int(pages),
         "db_free_bytes": int(page_size) * int(free),
+        "erased_in_wal_since": float(erased_in_wal) if erased_in_wal else None,
     }

@@ -25,8 +25,11 @@ config is loaded, never at import time).
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 CREDENTIALS_VAR = "CREDENTIALS_DIRECTORY"
@@ -123,3 +126,60 @@ def credential_references(data: Any) -> dict[str, str]:
 
     walk(data, "")
     return found
+
+
+# ------------------------------------------------------------------------ secret files
+
+SECRET_MODE_MASK = 0o077  # as ssh: a secret file gives the group and others nothing
+
+
+def secret_file_problem(path: Path, credentials_directory: str | None = None) -> str | None:
+    """Why a secret file (key, token, password, TLS key) is not safe to use, or None.
+
+    A file the group or others may read or write is refused, naming the fix.  A file
+    that cannot be stat'ed is not judged here: whoever reads it reports that.  Nor is a
+    file in systemd's credentials directory: systemd grants the service user read
+    access there with an ACL, which shows as group bits (0440), and the directory is
+    private to the service.
+    """
+    if credentials_directory and Path(path).is_relative_to(credentials_directory):
+        return None
+    try:
+        mode = stat.S_IMODE(Path(path).stat().st_mode)
+    except OSError:
+        return None
+    if mode & SECRET_MODE_MASK:
+        return (
+            f"{path} is open to its group or others (mode {mode:04o}); a secret must be "
+            f"the owner's only: run  chmod 600 {path}  (under systemd, prefer "
+            "LoadCredential=, see systemd/README.md)"
+        )
+    return None
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write a secret file readable by its owner only (0600), whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def private_database(path: Path) -> None:
+    """Make a SQLite database file the owner's only (0600), whatever the umask.
+
+    Creates ``path`` (an empty file is an empty database) or narrows an existing one,
+    and its ``-wal``, ``-shm`` and ``-journal`` files if present: SQLite creates those
+    with the database file's mode, so they follow it from then on.  Raises OSError.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.chmod(0o600)

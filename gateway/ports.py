@@ -11,10 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from gateway.identity import Keyring
 from gateway.metrics import Metrics
+
+if TYPE_CHECKING:
+    from gateway.tokens import ReplaySet
 
 EVENT_TYPES = (
     "presence.enter",
@@ -53,7 +56,11 @@ class ConsentEvidence:
 
 @dataclass
 class SourceContext:
-    """What the core hands a source: its name, the keyring, counters and a clock."""
+    """What the core hands a source: its name, the keyring, counters and a clock.
+
+    ``replay``: the daemon's one app-token replay set (``gateway.token_replay``), shared
+    by every source and kept in the buffer database; None outside the daemon.
+    """
 
     name: str
     keyring: Keyring
@@ -61,6 +68,7 @@ class SourceContext:
     now: Callable[[], float] = time.time
     store: str = ""
     state: dict[str, Any] = field(default_factory=dict)
+    replay: ReplaySet | None = None
 
     def set_state(self, state: str, detail: str = "") -> None:
         """Report this source's health (``ok``, ``connecting``, ``absent``, ``error``)."""

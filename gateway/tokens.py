@@ -8,8 +8,8 @@ Pure functions, no I/O, time passed in:
     classify_qr(payload, ...)                        -> QrClass        or TokenError
 
 ``TokenError.reason`` is a short countable label (``format``, ``signature``, ``claims``,
-``not_yet_valid``, ``expired``, ``replayed``, ``unknown_key``, ``tag``).  No message, log
-line or exception here ever carries a raw payload or token.
+``lifetime``, ``not_yet_valid``, ``expired``, ``replayed``, ``unknown_key``, ``tag``).
+No message, log line or exception here ever carries a raw payload or token.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import heapq
 import hmac
 import json
 import re
+import secrets
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -37,6 +38,10 @@ from gateway.ports import ConsentEvidence
 
 APP_PREFIX = "TPA1."
 APP_CLOCK_SKEW_S = 60
+# The longest validity (``exp - iat``) a gateway accepts (contract §6).  It bounds how long
+# a used token must be remembered (the replay set) and how long a withdrawal's tombstone
+# must outlive it: after this, no token issued before the withdrawal is valid.
+MAX_APP_TOKEN_LIFETIME_S = 24 * 3600
 MAX_TOKEN_CHARS = 4096
 KNOWN_PURPOSES = frozenset({"analytics", "linking", "marketing"})
 MAX_NONCE_CHARS = 128
@@ -64,8 +69,20 @@ class AppClaims:
     purposes: tuple[str, ...]
 
 
+def replay_key(salt: bytes, sub: str, nonce: str) -> str:
+    """The replay set's key for (sub, nonce): a keyed BLAKE2b digest, so neither the
+    app subject nor the nonce is kept (in memory or in the buffer database)."""
+    msg = sub.encode("utf-8") + b"\0" + nonce.encode("utf-8")
+    return hashlib.blake2b(msg, key=salt, digest_size=16).hexdigest()
+
+
 class ReplaySet:
     """(sub, nonce) pairs already accepted, each kept while its token could still be valid.
+
+    Pairs are kept as ``replay_key`` digests under ``salt`` (random unless given: the
+    daemon keeps its salt in the buffer database, so the digests survive a restart).
+    ``on_add(key, exp)`` is called for every pair recorded (the daemon persists it);
+    ``load`` puts back pairs recorded before.
 
     An entry is dropped only when its token has expired by the wall clock (``exp <= now``)
     AND the token's remaining lifetime at the time it was recorded has passed on the
@@ -79,21 +96,32 @@ class ReplaySet:
     """
 
     def __init__(
-        self, max_entries: int = 100_000, *, mono: Callable[[], float] = time.monotonic
+        self,
+        max_entries: int = 100_000,
+        *,
+        mono: Callable[[], float] = time.monotonic,
+        salt: bytes | None = None,
+        on_add: Callable[[str, int], None] | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
         self.evicted = 0
+        self.salt = salt if salt is not None else secrets.token_bytes(16)
+        self.on_add = on_add
         self._mono = mono
-        self._expiry: dict[tuple[str, str], int] = {}
+        self._expiry: dict[str, int] = {}
         # (monotonic deadline, key); a deadline is re-armed when the wall clock disagrees
-        self._heap: list[tuple[float, tuple[str, str]]] = []
+        self._heap: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._expiry)
 
     def __contains__(self, item: object) -> bool:
+        if isinstance(item, tuple) and len(item) == 2:
+            sub, nonce = item
+            if isinstance(sub, str) and isinstance(nonce, str):
+                return replay_key(self.salt, sub, nonce) in self._expiry
         return item in self._expiry
 
     def prune(self, now: float) -> None:
@@ -109,18 +137,32 @@ class ReplaySet:
             else:  # the wall clock went back: keep it for the validity it shows again
                 heapq.heappush(self._heap, (mono + (exp - now), key))
 
-    def add(self, sub: str, nonce: str, exp: int, now: float) -> bool:
-        """Record the pair; False (and nothing recorded) if it is already present."""
-        self.prune(now)
-        key = (sub, nonce)
-        if key in self._expiry:
-            return False
+    def _put(self, key: str, exp: int, now: float) -> None:
         while len(self._expiry) >= self.max_entries:
             _, old_key = heapq.heappop(self._heap)
             if self._expiry.pop(old_key, None) is not None:
                 self.evicted += 1
         self._expiry[key] = exp
         heapq.heappush(self._heap, (self._mono() + max(0.0, exp - now), key))
+
+    def load(self, entries: Iterable[tuple[str, int]], now: float) -> int:
+        """Put back (key, exp) pairs recorded before (``on_add`` is not called)."""
+        n = 0
+        for key, exp in entries:
+            if exp > now and key not in self._expiry:
+                self._put(key, int(exp), now)
+                n += 1
+        return n
+
+    def add(self, sub: str, nonce: str, exp: int, now: float) -> bool:
+        """Record the pair; False (and nothing recorded) if it is already present."""
+        self.prune(now)
+        key = replay_key(self.salt, sub, nonce)
+        if key in self._expiry:
+            return False
+        self._put(key, exp, now)
+        if self.on_add is not None:
+            self.on_add(key, exp)
         return True
 
 
@@ -158,6 +200,10 @@ def _parse_claims(raw: bytes) -> AppClaims:
         raise TokenError("claims", "sub is not 1-128 printable characters") from None
     if exp <= iat:
         raise TokenError("claims", "exp is not after iat")
+    if exp - iat > MAX_APP_TOKEN_LIFETIME_S:
+        raise TokenError(
+            "lifetime", f"valid for more than the maximum {MAX_APP_TOKEN_LIFETIME_S} s"
+        )
     known = tuple(sorted(KNOWN_PURPOSES.intersection(purposes)))
     return AppClaims(sub=sub, iat=iat, exp=exp, nonce=nonce, purposes=known)
 
@@ -184,7 +230,8 @@ def verify_app_token(
 ) -> AppClaims:
     """Verify an app token and record its (sub, nonce) in ``replay``; or raise TokenError.
 
-    Checks, in order: format, signature, claims, a set wall clock (``clock_unset``
+    Checks, in order: format, signature, claims (``lifetime``: ``exp - iat`` over
+    ``MAX_APP_TOKEN_LIFETIME_S``), a set wall clock (``clock_unset``
     before NTP has set it), validity window ``iat - 60 <= now < exp``, then replay.
     A token is recorded only when all pass.
     """

@@ -57,6 +57,14 @@ RECEIPT_PREFIX = "https://r.example.test/r/"
 SIMULATORS = ("central", "cards", "ble", "camera", "printer", "till")
 
 
+def _write_owner_only(path: Path, line: str) -> None:
+    """A secret file for the gateway: 0600 whatever the umask (it refuses anything wider)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, 0o600)
+        f.write(line + "\n")
+
+
 @dataclass(frozen=True)
 class RigLoad:
     """What the simulated store does, and how fast."""
@@ -172,9 +180,7 @@ class StoreRig:
 
     def _write_key_and_consent(self) -> None:
         if not self.key_path.exists():
-            self.key_path.write_text(
-                base64.b64encode(secrets.token_bytes(32)).decode() + "\n", encoding="ascii"
-            )
+            _write_owner_only(self.key_path, base64.b64encode(secrets.token_bytes(32)).decode())
         ring = Keyring.from_files({"k1": self.key_path}, "k1")
         subjects: list[str] = []
         if self.consent_grants:
@@ -200,7 +206,7 @@ class StoreRig:
         (self.work / "consent-script.json").write_text(
             json.dumps({"steps": steps}), encoding="utf-8"
         )
-        (self.work / "consent.token").write_text(RIG_CONSENT_TOKEN + "\n", encoding="utf-8")
+        _write_owner_only(self.work / "consent.token", RIG_CONSENT_TOKEN)
 
     # ---- the gateway's config ----
 

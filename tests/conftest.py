@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway.identity import Keyring, decode_key
+from gateway.identity import ALLOW_TEST_KEY_VALUE, ALLOW_TEST_KEY_VAR, Keyring, decode_key
+from gateway.paths import write_secret
 from simulators.broker import Mosquitto
 from simulators.fake_bluez import DBusDaemon
 
@@ -32,9 +33,14 @@ def keyring(vectors: dict[str, Any]) -> Keyring:
 
 
 @pytest.fixture
-def key_file(tmp_path: Path, vectors: dict[str, Any]) -> Path:
+def key_file(tmp_path: Path, vectors: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The contract's vector key in a file (0600).  A key file may hold that published key
+    only with the explicit opt-in (gateway.identity.ALLOW_TEST_KEY_VAR), set here for the
+    test alone; it is ignored under systemd."""
+    monkeypatch.setenv(ALLOW_TEST_KEY_VAR, ALLOW_TEST_KEY_VALUE)
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
     path = tmp_path / "k1.key"
-    path.write_text(vectors["key_base64"] + "\n", encoding="ascii")
+    write_secret(path, vectors["key_base64"] + "\n")
     return path
 
 

@@ -60,6 +60,11 @@ def _write(
     return path
 
 
+def _owner_only(path: Path) -> Path:
+    path.chmod(0o600)
+    return path
+
+
 def make_pki(d: Path) -> dict[str, Path]:
     d.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -76,5 +81,6 @@ def make_pki(d: Path) -> dict[str, Path]:
         ),
         "server_key": _write(d / "server.key", key=srv_key),
         "client": _write(d / "client.pem", _cert("nl-ams-001-gw-01", cli_key, "test-ca", ca_key)),
-        "client_key": _write(d / "client.key", key=cli_key),
+        # The gateway refuses a TLS key open to the group or others (the broker's is not ours).
+        "client_key": _owner_only(_write(d / "client.key", key=cli_key)),
     }

@@ -26,7 +26,7 @@ CSV = FIRMWARE / "stores.example.csv"
 
 @pytest.fixture
 def keys(tmp_path: Path) -> dict[str, Path]:
-    (tmp_path / "k1").write_text(base64.b64encode(bytes(32)).decode())
+    (tmp_path / "k1").write_text(base64.b64encode(bytes(range(64, 96))).decode())
     (tmp_path / "pw").write_text("pw\n")
     return {"k1.key": tmp_path / "k1", "mqtt.password": tmp_path / "pw"}
 

@@ -46,9 +46,10 @@ from gateway.daemon import Gateway
 from gateway.identity import Keyring, decode_key
 from gateway.logs import setup_logging
 from gateway.outbox import buffer_stats, connect
+from gateway.paths import write_secret
 from gateway.synthetic import card_number
 
-KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+KEY_B64 = "Ok41XFEl/DeKy6pux3hFfJerdJWtAhOlimOtK81inSo="  # not the published vector key
 CARDS = 20
 DEVICES_PER_STORE = 2
 
@@ -79,7 +80,7 @@ def write_gateway_dir(
 ) -> Path:
     """One store box's files, as provisioning would lay them out; returns the config."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "k1.key").write_text(KEY_B64 + "\n", encoding="ascii")
+    write_secret(folder / "k1.key", KEY_B64 + "\n")
     records = [
         {"subject": s, "purposes": ["analytics", "linking"], "expires": None} for s in subjects
     ]

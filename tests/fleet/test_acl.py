@@ -30,6 +30,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.outbox import buffer_stats, connect
+from gateway.paths import write_secret
 from simulators.broker import find_mosquitto, free_port
 from tests.fleet.fleet_harness import consented_subjects, write_gateway_dir
 
@@ -208,7 +209,7 @@ def test_device_users_are_held_to_their_own_topics(secured: ExampleBroker) -> No
 
 def _daemon(folder: Path, port: int, *, store: str, user: str) -> tuple[Path, Path]:
     folder.mkdir(parents=True)
-    (folder / "mqtt.password").write_text(f"pw-{user}\n", encoding="utf-8")
+    write_secret(folder / "mqtt.password", f"pw-{user}\n")
     config = write_gateway_dir(
         folder,
         store=store,

@@ -58,6 +58,7 @@ from gateway.consent_sync import Applied, ConsentSync, RegistryUpdater, SyncErro
 from gateway.errors import ConfigError, RejectedInput, TokenError
 from gateway.identity import NAMESPACES, Keyring, canonicalise, decode_key
 from gateway.metrics import Metrics
+from gateway.paths import write_secret
 from gateway.tokens import (
     KNOWN_PURPOSES,
     MAX_NONCE_CHARS,
@@ -415,7 +416,7 @@ def _workdir() -> Path:
     holder = tempfile.TemporaryDirectory(prefix="tp-fuzz-")
     _HOLDERS.append(holder)
     path = Path(holder.name)
-    (path / "token").write_text("t0ken\n", encoding="utf-8")
+    write_secret(path / "token", "t0ken\n")
     return path
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 from typing import Any
 
 import pytest
 
 from gateway.cli import build_parser, main
+from gateway.paths import write_secret
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,30 +40,42 @@ def test_top_level_help_lists_commands() -> None:
         assert command in out
 
 
-def test_pseudonym_prints_the_contract_vector(
-    vectors: dict[str, Any], key_file: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    case = vectors["pseudonyms"][0]
-    rc = main(
+def _pseudonym(key_file: Path, namespace: str, stdin: str, *extra: str) -> CompletedProcess[str]:
+    """The real command in its own process, the identifier on stdin."""
+    return subprocess.run(
         [
-            "pseudonym",
-            "--key-file",
-            str(key_file),
-            "--key-id",
-            "k1",
-            case["namespace"],
-            case["input"],
-        ]
+            *(sys.executable, "-m", "gateway.cli", "pseudonym"),
+            *("--key-file", str(key_file), "--key-id", "k1", namespace, *extra),
+        ],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
-    assert rc == 0
-    assert capsys.readouterr().out.strip() == case["pseudonym"]
 
 
-def test_pseudonym_rejects_bad_input_without_echoing_it(
-    key_file: Path, capsys: pytest.CaptureFixture[str]
+def test_pseudonym_reads_the_identifier_from_stdin_and_prints_the_vector(
+    vectors: dict[str, Any], key_file: Path
 ) -> None:
-    assert main(["pseudonym", "--key-file", str(key_file), "--key-id", "k1", "loyalty", "12x"]) == 2
-    assert "12x" not in capsys.readouterr().err
+    for case in vectors["pseudonyms"]:
+        out = _pseudonym(key_file, case["namespace"], case["input"] + "\n")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == case["pseudonym"]
+
+
+def test_pseudonym_refuses_an_identifier_on_the_command_line(key_file: Path) -> None:
+    """argv is readable by every user in /proc/<pid>/cmdline: refused, not echoed."""
+    out = _pseudonym(key_file, "loyalty", "", "2600123456789")
+    assert out.returncode == 2
+    assert "stdin" in out.stderr and "2600123456789" not in out.stderr + out.stdout
+
+
+def test_pseudonym_rejects_bad_input_without_echoing_it(key_file: Path) -> None:
+    out = _pseudonym(key_file, "loyalty", "12x\n")
+    assert out.returncode == 2
+    assert "12x" not in out.stderr + out.stdout
+    assert _pseudonym(key_file, "loyalty", "").returncode == 2  # nothing on stdin
 
 
 def test_check_config_lists_problems_and_exits_1(
@@ -91,7 +105,7 @@ def test_check_config_ok(
 def test_check_config_short_key_is_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (tmp_path / "k.key").write_text("AAEC\n", encoding="ascii")
+    write_secret(tmp_path / "k.key", "AAEC\n")
     cfg = tmp_path / "c.toml"
     cfg.write_text(
         '[gateway]\nstore = "s"\ndevice = "d"\n'

@@ -124,7 +124,9 @@ def test_healthy_gateway_reports_every_component() -> None:
             "dead_letters": 2,
             "db_bytes": 1_048_576,
             "last_write_ok": True,
+            "erased_in_wal": {"waiting": False, "for_s": None, "why": ""},
         }
+        assert doc["plaintext_transports"] == []
         zone = doc["sources"]["zone-a"]
         assert zone["state"] == "ok"
         assert zone["state_age_s"] == pytest.approx(605)

@@ -35,7 +35,7 @@ CSV = FIRMWARE / "stores.example.csv"
 def keys(tmp_path: Path) -> dict[str, Path]:
     src = tmp_path / "usb"
     src.mkdir()
-    (src / "k1").write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
+    (src / "k1").write_text(base64.b64encode(bytes(range(64, 96))).decode() + "\n")
     (src / "pw").write_text("s3cret\n")
     return {"k1.key": src / "k1", "mqtt.password": src / "pw"}
 
@@ -68,7 +68,7 @@ def test_round_trip_with_a_store_file(tmp_path: Path, keys: dict[str, Path]) -> 
     assert printer.url_prefix == "HTTPS://R.EXAMPLE.COM/R/"  # kept from the template
     # the keyring loads from the credstore, with the bytes that were given
     ring = Keyring.from_files(cfg.keyring.keys, cfg.keyring.active)
-    assert ring.active_key == bytes(range(32))
+    assert ring.active_key == bytes(range(64, 96))
     # secrets stay out of the config; key files are 0400 in a 0700 directory
     text = path.read_text()
     assert "s3cret" not in text

@@ -17,6 +17,7 @@ from gateway.clock import CLOCK_FLOOR
 from gateway.errors import TokenError
 from gateway.identity import Keyring
 from gateway.tokens import (
+    MAX_APP_TOKEN_LIFETIME_S,
     AppPublicKey,
     ReplaySet,
     classify_qr,
@@ -111,6 +112,51 @@ def test_invalid_app_token_vectors(vectors: dict[str, Any], vector_key: AppPubli
         assert len(replay) == 0
         assert token not in str(info.value)
     assert reasons == ["signature", "signature", "format"]
+
+
+def test_refused_app_token_vectors(vectors: dict[str, Any], vector_key: AppPublicKey) -> None:
+    """Signed correctly, yet refused: valid for longer than the contract's maximum."""
+    assert vectors["app_tokens_refused"]
+    for vec in vectors["app_tokens_refused"]:
+        claims = vec["claims"]
+        assert claims["exp"] - claims["iat"] > MAX_APP_TOKEN_LIFETIME_S
+        replay = ReplaySet()
+        with pytest.raises(TokenError) as info:
+            verify_app_token(vec["token"], vector_key, vec["now"], replay)
+        assert info.value.reason == vec["reason"]
+        assert len(replay) == 0
+
+
+def test_lifetime_up_to_the_maximum_is_accepted_beyond_refused(
+    private: Ed25519PrivateKey, public: AppPublicKey
+) -> None:
+    at_max = sign(private, claims(exp=T0 + MAX_APP_TOKEN_LIFETIME_S))
+    assert verify_app_token(at_max, public, T0, ReplaySet()).exp == T0 + MAX_APP_TOKEN_LIFETIME_S
+    for exp in (T0 + MAX_APP_TOKEN_LIFETIME_S + 1, T0 + 10 * 365 * 86400):
+        with pytest.raises(TokenError) as info:
+            verify_app_token(sign(private, claims(exp=exp)), public, T0, ReplaySet())
+        assert info.value.reason == "lifetime"
+
+
+def test_replay_set_reports_each_pair_once_and_takes_back_what_it_reported(
+    private: Ed25519PrivateKey, public: AppPublicKey
+) -> None:
+    """What the daemon persists: a salted digest and exp, never the subject or nonce;
+    a set loaded from those entries (same salt) refuses the token again."""
+    recorded: list[tuple[str, int]] = []
+    first = ReplaySet(salt=b"s" * 16, on_add=lambda k, e: recorded.append((k, e)))
+    token = sign(private, claims(sub="user-secret", nonce="nonce-secret"))
+    verify_app_token(token, public, T0, first)
+    with pytest.raises(TokenError):
+        verify_app_token(token, public, T0, first)
+    assert len(recorded) == 1 and recorded[0][1] == T0 + 300
+    assert "secret" not in recorded[0][0]
+    again = ReplaySet(salt=b"s" * 16)
+    assert again.load(recorded, T0) == 1
+    with pytest.raises(TokenError) as info:
+        verify_app_token(token, public, T0 + 1, again)
+    assert info.value.reason == "replayed"
+    assert ReplaySet(salt=b"s" * 16).load(recorded, T0 + 300) == 0  # expired: not loaded
 
 
 def test_receipt_token_vectors(vectors: dict[str, Any], keyring: Keyring) -> None:

@@ -456,7 +456,7 @@ def report_md(run: SoakRun, v: Verdict, machine: dict[str, str]) -> str:
         "*flat*: the second half's maximum is at most the first half's + max(2, 10 %);"
         " *within bound*: it grew between the halves but stayed within its configured bound"
         " (for subject-keyed tables without one, the number of subjects the simulated store"
-        " has).  `kiosk-cam.token_replay` grows here by design of the run, not of the"
+        " has).  `tokens.replay` grows here by design of the run, not of the"
         " daemon: the camera simulator signs app tokens with the real clock, so every token"
         " accepted during the run must be valid until the accelerated clock's end, and the"
         " replay set keeps each (sub, nonce) until its token's `exp`; its expiry and cap are"

@@ -216,7 +216,7 @@ def map_bounds(cfg: Config, gw: Gateway, population: int) -> dict[str, int]:
             bounds[f"{src.name}.debounce"] = CARD_DEBOUNCE_MAX
         elif src.kind == "camera":
             bounds[f"{src.name}.debounce"] = CAMERA_DEBOUNCE_MAX
-            bounds[f"{src.name}.token_replay"] = ReplaySet().max_entries
+            bounds["tokens.replay"] = ReplaySet().max_entries  # one set for the daemon
     return bounds
 
 

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from gateway.identity import Keyring, decode_key
+from gateway.paths import write_secret
 from simulators.central import Central
 
-KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+# A tenant key for the tests, not the contract's published vector key (which a key file
+# may not hold: gateway.identity.PUBLISHED_TEST_KEYS).
+KEY_B64 = "Ok41XFEl/DeKy6pux3hFfJerdJWtAhOlimOtK81inSo="
 STORE, DEVICE = "nl-ams-001", "gw-01"
 
 
@@ -43,7 +46,7 @@ class GatewayProc:
     ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "k1.key").write_text(KEY_B64 + "\n", encoding="ascii")
+        write_secret(self.dir / "k1.key", KEY_B64 + "\n")
         self.keyring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")
         records = [
             {"subject": s, "purposes": ["analytics", "linking"], "expires": None}

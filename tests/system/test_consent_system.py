@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.identity import Keyring, decode_key
+from gateway.paths import write_secret
 from simulators.broker import Mosquitto, free_port
 from simulators.central import Central
 from simulators.consent_api import ConsentAPI
@@ -34,7 +35,7 @@ def sync_conf(api: ConsentAPI, token_file: Path) -> str:
 
 def gateway(tmp_path: Path, port: int, api: ConsentAPI) -> GatewayProc:
     token_file = tmp_path / "consent.token"
-    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    write_secret(token_file, TOKEN + "\n")
     gw = GatewayProc(tmp_path / "gw", port, sources=synthetic(400, cards=20), consented=[])
     # The registry comes from the central only: no seed records.
     gw._template = gw._template.replace("[status]", sync_conf(api, token_file) + "[status]")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.paths import write_secret
 from simulators.broker import Mosquitto
 from tests.pki import make_pki
 from tests.system.harness import GatewayProc, card_number, synthetic
@@ -26,7 +27,7 @@ def pki(tmp_path: Path) -> dict[str, Path]:
         check=True,
         capture_output=True,
     )
-    files["password"].write_text("s3cret\n", encoding="utf-8")
+    write_secret(files["password"], "s3cret\n")
     return files
 
 
@@ -99,7 +100,7 @@ def test_tls_with_the_wrong_ca_never_publishes_and_says_so(
 
 
 def test_wrong_password_is_reported(tmp_path: Path, pki: dict[str, Path]) -> None:
-    (tmp_path / "bad.password").write_text("nope\n", encoding="utf-8")
+    write_secret(tmp_path / "bad.password", "nope\n")
     pki = {**pki, "bad": tmp_path / "bad.password"}
     status, log = run_tls(tmp_path, pki, timeout=4, password="bad")
     assert status["last_publish_at"] is None

@@ -150,6 +150,7 @@ def test_unit_settings_the_issue_asks_for() -> None:
         "--config /etc/touchpoint-gateway/gateway.toml"
     )
     assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert one["LimitCORE"] == "0"  # no core dump carries the tenant key or raw ids
     assert one["ProtectSystem"] == "strict"
     assert one["DevicePolicy"] == "closed"
     assert sorted(svc["DeviceAllow"]) == [
