@@ -18,10 +18,22 @@ from gateway.errors import ConfigError, GatewayError, RejectedInput
 log = logging.getLogger("gateway")
 
 
-def _setup_logging(level: str) -> None:
+# sysexits.h: the config cannot be used.  The unit does not restart on it
+# (RestartPreventExitStatus=78): a restart would meet the same file.
+EX_CONFIG = 78
+
+
+def _setup_logging(level: str, *, capture_native: bool = False) -> None:
     from gateway.logs import setup_logging
 
-    setup_logging(level)
+    setup_logging(level, capture_native=capture_native)
+
+
+def _error_line(text: str) -> None:
+    """One line to stderr at error priority when stderr is the journal."""
+    from gateway.logs import stderr_is_journal
+
+    print(("<3>" if stderr_is_journal() else "") + text, file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -29,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.daemon import Gateway
     from gateway.notify import Notifier
 
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, capture_native=True)
 
     async def serve() -> None:
         notifier = Notifier()
@@ -201,7 +213,7 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, capture_native=True)
     return run_demo(seconds=args.seconds, workdir=args.workdir)
 
 
@@ -422,10 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc: int = args.fn(args)
     except ConfigError as exc:
         for file, key, why in exc.problems:
-            print(f"config error: {file}: {key or '<top>'}: {why}", file=sys.stderr)
-        return 1
+            _error_line(f"config error: {file}: {key or '<top>'}: {why}")
+        return EX_CONFIG if args.fn is cmd_run else 1
     except GatewayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error_line(f"error: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130
