@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.clock import clock_state
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ HELP: dict[str, str] = {
     "source_state": "1 for each source's current state",
     "source_last_reading_age_seconds": "Seconds since the source's last reading",
     "healthy": "1 when /healthz answers 200",
+    "certificate_expiry_timestamp_seconds": "notAfter of the MQTT client certificate and CA",
 }
 
 # Counters that exist from the start, so a dashboard sees 0 rather than no series.
@@ -248,7 +250,15 @@ class HealthMonitor:
                 "dead_letters": stats.get("dead_letters"),
                 "db_bytes": stats.get("db_bytes"),
                 "last_write_ok": write_ok != 0,
+                "evicted": m.get("events_evicted_total"),
+                "expired": m.get("events_expired_total"),
+                "lost": {  # events the buffer could not take, by reason
+                    reason: n
+                    for reason in ("buffer_full", "buffer_error")
+                    if (n := m.total("events_dropped_total", reason=reason))
+                },
             },
+            "clock": {"state": clock_state(now)},
             "sources": sources,
             "consent": {
                 "sync_age_s": sync_age,

@@ -22,6 +22,7 @@ SCHEMA_FILES = (
     "event.json",
     "batch.json",
     "status.json",
+    "health.json",
     "consent-delta.json",
     "consent-response.json",
 )
@@ -322,6 +323,7 @@ def test_asyncapi_parses_and_every_reference_resolves() -> None:
     assert files == {
         "./schemas/batch.json",
         "./schemas/status.json",
+        "./schemas/health.json",
         "./schemas/consent-delta.json",
     }
     for ref in files:
@@ -336,6 +338,7 @@ def test_asyncapi_topics_qos_retain_and_will_match_the_contract() -> None:
     channels = doc["channels"]
     assert channels["events"]["address"] == "touchpoint/v1/{store}/{device}/events"
     assert channels["status"]["address"] == "touchpoint/v1/{store}/{device}/status"
+    assert channels["health"]["address"] == "touchpoint/v1/{store}/{device}/health"
     assert channels["consent"]["address"] == "touchpoint/v1/{store}/consent"
     for channel in channels.values():
         placeholders = {part[1:-1] for part in channel["address"].split("/") if part[0] == "{"}
@@ -344,6 +347,7 @@ def test_asyncapi_topics_qos_retain_and_will_match_the_contract() -> None:
     expected = {
         "sendEvents": ("send", "#/channels/events", False),
         "sendStatus": ("send", "#/channels/status", True),
+        "sendHealth": ("send", "#/channels/health", True),
         "receiveConsent": ("receive", "#/channels/consent", False),
     }
     for name, (action, channel, retain) in expected.items():
