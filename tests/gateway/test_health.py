@@ -128,7 +128,7 @@ def test_healthy_gateway_reports_every_component() -> None:
             "expired": 0,
             "lost": {"buffer_full": 4},
         }
-        assert doc["clock"]["state"] in ("synchronized", "unsynchronized", "unknown")
+        assert doc["clock"]["state"] == "unset"  # this clock reads 1970
         zone = doc["sources"]["zone-a"]
         assert zone["state"] == "ok"
         assert zone["state_age_s"] == pytest.approx(605)
