@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.provision import add_parser as add_provision_parser
 
     add_provision_parser(sub)
+    from gateway.fleet import add_parser as add_fleet_parser
+
+    add_fleet_parser(sub)
     return p
 
 

@@ -300,13 +300,17 @@ def _labels(labels: Mapping[str, str]) -> str:
     return "{" + inner + "}"
 
 
-class _Families:
-    def __init__(self) -> None:
+class MetricFamilies:
+    """Samples grouped by metric name, rendered with HELP and TYPE lines."""
+
+    def __init__(self, prefix: str = PREFIX, help_text: Mapping[str, str] = HELP) -> None:
+        self.prefix = prefix
+        self.help_text = help_text
         self.kinds: dict[str, str] = {}
         self.samples: dict[str, list[str]] = {}
 
     def add(self, name: str, kind: str, labels: Mapping[str, str], value: float) -> None:
-        self.add_line(name, kind, f"{PREFIX}{name}{_labels(labels)} {_fmt(value)}")
+        self.add_line(name, kind, f"{self.prefix}{name}{_labels(labels)} {_fmt(value)}")
 
     def add_line(self, name: str, kind: str, line: str) -> None:
         name = _NAME_BAD.sub("_", name)
@@ -317,10 +321,10 @@ class _Families:
     def render(self) -> str:
         out: list[str] = []
         for name in sorted(self.samples):
-            help_text = HELP.get(name, name.replace("_", " "))
+            help_text = self.help_text.get(name, name.replace("_", " "))
             help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
-            out.append(f"# HELP {PREFIX}{name} {help_text}")
-            out.append(f"# TYPE {PREFIX}{name} {self.kinds[name]}")
+            out.append(f"# HELP {self.prefix}{name} {help_text}")
+            out.append(f"# TYPE {self.prefix}{name} {self.kinds[name]}")
             out.extend(self.samples[name])
         return "\n".join(out) + "\n"
 
@@ -330,7 +334,7 @@ def render_metrics(
 ) -> str:
     """Every counter and gauge of ``gw.metrics`` plus the buffer, broker and source state."""
     m = gw.metrics
-    fam = _Families()
+    fam = MetricFamilies()
     seen = set()
     for name, labels, value in m.counters():
         fam.add(name, "counter", labels, value)
@@ -382,7 +386,7 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Re
             503: "Service Unavailable"}  # fmt: skip
 
 
-def _response(status: int, body: bytes, content_type: str, head: bool) -> bytes:
+def http_response(status: int, body: bytes, content_type: str, head: bool) -> bytes:
     lines = [
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
         f"Content-Type: {content_type}",
@@ -425,7 +429,7 @@ async def serve_health(
                         break
             parts = request.decode("latin-1").split()
             if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-                writer.write(_response(400, b"bad request\n", "text/plain", False))
+                writer.write(http_response(400, b"bad request\n", "text/plain", False))
             else:
                 method, target = parts[0], parts[1].split("?", 1)[0]
                 writer.write(_route(method, target))
@@ -439,16 +443,17 @@ async def serve_health(
 
     def _route(method: str, target: str) -> bytes:
         if target not in ("/healthz", "/metrics"):
-            return _response(404, b"not found: try /healthz or /metrics\n", "text/plain", False)
+            body = b"not found: try /healthz or /metrics\n"
+            return http_response(404, body, "text/plain", False)
         if method not in ("GET", "HEAD"):
-            return _response(405, b"GET only\n", "text/plain", False)
+            return http_response(405, b"GET only\n", "text/plain", False)
         head = method == "HEAD"
         if target == "/metrics":
             body = render_metrics(gw, mon, latency).encode()
-            return _response(200, body, CONTENT_TYPE_METRICS, head)
+            return http_response(200, body, CONTENT_TYPE_METRICS, head)
         healthy, doc = mon.report()
         body = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-        return _response(200 if healthy else 503, body, "application/json", head)
+        return http_response(200 if healthy else 503, body, "application/json", head)
 
     server = await asyncio.start_server(handle, host, port, limit=8192)
 
