@@ -6,9 +6,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian / Raspberry Pi OS packages: the broker for tests and the demo, zbar for pyzbar,
-# dbus-daemon for the private bus the BLE simulator runs on, venv support, and systemd's
-# analyzer for checking the unit files.
-APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd
+# dbus-daemon for the private bus the BLE simulator runs on, venv support, systemd's
+# analyzer for checking the unit files, and promtool (package prometheus) for linting
+# /metrics in a test.
+APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test install system-deps lint bench fuzz soak clean help

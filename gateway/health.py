@@ -28,12 +28,17 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import re
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
+from gateway import __version__
 from gateway.clock import clock_state
 from gateway.metrics import Metrics
 
@@ -63,9 +68,10 @@ HELP: dict[str, str] = {
     "buffer_depth": "Events waiting in the buffer",
     "memory_entries": "Entries in each in-memory table of the daemon (all bounded), by map",
     "mqtt_connected": "1 while connected to the broker",
-    "last_publish_at": "Unix time of the last acknowledged batch",
+    "last_publish_timestamp_seconds": "Unix time of the last acknowledged batch",
     "buffer_write_ok": "0 when the buffer's last write failed, else 1",
-    "consent_sync_last_ok_at": "Unix time of the last successful consent registry sync",
+    "consent_sync_last_ok_timestamp_seconds": "Unix time of the last successful consent sync",
+    "build_info": "Always 1; the labels say the gateway's version and Python",
     "consent_sync_up": "1 while the consent registry sync succeeds",
     "consent_sync_polls_total": "Consent registry polls, by outcome",
     "consent_push_total": "Consent pushes received over MQTT, by outcome",
@@ -75,7 +81,6 @@ HELP: dict[str, str] = {
     "buffer_oldest_age_seconds": "Age of the oldest event waiting in the buffer",
     "buffer_dead_letters": "Events held in dead letters",
     "buffer_bytes": "Size of the buffer database file",
-    "broker_connected": "1 while the publisher reports a broker connection",
     "source_state": "1 for each source's current state",
     "source_last_reading_age_seconds": "Seconds since the source's last reading",
     "healthy": "1 when /healthz answers 200",
@@ -343,7 +348,8 @@ def render_metrics(
         if name not in seen:
             fam.add(name, "counter", {}, 0)
     for name, labels, value in m.gauges():
-        fam.add(name, "gauge", labels, value)
+        fam.add(EXPOSED_AS.get(name, name), "gauge", labels, value)
+    fam.add("build_info", "gauge", {"version": __version__, "python": _PYTHON}, 1)
     stats = gw.last_stats
     for name, key in (
         ("buffer_oldest_age_seconds", "oldest_age_s"),
@@ -356,8 +362,6 @@ def render_metrics(
     if callable(sizes):
         for table, n in sorted(sizes().items()):
             fam.add("memory_entries", "gauge", {"map": table}, n)
-    pub = gw.publisher
-    fam.add("broker_connected", "gauge", {}, 1 if pub is not None and pub.connected else 0)
     for source, info in sorted(m.sources.items()):
         fam.add("source_state", "gauge", {"source": source, "state": str(info["state"])}, 1)
     if monitor is not None:
@@ -377,6 +381,53 @@ def render_metrics(
         fam.add_line(name, "histogram", f'{PREFIX}{name}_bucket{{le="{le}"}} {n}')
     fam.add_line(name, "histogram", f"{PREFIX}{name}_sum {_fmt(hist.sum)}")
     fam.add_line(name, "histogram", f"{PREFIX}{name}_count {hist.count}")
+    return fam.render() + process_metrics()
+
+
+# Unix times are exposed as *_timestamp_seconds (Prometheus naming); the gauges keep their
+# short names inside the daemon.
+EXPOSED_AS = {
+    "last_publish_at": "last_publish_timestamp_seconds",
+    "consent_sync_last_ok_at": "consent_sync_last_ok_timestamp_seconds",
+}
+_PYTHON = ".".join(map(str, sys.version_info[:3]))
+PROCESS_HELP = {
+    "process_resident_memory_bytes": "Resident memory size in bytes",
+    "process_virtual_memory_bytes": "Virtual memory size in bytes",
+    "process_cpu_seconds_total": "User and system CPU time spent in seconds",
+    "process_open_fds": "Number of open file descriptors",
+    "process_max_fds": "Maximum number of open file descriptors",
+    "process_start_time_seconds": "Start time of the process since the Unix epoch in seconds",
+}
+
+
+def process_metrics() -> str:
+    """The standard ``process_*`` metrics of this process, read from /proc (none where
+    /proc is missing)."""
+    fam = MetricFamilies(prefix="", help_text=PROCESS_HELP)
+    try:
+        stat = Path("/proc/self/stat").read_text(encoding="ascii")
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text(encoding="ascii").splitlines()
+            if line.startswith("btime ")
+        )
+        open_fds = sum(1 for _ in Path("/proc/self/fd").iterdir())
+    except (OSError, ValueError, IndexError, StopIteration):
+        return ""
+    tick = os.sysconf("SC_CLK_TCK")
+    page = resource.getpagesize()
+    # fields[n] is stat field n + 3 (proc(5)): utime 14, stime 15, starttime 22, vsize 23,
+    # rss 24
+    fam.add("process_cpu_seconds_total", "counter", {}, (int(fields[11]) + int(fields[12])) / tick)
+    fam.add("process_start_time_seconds", "gauge", {}, boot + int(fields[19]) / tick)
+    fam.add("process_virtual_memory_bytes", "gauge", {}, float(fields[20]))
+    fam.add("process_resident_memory_bytes", "gauge", {}, float(int(fields[21]) * page))
+    fam.add("process_open_fds", "gauge", {}, float(open_fds))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        fam.add("process_max_fds", "gauge", {}, float(soft))
     return fam.render()
 
 
