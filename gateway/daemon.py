@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
+from gateway.clock import clock_is_set, clock_state
 from gateway.config import Config, load_config
 from gateway.consent import ConsentRegistry, load_seed_file
 from gateway.consent_sync import ConsentSync, RegistryUpdater
@@ -116,6 +117,9 @@ class Gateway:
         )
         self.health_monitor = HealthMonitor(self, rules, now=now)
         self._cert_warned: dict[str, float] = {}  # certificate -> when last warned (monotonic)
+        # events say "clock":"unsynced" while the wall clock is not known to be synchronised
+        # (the kernel's NTP state, refreshed every second by housekeeping)
+        self.clock_unsynced = clock_state(now()) != "synchronized"
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -173,7 +177,13 @@ class Gateway:
             if self.policy.denied(reading, self.now()).startswith("dropped"):
                 self._dropped_consent.value += 1
             return False
-        tail = enc[0].tail(reading.at, reading.subject, purposes, reading.attrs)
+        tail = enc[0].tail(
+            reading.at,
+            reading.subject,
+            purposes,
+            reading.attrs,
+            unsynced=self.clock_unsynced or not clock_is_set(reading.at),
+        )
         self.outbox.submit(Pending(reading.at, type_, reading.subject, tail))
         return True
 
@@ -230,6 +240,7 @@ class Gateway:
             mono = time.monotonic()
             self.last_stats = await self.outbox.stats()
             self.metrics.set("buffer_depth", self.last_stats["depth"])
+            self.clock_unsynced = clock_state(self.now()) != "synchronized"
             for reading in self.policy.tick(self.now()):  # hold expiry, footfall windows
                 self.accept(reading)
             if mono - last_expire >= 60:

@@ -144,6 +144,13 @@ def test_schema_is_valid_draft_2020_12_with_a_simple_id(name: str) -> None:
     Draft202012Validator.check_schema(schema)
 
 
+def test_the_clock_flag_is_optional_and_only_unsynced() -> None:
+    event = EXAMPLES["card.read"]
+    assert errors("event.json", {**event, "clock": "unsynced"}) == []
+    assert errors("event.json", {**event, "clock": "synced"}) != []
+    assert errors("event.json", {**event, "clock": True}) != []
+
+
 def test_schema_directory_holds_exactly_the_contract_schemas() -> None:
     assert sorted(p.name for p in SCHEMA_DIR.glob("*.json")) == sorted(SCHEMA_FILES)
 
