@@ -57,15 +57,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_rows(template: Path, csv_path: Path) -> int:
+    from gateway.provision import check_rows
+
+    try:
+        results = check_rows(template, csv_path)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{csv_path}: cannot read: {exc}")
+        return 1
+    for label, problems in results:
+        if not problems:
+            print(f"{label}: ok")
+        for file, key, why in problems:
+            print(f"{label}: {key or '<top>'}: {why}" + (f" ({file})" if file != label else ""))
+    return 1 if any(problems for _, problems in results) else 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.config import load_config
     from gateway.identity import Keyring
 
-    failed = False
+    if (args.template is None) != (args.csv is None):
+        raise SystemExit("check-config: --template and --csv go together")
+    if args.template is not None and not args.offline:
+        raise SystemExit("check-config: --template/--csv check a chain offline: add --offline")
+    if not args.files and args.template is None:
+        raise SystemExit("check-config: give config files, or --offline --template T --csv C")
+    failed = args.template is not None and _check_rows(args.template, args.csv) != 0
     for path in args.files:
         try:
             cfg = load_config(path)
-            Keyring.from_files(cfg.keyring.keys, cfg.keyring.active)
+            if not args.offline:  # offline: the secrets are not on this machine
+                Keyring.from_files(cfg.keyring.keys, cfg.keyring.active)
         except ConfigError as exc:
             failed = True
             for file, key, why in exc.problems:
@@ -289,7 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every problem in the config files (file, key, why); "
         "exit 1 if any, else 0.",
     )
-    s.add_argument("files", nargs="+", type=Path, help="config files to check")
+    s.add_argument("files", nargs="*", type=Path, help="config files to check")
+    s.add_argument(
+        "--offline",
+        action="store_true",
+        help="without the secrets: key files are not read (for IT's machine)",
+    )
+    s.add_argument("--template", type=Path, help="with --offline and --csv: the chain template")
+    s.add_argument("--csv", type=Path, help="with --template: check every row of a stores CSV")
     s.set_defaults(fn=cmd_check_config)
 
     s = sub.add_parser(
