@@ -479,8 +479,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--dropin-dir",
         type=lambda text: Path(text) if text else None,
         default=DROPIN_DIR,
-        help=f"where the unit's credentials drop-in goes (default {DROPIN_DIR}); "
-        "'' for none",
+        help=f"where the unit's credentials drop-in goes (default {DROPIN_DIR}); '' for none",
     )
     s.add_argument("--dry-run", action="store_true", help="validate only; write nothing")
     s.set_defaults(fn=cmd_provision)

@@ -252,7 +252,7 @@ def test_the_drop_in_loads_every_credential_the_unit_does_not(
     store.write_text(
         'gateway.store = "nl-ams-001"\n'
         'mqtt.username = "nl-ams-001-gw-01"\n'
-        '[mqtt.tls]\n'
+        "[mqtt.tls]\n"
         'cert_file = "/etc/touchpoint-gateway/tls/client.pem"\n'
         'key_file = "${CREDENTIALS_DIRECTORY}/mqtt-client.key"\n'
         '[[sources]]\nname = "till-1-printer"\nprinter_host = "192.0.2.50"\n',
@@ -271,8 +271,7 @@ def test_the_drop_in_loads_every_credential_the_unit_does_not(
     text = (dropins / "credentials.conf").read_text(encoding="utf-8")
     assert "[Service]" in text
     assert (
-        "LoadCredential=mqtt-client.key:/etc/touchpoint-gateway/credstore/mqtt-client.key"
-        in text
+        "LoadCredential=mqtt-client.key:/etc/touchpoint-gateway/credstore/mqtt-client.key" in text
     )
     assert "k1.key" not in text.split("[Service]")[1]  # the unit loads it already
 
