@@ -6,12 +6,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian / Raspberry Pi OS packages: the broker for tests and the demo, zbar for pyzbar,
-# dbus-daemon for the private bus the BLE simulator runs on, venv support, and systemd's
-# analyzer for checking the unit files.
-APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd
+# dbus-daemon for the private bus the BLE simulator runs on, venv support, systemd's
+# analyzer for checking the unit files, and promtool (package prometheus) for linting
+# /metrics in a test.
+APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install system-deps lint bench fuzz soak clean help
+.PHONY: demo test install system-deps lint bench fuzz soak clean help dist lock
 
 help:
 	@echo "make demo   run the daemon against simulated hardware (Ctrl-C stops it)"
@@ -20,6 +21,8 @@ help:
 	@echo "make bench  every benchmark, one report in $(BENCH_OUT)/ (md, json, plots); several minutes"
 	@echo "make fuzz   the long fuzz run (hypothesis deep profile + atheris)"
 	@echo "make soak   a simulated week of a busy store in ~10 min (SOAK_DAYS, SOAK_MINUTES)"
+	@echo "make dist   Debian packages for amd64 and arm64 in dist/ (DIST_ARCH=amd64 for one)"
+	@echo "make lock   regenerate systemd/debian/requirements.lock (uv, every platform, hashes)"
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -68,6 +71,18 @@ soak: install
 	rm -rf $(SOAK_OUT)/work
 	$(BIN)/python -m tests.soak.soak_run --days $(SOAK_DAYS) --minutes $(SOAK_MINUTES) \
 	  --out $(SOAK_OUT) --report tests/soak
+
+# The store box's packages: binary wheels for the target from the lock, no compiler.
+DIST_ARCH ?= amd64,arm64
+dist: install
+	$(BIN)/python systemd/debian/build.py --arch $(DIST_ARCH) --out dist
+
+# uv resolves one lock for every target platform at once (pip-tools resolves only for
+# the machine it runs on), with the hashes pip then checks.
+lock: install
+	$(BIN)/pip install -q uv
+	$(BIN)/uv pip compile pyproject.toml --extra camera --universal --generate-hashes \
+	  --python-version 3.11 --no-header --no-annotate -o systemd/debian/requirements.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -18,10 +18,22 @@ from gateway.errors import ConfigError, GatewayError, RejectedInput
 log = logging.getLogger("gateway")
 
 
-def _setup_logging(level: str) -> None:
+# sysexits.h: the config cannot be used.  The unit does not restart on it
+# (RestartPreventExitStatus=78): a restart would meet the same file.
+EX_CONFIG = 78
+
+
+def _setup_logging(level: str, *, capture_native: bool = False) -> None:
     from gateway.logs import setup_logging
 
-    setup_logging(level)
+    setup_logging(level, capture_native=capture_native)
+
+
+def _error_line(text: str) -> None:
+    """One line to stderr at error priority when stderr is the journal."""
+    from gateway.logs import stderr_is_journal
+
+    print(("<3>" if stderr_is_journal() else "") + text, file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -29,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.daemon import Gateway
     from gateway.notify import Notifier
 
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, capture_native=True)
     from gateway.memory import forbid_core_dumps
 
     if forbid_core_dumps():  # before the keys are read: no core dump carries them
@@ -51,15 +63,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_rows(template: Path, csv_path: Path) -> int:
+    from gateway.provision import check_rows
+
+    try:
+        results = check_rows(template, csv_path)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{csv_path}: cannot read: {exc}")
+        return 1
+    for label, problems in results:
+        if not problems:
+            print(f"{label}: ok")
+        for file, key, why in problems:
+            print(f"{label}: {key or '<top>'}: {why}" + (f" ({file})" if file != label else ""))
+    return 1 if any(problems for _, problems in results) else 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.config import load_config
     from gateway.identity import Keyring
 
-    failed = False
+    if (args.template is None) != (args.csv is None):
+        raise SystemExit("check-config: --template and --csv go together")
+    if args.template is not None and not args.offline:
+        raise SystemExit("check-config: --template/--csv check a chain offline: add --offline")
+    if not args.files and args.template is None:
+        raise SystemExit("check-config: give config files, or --offline --template T --csv C")
+    failed = args.template is not None and _check_rows(args.template, args.csv) != 0
     for path in args.files:
         try:
             cfg = load_config(path)
-            Keyring.from_files(cfg.keyring.keys, cfg.keyring.active)
+            if not args.offline:  # offline: the secrets are not on this machine
+                Keyring.from_files(cfg.keyring.keys, cfg.keyring.active)
         except ConfigError as exc:
             failed = True
             for file, key, why in exc.problems:
@@ -245,7 +280,7 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, capture_native=True)
     return run_demo(seconds=args.seconds, workdir=args.workdir)
 
 
@@ -321,7 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every problem in the config files (file, key, why); "
         "exit 1 if any, else 0.",
     )
-    s.add_argument("files", nargs="+", type=Path, help="config files to check")
+    s.add_argument("files", nargs="*", type=Path, help="config files to check")
+    s.add_argument(
+        "--offline",
+        action="store_true",
+        help="without the secrets: key files are not read (for IT's machine)",
+    )
+    s.add_argument("--template", type=Path, help="with --offline and --csv: the chain template")
+    s.add_argument("--csv", type=Path, help="with --template: check every row of a stores CSV")
     s.set_defaults(fn=cmd_check_config)
 
     s = sub.add_parser(
@@ -458,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.provision import add_parser as add_provision_parser
 
     add_provision_parser(sub)
+    from gateway.fleet import add_parser as add_fleet_parser
+
+    add_fleet_parser(sub)
     return p
 
 
@@ -467,10 +512,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc: int = args.fn(args)
     except ConfigError as exc:
         for file, key, why in exc.problems:
-            print(f"config error: {file}: {key or '<top>'}: {why}", file=sys.stderr)
-        return 1
+            _error_line(f"config error: {file}: {key or '<top>'}: {why}")
+        return EX_CONFIG if args.fn is cmd_run else 1
     except GatewayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error_line(f"error: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130

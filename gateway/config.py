@@ -553,6 +553,17 @@ SourceConfig = Annotated[
 
 class StatusConfig(Model):
     summary_interval_s: float = Field(default=60.0, gt=0, description="Log a summary this often")
+    health_interval_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Publish the retained health message (touchpoint/v1/<store>/<device>/health)"
+        " at least this often",
+    )
+    health_min_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="At most one health message per this many seconds when the state changes",
+    )
 
 
 class HealthConfig(Model):

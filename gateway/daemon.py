@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
+from gateway.clock import clock_is_set, clock_state
 from gateway.config import Config, load_config, plaintext_links
 from gateway.consent import ConsentRegistry, load_seed_file
 from gateway.consent_sync import ConsentSync, RegistryUpdater
@@ -30,6 +31,7 @@ from gateway.errors import GatewayError, SourceError
 from gateway.events import EventEncoder, status_payload, topic_prefix
 from gateway.forwarder import Forwarder
 from gateway.health import HealthMonitor, HealthRules, Histogram, serve_health
+from gateway.health_mqtt import HealthPublisher
 from gateway.identity import Keyring
 from gateway.memory import release_free_memory
 from gateway.metrics import Cell, Metrics
@@ -39,10 +41,13 @@ from gateway.outbox import Outbox, Pending
 from gateway.policy import ConsentPolicy
 from gateway.ports import Publisher, Reading, Source, SourceContext
 from gateway.registry import build_source
+from gateway.tls import certificate_not_after
 from gateway.token_replay import TokenReplay
 from gateway.watchdog import ProgressWatch
 
 log = logging.getLogger(__name__)
+
+CERT_WARN_DAYS = 30  # warn this long before the MQTT client certificate or CA expires
 
 
 class Gateway:
@@ -106,6 +111,17 @@ class Gateway:
         self.last_stats: dict[str, Any] = {}
         self._encoders: dict[tuple[str, str], tuple[EventEncoder, Cell]] = {}
         self._dropped_consent = self.metrics.counter("events_dropped_total", reason="consent")
+        hc = cfg.health
+        rules = (
+            HealthRules(hc.broker_down_s, hc.source_down_s, hc.consent_max_age_s)
+            if hc is not None
+            else HealthRules()
+        )
+        self.health_monitor = HealthMonitor(self, rules, now=now)
+        self._cert_warned: dict[str, float] = {}  # certificate -> when last warned (monotonic)
+        # events say "clock":"unsynced" while the wall clock is not known to be synchronised
+        # (the kernel's NTP state, refreshed every second by housekeeping)
+        self.clock_unsynced = clock_state(now()) != "synchronized"
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -163,7 +179,13 @@ class Gateway:
             if self.policy.denied(reading, self.now()).startswith("dropped"):
                 self._dropped_consent.value += 1
             return False
-        tail = enc[0].tail(reading.at, reading.subject, purposes, reading.attrs)
+        tail = enc[0].tail(
+            reading.at,
+            reading.subject,
+            purposes,
+            reading.attrs,
+            unsynced=self.clock_unsynced or not clock_is_set(reading.at),
+        )
         self.outbox.submit(Pending(reading.at, type_, reading.subject, tail))
         return True
 
@@ -221,6 +243,7 @@ class Gateway:
             mono = time.monotonic()
             self.last_stats = await self.outbox.stats()
             self.metrics.set("buffer_depth", self.last_stats["depth"])
+            self.clock_unsynced = clock_state(self.now()) != "synchronized"
             for reading in self.policy.tick(self.now()):  # hold expiry, footfall windows
                 self.accept(reading)
             await self.eraser.retry_checkpoint()  # erased bytes a reader kept in the WAL
@@ -239,6 +262,7 @@ class Gateway:
                 await self.token_replay.prune(self.now())  # used tokens now expired
                 await self.eraser.prune_tombstones(self.now())  # older than any token
                 release_free_memory()  # what a drained backlog freed goes back to the OS
+                self._check_certificates()
             # Watchdog (gateway/watchdog.py): the loop runs, the buffer answers and its last
             # write succeeded, and the backlog moves unless the broker is away.
             progressing = watch.progressing(
@@ -356,9 +380,13 @@ class Gateway:
             self.ready.set()
             await publisher.start()
             health = await self._start_health()
+            self._check_certificates()
             async with asyncio.TaskGroup() as tg:
                 fwd = tg.create_task(self.forwarder.run(), name="forwarder")
                 hk = tg.create_task(self._housekeeping(), name="housekeeping")
+                hp = tg.create_task(
+                    self._health_publisher(publisher).run(), name="health-publisher"
+                )
                 srcs = [
                     tg.create_task(self._supervise(c), name=f"source:{c.name}")
                     for c in self.cfg.sources
@@ -366,7 +394,7 @@ class Gateway:
                     tg.create_task(self._supervise(None, src), name=f"source:{src.name}")
                     for src in self._extra_sources
                 ]
-                core = [fwd, hk]
+                core = [fwd, hk, hp]
                 if self.consent_sync is not None:
                     core.append(tg.create_task(self.consent_sync.run(), name="consent-sync"))
                 tg.create_task(
@@ -388,11 +416,57 @@ class Gateway:
         if hc is None:
             return None
         host, _, port = hc.listen.rpartition(":")
-        rules = HealthRules(hc.broker_down_s, hc.source_down_s, hc.consent_max_age_s)
-        monitor = HealthMonitor(self, rules, now=self.now)
         return await serve_health(
-            self, host.strip("[]"), int(port), monitor=monitor, latency=self.publish_latency
+            self,
+            host.strip("[]"),
+            int(port),
+            monitor=self.health_monitor,
+            latency=self.publish_latency,
         )
+
+    def _health_publisher(self, publisher: Publisher) -> HealthPublisher:
+        sc = self.cfg.status
+        return HealthPublisher(
+            self.health_monitor,
+            publisher,
+            f"{self.prefix}/health",
+            key_id=self.keyring.active,
+            interval_s=sc.health_interval_s,
+            min_interval_s=sc.health_min_interval_s,
+            certificates=self._certificate_expiry,
+            now=self.now,
+        )
+
+    def _check_certificates(self) -> None:
+        """Expiry of the MQTT certificates in metrics; a warning, at most once a day each,
+        from ``CERT_WARN_DAYS`` before it."""
+        now, mono = self.now(), time.monotonic()
+        for name, at in self._certificate_expiry().items():
+            if at is None:
+                continue
+            self.metrics.set("certificate_expiry_timestamp_seconds", at, certificate=name)
+            days = (at - now) / 86400
+            last = self._cert_warned.get(name)
+            if days < CERT_WARN_DAYS and (last is None or mono - last >= 86400):
+                self._cert_warned[name] = mono
+                if days <= 0:
+                    log.error("the %s certificate expired %.0f days ago: renew it", name, -days)
+                else:
+                    log.warning(
+                        "the %s certificate expires in %.1f days: renew it, then "
+                        "systemctl reload touchpoint-gateway",
+                        name,
+                        days,
+                    )
+
+    def _certificate_expiry(self) -> dict[str, float | None]:
+        """notAfter of the MQTT client certificate and CA, read at each call (a renewed
+        file shows at once)."""
+        tls = self.cfg.mqtt.tls
+        if tls is None:
+            return {}
+        files = {"mqtt_client": tls.cert_file, "mqtt_ca": tls.ca_file}
+        return {name: certificate_not_after(path) for name, path in files.items() if path}
 
     def request_reload(self) -> None:
         """SIGHUP: validate the config file again; if it is good, stop this instance

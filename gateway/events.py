@@ -54,18 +54,30 @@ class EventEncoder:
         self._mid = f'","source":{_dumps(source)}'
 
     def tail(
-        self, at: float, subject: str | None, purposes_json: str, attrs: Mapping[str, Any]
+        self,
+        at: float,
+        subject: str | None,
+        purposes_json: str,
+        attrs: Mapping[str, Any],
+        *,
+        unsynced: bool = False,
     ) -> str:
-        """The event's JSON after its seq; ``purposes_json`` is the sorted list, encoded."""
+        """The event's JSON after its seq; ``purposes_json`` is the sorted list, encoded.
+        ``unsynced``: the wall clock was not known to be synchronised when ``at`` was read,
+        so the event says ``"clock":"unsynced"`` (contract: the clock flag)."""
+        end = _UNSYNCED_END if unsynced else "}"
         if subject is None:
             return (
                 f'{self._head}{rfc3339(at)}{self._mid},"purposes":{purposes_json},'
-                f'"attrs":{_dumps_obj(attrs)}}}'
+                f'"attrs":{_dumps_obj(attrs)}{end}'
             )
         return (
             f'{self._head}{rfc3339(at)}{self._mid},"subject":{_quote(subject)},'
-            f'"purposes":{purposes_json},"attrs":{_dumps_obj(attrs)}}}'
+            f'"purposes":{purposes_json},"attrs":{_dumps_obj(attrs)}{end}'
         )
+
+
+_UNSYNCED_END = ',"clock":"unsynced"}'
 
 
 def purposes_json(purposes: Sequence[str]) -> str:

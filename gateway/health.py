@@ -28,12 +28,18 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import re
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
+from gateway import __version__
+from gateway.clock import clock_state
 from gateway.erasure import WAL_WAIT_WHY
 from gateway.metrics import Metrics
 
@@ -65,9 +71,10 @@ HELP: dict[str, str] = {
     "buffer_depth": "Events waiting in the buffer",
     "memory_entries": "Entries in each in-memory table of the daemon (all bounded), by map",
     "mqtt_connected": "1 while connected to the broker",
-    "last_publish_at": "Unix time of the last acknowledged batch",
+    "last_publish_timestamp_seconds": "Unix time of the last acknowledged batch",
     "buffer_write_ok": "0 when the buffer's last write failed, else 1",
-    "consent_sync_last_ok_at": "Unix time of the last successful consent registry sync",
+    "consent_sync_last_ok_timestamp_seconds": "Unix time of the last successful consent sync",
+    "build_info": "Always 1; the labels say the gateway's version and Python",
     "consent_sync_up": "1 while the consent registry sync succeeds",
     "consent_sync_polls_total": "Consent registry polls, by outcome",
     "consent_push_total": "Consent pushes received over MQTT, by outcome",
@@ -77,10 +84,10 @@ HELP: dict[str, str] = {
     "buffer_oldest_age_seconds": "Age of the oldest event waiting in the buffer",
     "buffer_dead_letters": "Events held in dead letters",
     "buffer_bytes": "Size of the buffer database file",
-    "broker_connected": "1 while the publisher reports a broker connection",
     "source_state": "1 for each source's current state",
     "source_last_reading_age_seconds": "Seconds since the source's last reading",
     "healthy": "1 when /healthz answers 200",
+    "certificate_expiry_timestamp_seconds": "notAfter of the MQTT client certificate and CA",
 }
 
 # Counters that exist from the start, so a dashboard sees 0 rather than no series.
@@ -273,7 +280,15 @@ class HealthMonitor:
                 # an erasure's old page images still in the WAL (a reader blocks the
                 # checkpoint, retried in the background): since when, and why
                 "erased_in_wal": _erased_in_wal(m, now),
+                "evicted": m.get("events_evicted_total"),
+                "expired": m.get("events_expired_total"),
+                "lost": {  # events the buffer could not take, by reason
+                    reason: n
+                    for reason in ("buffer_full", "buffer_error")
+                    if (n := m.total("events_dropped_total", reason=reason))
+                },
             },
+            "clock": {"state": clock_state(now)},
             "sources": sources,
             "consent": {
                 "sync_age_s": sync_age,
@@ -321,13 +336,17 @@ def _labels(labels: Mapping[str, str]) -> str:
     return "{" + inner + "}"
 
 
-class _Families:
-    def __init__(self) -> None:
+class MetricFamilies:
+    """Samples grouped by metric name, rendered with HELP and TYPE lines."""
+
+    def __init__(self, prefix: str = PREFIX, help_text: Mapping[str, str] = HELP) -> None:
+        self.prefix = prefix
+        self.help_text = help_text
         self.kinds: dict[str, str] = {}
         self.samples: dict[str, list[str]] = {}
 
     def add(self, name: str, kind: str, labels: Mapping[str, str], value: float) -> None:
-        self.add_line(name, kind, f"{PREFIX}{name}{_labels(labels)} {_fmt(value)}")
+        self.add_line(name, kind, f"{self.prefix}{name}{_labels(labels)} {_fmt(value)}")
 
     def add_line(self, name: str, kind: str, line: str) -> None:
         name = _NAME_BAD.sub("_", name)
@@ -338,10 +357,10 @@ class _Families:
     def render(self) -> str:
         out: list[str] = []
         for name in sorted(self.samples):
-            help_text = HELP.get(name, name.replace("_", " "))
+            help_text = self.help_text.get(name, name.replace("_", " "))
             help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
-            out.append(f"# HELP {PREFIX}{name} {help_text}")
-            out.append(f"# TYPE {PREFIX}{name} {self.kinds[name]}")
+            out.append(f"# HELP {self.prefix}{name} {help_text}")
+            out.append(f"# TYPE {self.prefix}{name} {self.kinds[name]}")
             out.extend(self.samples[name])
         return "\n".join(out) + "\n"
 
@@ -351,7 +370,7 @@ def render_metrics(
 ) -> str:
     """Every counter and gauge of ``gw.metrics`` plus the buffer, broker and source state."""
     m = gw.metrics
-    fam = _Families()
+    fam = MetricFamilies()
     seen = set()
     for name, labels, value in m.counters():
         fam.add(name, "counter", labels, value)
@@ -360,7 +379,8 @@ def render_metrics(
         if name not in seen:
             fam.add(name, "counter", {}, 0)
     for name, labels, value in m.gauges():
-        fam.add(name, "gauge", labels, value)
+        fam.add(EXPOSED_AS.get(name, name), "gauge", labels, value)
+    fam.add("build_info", "gauge", {"version": __version__, "python": _PYTHON}, 1)
     stats = gw.last_stats
     for name, key in (
         ("buffer_oldest_age_seconds", "oldest_age_s"),
@@ -373,8 +393,6 @@ def render_metrics(
     if callable(sizes):
         for table, n in sorted(sizes().items()):
             fam.add("memory_entries", "gauge", {"map": table}, n)
-    pub = gw.publisher
-    fam.add("broker_connected", "gauge", {}, 1 if pub is not None and pub.connected else 0)
     for source, info in sorted(m.sources.items()):
         fam.add("source_state", "gauge", {"source": source, "state": str(info["state"])}, 1)
     if monitor is not None:
@@ -394,6 +412,53 @@ def render_metrics(
         fam.add_line(name, "histogram", f'{PREFIX}{name}_bucket{{le="{le}"}} {n}')
     fam.add_line(name, "histogram", f"{PREFIX}{name}_sum {_fmt(hist.sum)}")
     fam.add_line(name, "histogram", f"{PREFIX}{name}_count {hist.count}")
+    return fam.render() + process_metrics()
+
+
+# Unix times are exposed as *_timestamp_seconds (Prometheus naming); the gauges keep their
+# short names inside the daemon.
+EXPOSED_AS = {
+    "last_publish_at": "last_publish_timestamp_seconds",
+    "consent_sync_last_ok_at": "consent_sync_last_ok_timestamp_seconds",
+}
+_PYTHON = ".".join(map(str, sys.version_info[:3]))
+PROCESS_HELP = {
+    "process_resident_memory_bytes": "Resident memory size in bytes",
+    "process_virtual_memory_bytes": "Virtual memory size in bytes",
+    "process_cpu_seconds_total": "User and system CPU time spent in seconds",
+    "process_open_fds": "Number of open file descriptors",
+    "process_max_fds": "Maximum number of open file descriptors",
+    "process_start_time_seconds": "Start time of the process since the Unix epoch in seconds",
+}
+
+
+def process_metrics() -> str:
+    """The standard ``process_*`` metrics of this process, read from /proc (none where
+    /proc is missing)."""
+    fam = MetricFamilies(prefix="", help_text=PROCESS_HELP)
+    try:
+        stat = Path("/proc/self/stat").read_text(encoding="ascii")
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text(encoding="ascii").splitlines()
+            if line.startswith("btime ")
+        )
+        open_fds = sum(1 for _ in Path("/proc/self/fd").iterdir())
+    except (OSError, ValueError, IndexError, StopIteration):
+        return ""
+    tick = os.sysconf("SC_CLK_TCK")
+    page = resource.getpagesize()
+    # fields[n] is stat field n + 3 (proc(5)): utime 14, stime 15, starttime 22, vsize 23,
+    # rss 24
+    fam.add("process_cpu_seconds_total", "counter", {}, (int(fields[11]) + int(fields[12])) / tick)
+    fam.add("process_start_time_seconds", "gauge", {}, boot + int(fields[19]) / tick)
+    fam.add("process_virtual_memory_bytes", "gauge", {}, float(fields[20]))
+    fam.add("process_resident_memory_bytes", "gauge", {}, float(int(fields[21]) * page))
+    fam.add("process_open_fds", "gauge", {}, float(open_fds))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        fam.add("process_max_fds", "gauge", {}, float(soft))
     return fam.render()
 
 
@@ -403,7 +468,7 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Re
             503: "Service Unavailable"}  # fmt: skip
 
 
-def _response(status: int, body: bytes, content_type: str, head: bool) -> bytes:
+def http_response(status: int, body: bytes, content_type: str, head: bool) -> bytes:
     lines = [
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
         f"Content-Type: {content_type}",
@@ -446,7 +511,7 @@ async def serve_health(
                         break
             parts = request.decode("latin-1").split()
             if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-                writer.write(_response(400, b"bad request\n", "text/plain", False))
+                writer.write(http_response(400, b"bad request\n", "text/plain", False))
             else:
                 method, target = parts[0], parts[1].split("?", 1)[0]
                 writer.write(_route(method, target))
@@ -460,16 +525,17 @@ async def serve_health(
 
     def _route(method: str, target: str) -> bytes:
         if target not in ("/healthz", "/metrics"):
-            return _response(404, b"not found: try /healthz or /metrics\n", "text/plain", False)
+            body = b"not found: try /healthz or /metrics\n"
+            return http_response(404, body, "text/plain", False)
         if method not in ("GET", "HEAD"):
-            return _response(405, b"GET only\n", "text/plain", False)
+            return http_response(405, b"GET only\n", "text/plain", False)
         head = method == "HEAD"
         if target == "/metrics":
             body = render_metrics(gw, mon, latency).encode()
-            return _response(200, body, CONTENT_TYPE_METRICS, head)
+            return http_response(200, body, CONTENT_TYPE_METRICS, head)
         healthy, doc = mon.report()
         body = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-        return _response(200 if healthy else 503, body, "application/json", head)
+        return http_response(200 if healthy else 503, body, "application/json", head)
 
     server = await asyncio.start_server(handle, host, port, limit=8192)
 

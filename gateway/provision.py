@@ -280,13 +280,18 @@ def provision(
     keys: Mapping[str, Path] | None = None,
     *,
     dry_run: bool = False,
+    offline: bool = False,
+    dropin_dir: Path | None = None,
 ) -> Path:
-    """Write ``out_dir/gateway.toml`` and ``out_dir/credstore/NAME`` (0400) for one store.
+    """Write ``out_dir/gateway.toml``, ``out_dir/credstore/NAME`` (0400) for one store and,
+    with ``dropin_dir``, the unit's drop-in loading every credential the config names.
 
     ``store`` is a store TOML file or a CSV row (column -> cell).  ``keys`` maps a
-    credential name to the file holding it.  Raises ConfigError listing every problem,
-    having written nothing.  Returns the config's path.
+    credential name to the file holding it.  ``offline`` (implies ``dry_run``): validate
+    without the secrets, which are neither needed nor looked for.  Raises ConfigError
+    listing every problem, having written nothing.  Returns the config's path.
     """
+    dry_run = dry_run or offline
     # pydantic loads here, not when the CLI builds its parser (``--help`` stays fast)
     from gateway.config import parse_config  # noqa: PLC0415
 
@@ -322,6 +327,8 @@ def provision(
     keyring_refs = {name for path, name in refs.items() if path.startswith("keyring.keys.")}
     payloads: dict[str, bytes] = {}
     for name in sorted(set(refs.values())):
+        if offline:
+            continue
         source = keys.get(name)
         if source is None:
             if not (credstore / name).is_file():
@@ -358,7 +365,49 @@ def provision(
         "# Edit the template or the store's values and provision again.\n"
     )
     _write_atomic(out_path, (header + dumps_toml(merged)).encode(), 0o644)
+    extra = sorted(set(refs.values()) - UNIT_CREDENTIALS)
+    if dropin_dir is not None:
+        dropin_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(dropin_dir / DROPIN_NAME, credentials_dropin(extra).encode(), 0o644)
     return out_path
+
+
+# The credentials the unit file itself loads (systemd/touchpoint-gateway.service; a test
+# keeps the two in step); any other credential the config names goes in a drop-in.
+UNIT_CREDENTIALS = frozenset({"k1.key", "mqtt.password"})
+DROPIN_DIR = Path("/etc/systemd/system/touchpoint-gateway.service.d")
+DROPIN_NAME = "credentials.conf"
+
+
+def credentials_dropin(names: list[str]) -> str:
+    """The unit drop-in that loads ``names`` from the credstore."""
+    lines = [
+        "# Written by touchpoint-gateway provision: every credential the config names that",
+        "# the unit does not load itself.  Provision again rather than editing this file.",
+        "[Service]",
+    ]
+    lines += [f"LoadCredential={n}:/etc/touchpoint-gateway/{CREDSTORE}/{n}" for n in names]
+    return "\n".join(lines) + "\n"
+
+
+def check_rows(template: Path, csv_path: Path) -> list[tuple[str, list[Problem]]]:
+    """Every row of a chain's stores CSV provisioned against ``template`` offline (no
+    secrets needed): (row label, its problems) for each row, in file order."""
+    rows = read_store_rows(csv_path)
+    out: list[tuple[str, list[Problem]]] = []
+    with tempfile.TemporaryDirectory(prefix="tp-check-") as tmp:
+        for number, row in enumerate(rows, start=2):  # line 1 is the header
+            label = (
+                f"{csv_path}:{number} "
+                f"{row.get('gateway.store') or '?'}/{row.get('gateway.device') or '-'}"
+            )
+            try:
+                provision(template, row, Path(tmp), offline=True)
+            except ConfigError as exc:
+                out.append((label, list(exc.problems)))
+            else:
+                out.append((label, []))
+    return out
 
 
 # -- command line -----------------------------------------------------------------------
@@ -380,18 +429,20 @@ def cmd_provision(args: argparse.Namespace) -> int:
     else:
         store = read_store_row(args.csv, args.store, args.device)
     keys = dict(args.key or [])
-    path = provision(args.template, store, args.out, keys, dry_run=args.dry_run)
+    path = provision(
+        args.template, store, args.out, keys, dry_run=args.dry_run, dropin_dir=args.dropin_dir
+    )
     if args.dry_run:
         print(f"{path}: ok (dry run, nothing written)")
         return 0
     print(f"wrote {path}")
     for name in sorted(keys):
         print(f"wrote {args.out / CREDSTORE / name} (0400)")
-    print(
-        "the unit loads each credential with "
-        f"LoadCredential=NAME:/etc/touchpoint-gateway/{CREDSTORE}/NAME; "
-        "then: systemctl restart touchpoint-gateway"
-    )
+    if args.dropin_dir is not None:
+        print(f"wrote {args.dropin_dir / DROPIN_NAME} (LoadCredential= for each credential)")
+        print("then: systemctl daemon-reload && systemctl restart touchpoint-gateway")
+    else:
+        print("no unit drop-in written (--dropin-dir): then systemctl restart touchpoint-gateway")
     return 0
 
 
@@ -423,6 +474,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=Path,
         default=Path("/etc/touchpoint-gateway"),
         help="where to write gateway.toml and credstore/ (default /etc/touchpoint-gateway)",
+    )
+    s.add_argument(
+        "--dropin-dir",
+        type=lambda text: Path(text) if text else None,
+        default=DROPIN_DIR,
+        help=f"where the unit's credentials drop-in goes (default {DROPIN_DIR}); '' for none",
     )
     s.add_argument("--dry-run", action="store_true", help="validate only; write nothing")
     s.set_defaults(fn=cmd_provision)

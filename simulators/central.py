@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 TOPIC_ROOT = "touchpoint/v1"
 DEFAULT_MAX_PAYLOAD = 1 << 20
 STATS_INTERVAL_S = 0.2
+HEALTH_KEPT = 100  # health messages kept per gateway
 SESSION_EXPIRY_S = 300
 
 Key = tuple[str, str, str, int]
@@ -116,7 +117,9 @@ class Central:
             consent.on_change = self.push_consent
         self.out_path, self.stats_path = out, stats_path
         self.max_payload = max_payload
-        self.topics = [f"{TOPIC_ROOT}/{store or '+'}/+/{kind}" for kind in ("events", "status")]
+        self.topics = [
+            f"{TOPIC_ROOT}/{store or '+'}/+/{kind}" for kind in ("events", "status", "health")
+        ]
         self._schemas = contract_schemas(schema_dir)
         self._queue: queue.Queue[_Message | None] = queue.Queue()
         self._cond = threading.Condition()
@@ -126,6 +129,7 @@ class Central:
         self._seen: dict[Key, str] = {}  # key -> digest of the event, to spot conflicts
         self._streams: dict[str, dict[str, int]] = {}
         self._status: dict[str, dict[str, Any]] = {}
+        self._health: dict[str, list[dict[str, Any]]] = {}  # every health message, by gateway
         self._invalid: dict[str, int] = {}
         self._last_invalid: dict[str, str] | None = None
         self._counts = dict.fromkeys(
@@ -308,6 +312,8 @@ class Central:
             doc = self._decode(msg.payload)
             if kind == "events":
                 self._accept_batch(store, device, doc, msg.retain)
+            elif kind == "health":
+                self._record_health(store, device, doc, msg.retain)
             else:
                 self._record_status(store, device, doc, msg.retain)
         except Invalid as exc:
@@ -320,7 +326,7 @@ class Central:
         parts = topic.split("/")
         if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_ROOT:
             raise Invalid("topic", "not touchpoint/v1/<store>/<device>/<kind>")
-        if parts[4] not in ("events", "status"):
+        if parts[4] not in ("events", "status", "health"):
             raise Invalid("topic", f"unknown kind {parts[4][:32]!r}")
         return parts[2], parts[3], parts[4]
 
@@ -384,6 +390,33 @@ class Central:
             "retained": retained,
             "received": time.time(),
         }
+
+    def _record_health(self, store: str, device: str, doc: Any, retained: bool) -> None:
+        self._validate("health.json", doc)
+        kept = self._health.setdefault(f"{store}/{device}", [])
+        kept.append({**doc, "retained": retained, "received": time.time()})
+        del kept[:-HEALTH_KEPT]
+
+    def health(self, gateway: str) -> list[dict[str, Any]]:
+        """The health messages of ``store/device`` received so far (the newest last)."""
+        with self._cond:
+            return [dict(h) for h in self._health.get(gateway, [])]
+
+    def wait_health(
+        self, gateway: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30
+    ) -> dict[str, Any]:
+        """Wait for a health message of ``gateway`` that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for doc in reversed(self._health.get(gateway, [])):
+                    if predicate(doc):
+                        return dict(doc)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    got = self._health.get(gateway, [])[-1:]
+                    raise TimeoutError(f"no matching health message from {gateway}; last {got}")
+                self._cond.wait(min(left, 0.5))
 
     def _restore(self, path: Path) -> None:
         """Read back accepted events from an earlier run, so dedupe survives a restart."""

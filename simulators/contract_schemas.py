@@ -64,7 +64,8 @@ def load_validators(schema_dir: Path = SCHEMA_DIR) -> dict[str, Draft202012Valid
 
 _ASSERTIONS = frozenset(
     {
-        "type", "enum", "const", "pattern", "minLength", "minimum", "minItems", "maxItems",
+        "type", "enum", "const", "pattern", "minLength", "maxLength", "minimum",
+        "minItems", "maxItems",
         "uniqueItems", "required", "properties", "additionalProperties", "items",
         "allOf", "anyOf", "oneOf", "not", "if", "then", "else", "$ref",
     }

@@ -5,8 +5,8 @@
 
 The CSV is the one ``touchpoint-gateway provision`` reads: columns ``gateway.store``,
 ``gateway.device`` and ``mqtt.username``.  Each device user may publish only its own
-``events`` and (retained) ``status``, and read only its store's ``consent`` topic; the
-``central`` user reads every gateway's events and status and publishes consent deltas.
+``events`` and (retained) ``status`` and ``health``, and read only its store's ``consent`` topic; the
+``central`` user reads every gateway's events, status and health and publishes consent deltas.
 ``acl.example`` in this folder is this script's output for ``stores.example.csv``.
 Stdlib only: it runs on the broker host without the project installed.
 """
@@ -30,7 +30,7 @@ HEADER = """\
 #
 # One MQTT user per gateway ("<store>-<device>", as mqtt.username in stores.csv), with
 # its own password (password_file) or client certificate (use_identity_as_username).
-# A gateway may publish only touchpoint/v1/<its store>/<its device>/{events,status} and
+# A gateway may publish only touchpoint/v1/<its store>/<its device>/{events,status,health} and
 # read only touchpoint/v1/<its store>/consent; a batch it publishes under another
 # store's topic gets PUBACK 0x87 (not authorized) and lands in its dead letters.
 #
@@ -42,11 +42,12 @@ HEADER = """\
 # a username equal to the store id would make the devices of a store share a credential.)
 # So the ACL is generated per device from the same CSV that provisions the gateways.
 
-# The central consumers: read every gateway's events and status (plain or shared
+# The central consumers: read every gateway's events, status and health (plain or shared
 # subscription, $share/central/...), publish consent deltas to the stores.
 user central
 topic read touchpoint/v1/+/+/events
 topic read touchpoint/v1/+/+/status
+topic read touchpoint/v1/+/+/health
 topic write touchpoint/v1/+/consent
 """
 
@@ -54,6 +55,7 @@ DEVICE = """
 user {user}
 topic write touchpoint/v1/{store}/{device}/events
 topic write touchpoint/v1/{store}/{device}/status
+topic write touchpoint/v1/{store}/{device}/health
 topic read touchpoint/v1/{store}/consent
 """
 

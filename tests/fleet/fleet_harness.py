@@ -77,6 +77,8 @@ def write_gateway_dir(
     reconnect_max: float,
     subjects: list[str],
     mqtt_extra: str = "",
+    health_interval: float = 120.0,
+    faulty: bool = False,
 ) -> Path:
     """One store box's files, as provisioning would lay them out; returns the config."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -112,15 +114,34 @@ batch_max_events = 200
 seed_file = "seed.json"
 [status]
 summary_interval_s = 600
+health_interval_s = {health_interval}
+health_min_interval_s = 1
 [[sources]]
 kind = "synthetic"
 name = "till"
 rate_per_s = {rate}
 cards = {CARDS}
-""",
+""" + (FAULTY_READER.format(device=folder / "unplugged-reader") if faulty else ""),
         encoding="utf-8",
     )
     return config
+
+
+# A card reader that is not plugged in, judged after 3 s (the default is 5 minutes): the
+# failure a store's fleet view must show.
+FAULTY_READER = """
+[[sources]]
+kind = "serial_card"
+name = "till-card"
+device = "{device}"
+protocol = "rdm6300"
+lane = "till-1"
+reopen_min_s = 0.5
+reopen_max_s = 2
+[health]
+listen = "127.0.0.1:0"
+source_down_s = 3
+"""
 
 
 @dataclass
@@ -206,6 +227,8 @@ async def run_worker(args: argparse.Namespace) -> int:
             reconnect_min=args.reconnect_min,
             reconnect_max=args.reconnect_max,
             subjects=subjects,
+            health_interval=args.health_interval,
+            faulty=index in args.faulty,
         )
         members.append(Member(store, device, config))
     state_path = workdir / f"state-{args.first}.json"
@@ -270,6 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--stagger", type=float, default=0.02, help="seconds between gateway starts"
     )
     parser.add_argument("--log-level", default="info", help="logging level (info)")
+    parser.add_argument(
+        "--health-interval", type=float, default=120.0, help="status.health_interval_s"
+    )
+    parser.add_argument(
+        "--faulty",
+        type=lambda text: {int(i) for i in text.split(",") if i},
+        default=set(),
+        help="indices of gateways given an unplugged card reader (comma-separated)",
+    )
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     setup_logging(args.log_level)

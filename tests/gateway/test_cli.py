@@ -176,3 +176,25 @@ def test_erase_removes_a_subjects_events_offline(
     assert b'"subject":"k1:leaver"' not in data
     assert data.count(b'"subject":"k1:stayer"') == 5
     assert main(["erase", "--config", str(cfg), "k1:leaver"]) == 0, "idempotent"
+
+
+def test_run_with_a_bad_config_exits_ex_config_loudly(tmp_path: Path) -> None:
+    """`run` on a config it cannot use exits 78 (EX_CONFIG, which the unit does not
+    restart), and journald gets each line as an error."""
+    import os
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[gateway]\nstore = 'S1'\nnot_a_key = 1\n", encoding="utf-8")
+    err_path = tmp_path / "stderr.txt"
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    with err_path.open("wb") as err:
+        st = os.fstat(err.fileno())
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "run", "--config", str(bad)],
+            stderr=err, env=env, timeout=60, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 78
+    lines = err_path.read_text(encoding="utf-8").splitlines()
+    assert lines and all(x.startswith("<3>") for x in lines), lines
+    assert any("not_a_key" in x for x in lines), lines

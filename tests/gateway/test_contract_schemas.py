@@ -22,6 +22,7 @@ SCHEMA_FILES = (
     "event.json",
     "batch.json",
     "status.json",
+    "health.json",
     "consent-delta.json",
     "consent-response.json",
 )
@@ -141,6 +142,13 @@ def test_schema_is_valid_draft_2020_12_with_a_simple_id(name: str) -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["$id"] == name
     Draft202012Validator.check_schema(schema)
+
+
+def test_the_clock_flag_is_optional_and_only_unsynced() -> None:
+    event = EXAMPLES["card.read"]
+    assert errors("event.json", {**event, "clock": "unsynced"}) == []
+    assert errors("event.json", {**event, "clock": "synced"}) != []
+    assert errors("event.json", {**event, "clock": True}) != []
 
 
 def test_schema_directory_holds_exactly_the_contract_schemas() -> None:
@@ -322,6 +330,7 @@ def test_asyncapi_parses_and_every_reference_resolves() -> None:
     assert files == {
         "./schemas/batch.json",
         "./schemas/status.json",
+        "./schemas/health.json",
         "./schemas/consent-delta.json",
     }
     for ref in files:
@@ -336,6 +345,7 @@ def test_asyncapi_topics_qos_retain_and_will_match_the_contract() -> None:
     channels = doc["channels"]
     assert channels["events"]["address"] == "touchpoint/v1/{store}/{device}/events"
     assert channels["status"]["address"] == "touchpoint/v1/{store}/{device}/status"
+    assert channels["health"]["address"] == "touchpoint/v1/{store}/{device}/health"
     assert channels["consent"]["address"] == "touchpoint/v1/{store}/consent"
     for channel in channels.values():
         placeholders = {part[1:-1] for part in channel["address"].split("/") if part[0] == "{"}
@@ -344,6 +354,7 @@ def test_asyncapi_topics_qos_retain_and_will_match_the_contract() -> None:
     expected = {
         "sendEvents": ("send", "#/channels/events", False),
         "sendStatus": ("send", "#/channels/status", True),
+        "sendHealth": ("send", "#/channels/health", True),
         "receiveConsent": ("receive", "#/channels/consent", False),
     }
     for name, (action, channel, retain) in expected.items():

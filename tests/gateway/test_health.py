@@ -125,8 +125,12 @@ def test_healthy_gateway_reports_every_component() -> None:
             "db_bytes": 1_048_576,
             "last_write_ok": True,
             "erased_in_wal": {"waiting": False, "for_s": None, "why": ""},
+            "evicted": 100,
+            "expired": 0,
+            "lost": {"buffer_full": 4},
         }
         assert doc["plaintext_transports"] == []
+        assert doc["clock"]["state"] == "unset"  # this clock reads 1970
         zone = doc["sources"]["zone-a"]
         assert zone["state"] == "ok"
         assert zone["state_age_s"] == pytest.approx(605)
@@ -294,7 +298,8 @@ def test_metrics_exposition() -> None:
         assert status == 200
         assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
         fams = parse_prometheus(raw.decode())
-        assert all(name.startswith("touchpoint_") for name in fams)
+        assert all(name.startswith(("touchpoint_", "process_")) for name in fams)
+        assert fams["process_resident_memory_bytes"]["samples"][0][2] > 1 << 20
         assert all(f["help"] and f["type"] for f in fams.values())
 
         def samples(name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -322,7 +327,9 @@ def test_metrics_exposition() -> None:
         assert samples("touchpoint_buffer_depth") == {(): 42}
         assert samples("touchpoint_buffer_oldest_age_seconds") == {(): 3.5}
         assert samples("touchpoint_buffer_dead_letters") == {(): 2}
-        assert samples("touchpoint_broker_connected") == {(): 1}
+        assert "touchpoint_broker_connected" not in fams  # one gauge per fact: mqtt_connected
+        assert samples("touchpoint_last_publish_timestamp_seconds") == {(): clock.t - 1}
+        assert "touchpoint_last_publish_at" not in fams
         assert samples("touchpoint_healthy") == {(): 1}
         assert samples("touchpoint_source_state")[(("source", "zone-a"), ("state", "ok"))] == 1
 

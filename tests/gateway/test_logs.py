@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +47,85 @@ def test_setup_logging_installs_the_filter(capsys: pytest.CaptureFixture[str]) -
         assert "<digits>" in err and "0001234567890" not in err
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
+
+
+# -- journald priorities and native libraries' messages (real processes) -------------------
+
+_LOGGING_PROGRAM = """
+import logging, sys
+from gateway.logs import setup_logging
+setup_logging("debug"{native})
+log = logging.getLogger("gateway.test")
+log.debug("a debug line")
+log.info("an info line")
+log.warning("a warning line")
+log.error("an error line")
+try:
+    raise ValueError("boom")
+except ValueError:
+    log.exception("a failure")
+print("a plain stderr print", file=sys.stderr)
+{extra}
+"""
+
+
+def _run_logging(
+    tmp_path: Path, *, journal: bool, native: bool = False, extra: str = ""
+) -> tuple[int, list[str]]:
+    """Run a small program that logs at every level, its stderr a file; with ``journal``,
+    JOURNAL_STREAM names that file the way systemd names the journal's stream."""
+    err_path = tmp_path / "stderr.txt"
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    with err_path.open("wb") as err:
+        if journal:
+            st = os.fstat(err.fileno())
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        program = _LOGGING_PROGRAM.format(
+            native=", capture_native=True" if native else "", extra=extra
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", program], stderr=err, env=env, timeout=60, check=False
+        )
+    return proc.returncode, err_path.read_text(encoding="utf-8").splitlines()
+
+
+def test_journal_gets_each_line_at_its_priority(tmp_path: Path) -> None:
+    rc, lines = _run_logging(tmp_path, journal=True)
+    assert rc == 0
+    assert any(x.startswith("<7>") and "a debug line" in x for x in lines), lines
+    assert any(x.startswith("<6>") and "an info line" in x for x in lines), lines
+    assert any(x.startswith("<4>") and "a warning line" in x for x in lines), lines
+    assert any(x.startswith("<3>") and "an error line" in x for x in lines), lines
+    # journald reads every line as an entry: a traceback's lines keep the error's priority
+    start = next(i for i, x in enumerate(lines) if "a failure" in x)
+    traceback_lines = lines[start : start + 4]
+    assert all(x.startswith("<3>") for x in traceback_lines), traceback_lines
+    assert any("ValueError: boom" in x for x in traceback_lines), traceback_lines
+
+
+def test_no_priority_prefix_when_stderr_is_not_the_journal(tmp_path: Path) -> None:
+    rc, lines = _run_logging(tmp_path, journal=False)
+    assert rc == 0
+    assert lines and not any(x.startswith("<") for x in lines), lines
+    assert any("WARNING gateway.test: a warning line" in x for x in lines), lines
+
+
+def test_native_library_messages_go_through_our_logging(tmp_path: Path) -> None:
+    """OpenCV and FFmpeg write to file descriptor 2 from C: captured, each line logged
+    through our format, redaction and priorities, never raw around them."""
+    extra = (
+        "import cv2\n"
+        "cv2.VideoCapture('http://127.0.0.1:1/cam.mjpg', cv2.CAP_FFMPEG)\n"
+        "import os; os.write(2, b'card 2600123456789 in a native line\\n')\n"
+        "logging.getLogger('gateway.test').info('after the camera')\n"
+    )
+    rc, lines = _run_logging(tmp_path, journal=True, native=True, extra=extra)
+    assert rc == 0
+    raw = [x for x in lines if x.startswith(("[ WARN", "[tcp @", "[http @", "card "))]
+    assert not raw, raw
+    native = [x for x in lines if " native" in x]
+    assert any(x.startswith("<4>") and "native.opencv" in x and "VIDEOIO" in x for x in native)
+    assert any(x.startswith("<3>") and "native.ffmpeg" in x and "refused" in x for x in native)
+    assert any("<digits>" in x for x in native), native  # the redaction filter applies
+    assert not any("2600123456789" in x for x in lines)
+    assert any("a plain stderr print" in x for x in lines)  # Python's own stderr still works

@@ -17,7 +17,9 @@ from gateway.errors import ConfigError
 from gateway.identity import Keyring
 from gateway.paths import expand_credentials_in
 from gateway.provision import (
+    UNIT_CREDENTIALS,
     add_parser,
+    check_rows,
     dumps_toml,
     merge,
     provision,
@@ -228,6 +230,8 @@ def test_cli_command(
             f"mqtt.password={keys['mqtt.password']}",
             "--out",
             str(out),
+            "--dropin-dir",
+            str(tmp_path / "touchpoint-gateway.service.d"),
         ]
     )
     assert args.fn(args) == 0
@@ -237,3 +241,78 @@ def test_cli_command(
     assert os.access(out / "credstore" / "k1.key", os.R_OK)
     with pytest.raises(SystemExit):
         parser.parse_args(["provision", "--template", "t", "--csv", "c", "--key", "nokey"])
+
+
+def test_the_drop_in_loads_every_credential_the_unit_does_not(
+    tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    """A store whose config names a credential beyond the unit's own (a TLS client key
+    here) gets a drop-in with its LoadCredential=, so no per-box `systemctl edit`."""
+    store = tmp_path / "store.toml"
+    store.write_text(
+        'gateway.store = "nl-ams-001"\n'
+        'mqtt.username = "nl-ams-001-gw-01"\n'
+        "[mqtt.tls]\n"
+        'cert_file = "/etc/touchpoint-gateway/tls/client.pem"\n'
+        'key_file = "${CREDENTIALS_DIRECTORY}/mqtt-client.key"\n'
+        '[[sources]]\nname = "till-1-printer"\nprinter_host = "192.0.2.50"\n',
+        encoding="utf-8",
+    )
+    client_key = tmp_path / "usb" / "client.key"
+    client_key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    dropins = tmp_path / "touchpoint-gateway.service.d"
+    provision(
+        TEMPLATE,
+        store,
+        tmp_path / "etc",
+        {**keys, "mqtt-client.key": client_key},
+        dropin_dir=dropins,
+    )
+    text = (dropins / "credentials.conf").read_text(encoding="utf-8")
+    assert "[Service]" in text
+    assert (
+        "LoadCredential=mqtt-client.key:/etc/touchpoint-gateway/credstore/mqtt-client.key" in text
+    )
+    assert "k1.key" not in text.split("[Service]")[1]  # the unit loads it already
+
+
+def test_unit_credentials_match_the_unit_file() -> None:
+    unit = (FIRMWARE.parent / "systemd" / "touchpoint-gateway.service").read_text()
+    loaded = {
+        line.split("=", 1)[1].split(":", 1)[0]
+        for line in unit.splitlines()
+        if line.startswith("LoadCredential=")
+    }
+    assert loaded == UNIT_CREDENTIALS
+
+
+def test_the_template_turns_health_on() -> None:
+    template = tomllib.loads(TEMPLATE.read_text(encoding="utf-8"))
+    assert "health" in template, "a provisioned box must have /healthz and /metrics"
+
+
+def test_every_row_of_the_chain_csv_checks_offline_without_secrets(tmp_path: Path) -> None:
+    """`check-config --offline --template T --csv C`: every row is merged and validated
+    with no secret at hand; bad rows name their line and problem."""
+    results = check_rows(TEMPLATE, CSV)
+    assert len(results) == len(read_store_rows(CSV))
+    assert all(problems == [] for _, problems in results), results
+    bad = tmp_path / "stores.csv"
+    lines = CSV.read_text(encoding="utf-8").splitlines()
+    bad.write_text(
+        "\n".join([lines[0], lines[1], lines[2].replace("raster", "laser"), ""]),
+        encoding="utf-8",
+    )
+    results = check_rows(TEMPLATE, bad)
+    assert results[0][1] == []
+    label, problems = results[1]
+    assert label.endswith(":3 nl-utr-002/gw-01")
+    assert any("inject" in key for _, key, _ in problems), problems
+
+
+def test_check_config_offline_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    assert main(["check-config", "--offline", "--template", str(TEMPLATE), "--csv", str(CSV)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": ok") == len(read_store_rows(CSV)), out

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.clock import clock_state
 from gateway.config import load_config
 from gateway.daemon import Gateway
 from gateway.outbox import buffer_stats, connect
@@ -97,6 +98,12 @@ def test_clock_steps_forward_and_back_under_load(tmp_path: Path, broker: Mosquit
     # and the hour-back correction makes ts go backwards while seq keeps increasing.
     first_real = years.index(now_year)
     assert set(years[:first_real]) == {1970} and set(years[first_real:]) == {now_year}
+    # the clock flag: never a silent 1970; real-time events carry it exactly when the
+    # kernel says the clock is not synchronised (a container or a Pi before NTP)
+    assert all(e.get("clock") == "unsynced" for e in events[:first_real])
+    kernel_unsynced = clock_state(time.time()) != "synchronized"
+    later = [e.get("clock") for e in events[first_real:]][25:]  # past the 1 s refresh
+    assert later and set(later) == ({"unsynced"} if kernel_unsynced else {None}), set(later)
     stamps = [
         datetime.strptime(e["ts"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
         for e in events[first_real:]

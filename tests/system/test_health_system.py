@@ -69,3 +69,50 @@ def test_health_and_metrics_of_the_running_daemon(tmp_path: Path) -> None:
         assert status == 503, body
         assert gw.alive(), "unhealthy is reported, not a crash"
         assert gw.stop() == 0
+
+
+def test_metrics_pass_promtool_and_follow_the_conventions(tmp_path: Path) -> None:
+    """`promtool check metrics` (Debian's prometheus package) finds nothing to say about
+    the running daemon's /metrics; times are *_timestamp_seconds, one gauge per fact, a
+    build_info, and the process's own memory, CPU and open files."""
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus; make test installs it)")
+    ring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")
+    consented = [ring.pseudonym("loyalty", card_number(i)) for i in range(50)]
+    port = free_port()
+    with Mosquitto(tmp_path / "mq") as broker:
+        gw = GatewayProc(tmp_path / "gw", broker.port, sources=synthetic(200), consented=consented)
+        gw._template += f'[health]\nlisten = "127.0.0.1:{port}"\n'
+        gw.set_sources(synthetic(200))
+        gw.start()
+        try:
+            gw.wait_log("connected to broker")
+            time.sleep(2.5)
+            status, text = get(port, "/metrics")
+        finally:
+            gw.stop()
+    assert status == 200
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), (
+        check.stdout + check.stderr
+    )
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    assert "touchpoint_last_publish_timestamp_seconds" in names
+    assert not {n for n in names if n.endswith("_at")}, "Unix times end in _timestamp_seconds"
+    assert "touchpoint_broker_connected" not in names  # one gauge per fact: mqtt_connected
+    assert "touchpoint_mqtt_connected" in names
+    build = [x for x in text.splitlines() if x.startswith("touchpoint_build_info{")]
+    assert build and 'version="' in build[0] and build[0].endswith(" 1"), build
+    for name in (
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ):
+        assert name in names, name

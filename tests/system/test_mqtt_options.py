@@ -220,3 +220,16 @@ def test_publisher_subscription_delivers_on_the_loop_after_reconnects(tmp_path: 
     with Mosquitto(tmp_path / "mq") as b:
         got = asyncio.run(run(b))
     assert got == [(b"delta-0", True), (b"delta-1", True)]
+
+
+def test_certificates_expiring_within_30_days_are_warned(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """The test PKI's certificates expire in a day: the daemon warns for the client
+    certificate and the CA, and says what to do."""
+    status, log = run_tls(tmp_path, pki)
+    assert status["last_publish_at"] is not None
+    warnings = [line for line in log.splitlines() if "certificate expires in" in line]
+    assert any("mqtt_client" in w and "WARNING" in w for w in warnings), log[-2000:]
+    assert any("mqtt_ca" in w for w in warnings), warnings
+    assert all("systemctl reload" in w for w in warnings)

@@ -307,3 +307,19 @@ def test_sysusers_creates_the_user_in_the_staged_root(tmp_path: Path) -> None:
     }
     for group in ("dialout", "video", "bluetooth"):
         assert "touchpoint-gateway" in groups[group]
+
+
+def test_a_config_error_is_not_restarted_forever() -> None:
+    """A bad config exits EX_CONFIG (78); the unit does not restart on it, and systemd's
+    start limit is reachable for the failures it does restart."""
+    svc = unit_entries(UNIT)["Service"]
+    one = {k: v[-1] for k, v in svc.items() if v}
+    assert "78" in one["RestartPreventExitStatus"].split()
+    assert "EX_CONFIG" not in one.get("SuccessExitStatus", "")
+
+
+def test_the_unit_waits_for_time_sync() -> None:
+    """Ordering after time-sync.target does not pull it in: the unit must want it too."""
+    unit = unit_entries(UNIT)["Unit"]
+    assert "time-sync.target" in " ".join(unit["Wants"]).split()
+    assert "time-sync.target" in " ".join(unit["After"]).split()
