@@ -196,5 +196,7 @@ def test_run_with_a_bad_config_exits_ex_config_loudly(tmp_path: Path) -> None:
         )  # fmt: skip
     assert proc.returncode == 78
     lines = err_path.read_text(encoding="utf-8").splitlines()
-    assert lines and all(x.startswith("<3>") for x in lines), lines
-    assert any("not_a_key" in x for x in lines), lines
+    errors = [x for x in lines if "config error" in x]
+    assert errors and all(x.startswith("<3>") for x in errors), lines
+    assert any("not_a_key" in x for x in errors), lines
+    assert all(x.startswith("<") for x in lines), lines  # every line has its priority
