@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.errors import ConfigError, GatewayError, RejectedInput
+from gateway.errors import ConfigError, GatewayError, RejectedInput, UnknownMigrations
 
 log = logging.getLogger("gateway")
 
@@ -79,6 +79,29 @@ def _check_rows(template: Path, csv_path: Path) -> int:
     return 1 if any(problems for _, problems in results) else 0
 
 
+def _buffer_problem(db: Path) -> str | None:
+    """Why this version cannot use the buffer database there (a rollback onto newer
+    migrations), or None; a database not made yet is fine."""
+    import sqlite3
+
+    from gateway.migrations import check_known
+    from gateway.outbox import connect
+
+    if not db.exists():
+        return None
+    try:
+        conn = connect(db, readonly=True)
+        try:
+            check_known(conn, str(db))
+        finally:
+            conn.close()
+    except UnknownMigrations as exc:
+        return str(exc)
+    except sqlite3.Error as exc:
+        return f"cannot read the buffer database: {exc}"
+    return None
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.config import load_config
     from gateway.identity import Keyring
@@ -103,6 +126,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         except GatewayError as exc:
             failed = True
             print(f"{path}: keyring: {exc}")
+            continue
+        if not args.offline and (trouble := _buffer_problem(Path(cfg.buffer.path))):
+            failed = True
+            print(f"{path}: buffer.path: {trouble}")
             continue
         print(
             f"{path}: ok ({len(cfg.sources)} source(s), "
@@ -513,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         for file, key, why in exc.problems:
             _error_line(f"config error: {file}: {key or '<top>'}: {why}")
+        return EX_CONFIG if args.fn is cmd_run else 1
+    except UnknownMigrations as exc:  # a rollback onto a newer buffer: a restart won't help
+        _error_line(f"error: {exc}")
         return EX_CONFIG if args.fn is cmd_run else 1
     except GatewayError as exc:
         _error_line(f"error: {exc}")

@@ -8,6 +8,7 @@
     │   └── TokenError           an app or receipt token failed verification
     ├── SourceError              a source lost its device; the supervisor retries with backoff
     ├── BufferError_             the outbox cannot be opened or written
+    │   └── UnknownMigrations    the buffer was migrated by a newer version (a rollback)
     └── PublishError             the broker connection or a publish failed
 
 Library errors (sqlite3, serial, paho, bleak, cv2) are mapped to these at the boundary,
@@ -59,6 +60,11 @@ class SourceError(GatewayError):
 
 class BufferError_(GatewayError):
     """The outbox database cannot be opened or written."""
+
+
+class UnknownMigrations(BufferError_):
+    """The buffer database holds migrations of a newer version that this one cannot read:
+    the daemon refuses to start (exit 78) and the message says what to do."""
 
 
 class PublishError(GatewayError):

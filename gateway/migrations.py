@@ -6,17 +6,33 @@ so a technician can read the same schema with ``sqlite-utils tables buffer.db``.
 sqlite-utils is imported only when a migration is pending: it costs ~250 ms and ~5 MiB
 to import (with click and its other CLI dependencies), which a daemon restarting on an
 up-to-date database need not pay.
+
+Rollback.  Each applied migration is recorded with the version that applied it and
+whether versions without it can still use the database (``older_can_read``: it only adds
+what they ignore, a table or an index).  A binary that meets a recorded migration it does
+not know refuses to start (``UnknownMigrations``, exit 78) unless every such migration is
+marked readable, and says which version wrote it and what to do.  The rule for releases:
+within one minor version, migrations are readable by older binaries, so installing the
+previous package of the same minor version always rolls back; a migration that is not
+(004 rewrote the erasure log) starts a new minor version, and rolling back over it needs
+the newer package again or an emptied buffer.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from gateway import __version__
+from gateway.errors import UnknownMigrations
+
 if TYPE_CHECKING:
     import sqlite_utils
+
+log = logging.getLogger(__name__)
 
 
 def _m001_outbox(db: sqlite_utils.Database) -> None:
@@ -97,31 +113,81 @@ def _m004_token_replay(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE erasure_log_new RENAME TO erasure_log")
 
 
-MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
-    ("001_outbox", _m001_outbox),
-    ("002_consent", _m002_consent),
-    ("003_consent_policy", _m003_consent_policy),
-    ("004_token_replay", _m004_token_replay),
+# (name, the migration, whether binaries without it can still use the database)
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None], bool]] = [
+    ("001_outbox", _m001_outbox, False),
+    ("002_consent", _m002_consent, False),
+    ("003_consent_policy", _m003_consent_policy, False),
+    ("004_token_replay", _m004_token_replay, False),
 ]
+_COLUMNS = (("version", "TEXT"), ("older_can_read", "INTEGER"))
 
 
-def migrate(conn: sqlite3.Connection) -> list[str]:
-    """Apply the migrations not yet recorded; return the names applied."""
-    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+def unknown_migrations(conn: sqlite3.Connection) -> list[tuple[str, str, bool]]:
+    """Recorded migrations this binary does not know: (name, version, older_can_read)."""
+    if conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'"
+    ).fetchone() is None:
+        return []
+    cols = {row[1] for row in conn.execute("PRAGMA table_info(_migrations)")}
+    version = "version" if "version" in cols else "NULL"
+    readable = "older_can_read" if "older_can_read" in cols else "NULL"
+    known = {name for name, *_ in MIGRATIONS}
+    query = f"SELECT name, {version}, {readable} FROM _migrations ORDER BY name"  # noqa: S608
+    rows = conn.execute(query)
+    return [(n, v or "an unknown version", bool(r)) for n, v, r in rows if n not in known]
+
+
+def check_known(conn: sqlite3.Connection, where: str) -> None:
+    """Raise ``UnknownMigrations`` when a migration this binary does not know, and that
+    older binaries cannot read, is recorded; warn for readable ones."""
+    unknown = unknown_migrations(conn)
+    blocking = [(n, v) for n, v, readable in unknown if not readable]
+    if blocking:
+        names = ", ".join(f"{n} (by {v})" for n, v in blocking)
+        newest = max(v for _, v in blocking)
+        raise UnknownMigrations(
+            f"{where} was migrated by touchpoint-gateway {newest} ({names}), which this "
+            f"version ({__version__}) does not know and cannot read safely. Install "
+            f"touchpoint-gateway {newest} or newer again; or stop the service and move the "
+            f"database away to start with an empty buffer (its unsent events are lost)."
+        )
+    for name, version, _ in unknown:
+        log.warning(
+            "%s: migration %s (by %s) is newer than this version (%s); it is marked "
+            "readable by older versions, so the buffer is used as it is",
+            where, name, version, __version__,
+        )  # fmt: skip
+
+
+def migrate(conn: sqlite3.Connection, where: str = "the buffer database") -> list[str]:
+    """Refuse a database with migrations this binary cannot read (``check_known``), then
+    apply the migrations not yet recorded; return the names applied."""
+    check_known(conn, where)
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL, "
+        "version TEXT, older_can_read INTEGER)"
+    )
+    cols = {row[1] for row in conn.execute("PRAGMA table_info(_migrations)")}
+    for col, kind in _COLUMNS:  # a database from before the guard
+        if col not in cols:
+            conn.execute(f"ALTER TABLE _migrations ADD COLUMN {col} {kind}")
     done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
-    pending = [(name, fn) for name, fn in MIGRATIONS if name not in done]
+    pending = [(name, fn, ok) for name, fn, ok in MIGRATIONS if name not in done]
     if not pending:
         return []
     import sqlite_utils  # noqa: PLC0415 - see the module docstring
 
     db = sqlite_utils.Database(conn)
     applied = []
-    for name, fn in pending:
+    for name, fn, older_can_read in pending:
         conn.execute("BEGIN IMMEDIATE")
         try:
             fn(db)
             conn.execute(
-                "INSERT INTO _migrations(name, applied_at) VALUES (?, ?)", (name, time.time())
+                "INSERT INTO _migrations(name, applied_at, version, older_can_read)"
+                " VALUES (?, ?, ?, ?)",
+                (name, time.time(), __version__, int(older_can_read)),
             )
             conn.execute("COMMIT")
         except BaseException:

@@ -166,7 +166,7 @@ class Outbox:
             conn.execute("PRAGMA secure_delete = ON")
             conn.execute(f"PRAGMA journal_size_limit = {16 * 1024 * 1024}")
             self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-            migrate(conn)
+            migrate(conn, str(path))
             self._keep_reserve()
             self._set_max_pages(conn)
             row = conn.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()
