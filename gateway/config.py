@@ -135,7 +135,22 @@ class ConsentSyncConfig(Model):
     token_file: Path = Field(description="File holding the bearer token (re-read each poll)")
     ca_file: Path | None = Field(default=None, description="Private CA bundle (PEM) to trust")
     poll_interval_s: float = Field(default=60.0, gt=0, description="Delta poll interval")
-    timeout_s: float = Field(default=10.0, gt=0, description="Per-request timeout")
+    timeout_s: float = Field(
+        default=10.0, gt=0, description="Per-phase timeout (connect, each read, pool)"
+    )
+    deadline_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Total time one request may take, body included; cut after it",
+    )
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="Largest answer body accepted (about 100 bytes per record); "
+        "a larger one is cut off and refused",
+    )
     backoff: ConsentSyncBackoff = ConsentSyncBackoff()
 
 
@@ -451,7 +466,9 @@ class HealthConfig(Model):
         default=300.0, gt=0, description="Unhealthy: a source in error/absent longer"
     )
     consent_max_age_s: float | None = Field(
-        default=None, gt=0, description="Unhealthy: consent registry not synced for longer"
+        default=900.0,
+        gt=0,
+        description="Unhealthy: consent registry not synced for longer (with consent.sync)",
     )
 
 
