@@ -88,7 +88,7 @@ def parse_records(data: Any) -> list[tuple[str, frozenset[str], float | None]]:
         if not isinstance(rec, dict):
             raise ValueError(f"records[{i}]: not an object")
         subject, purposes = rec.get("subject"), rec.get("purposes")
-        if not is_pseudonym(subject):
+        if not isinstance(subject, str) or not is_pseudonym(subject):
             raise ValueError(
                 f"records[{i}].subject: not a pseudonym (<key id>:<22 base64url characters>)"
             )

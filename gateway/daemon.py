@@ -35,7 +35,7 @@ from gateway.memory import release_free_memory
 from gateway.metrics import Cell, Metrics
 from gateway.mqtt import PahoPublisher
 from gateway.notify import Notifier, watchdog_interval
-from gateway.outbox import Outbox, Pending
+from gateway.outbox import Outbox, Pending, WriterDied
 from gateway.policy import ConsentPolicy
 from gateway.ports import Publisher, Reading, Source, SourceContext
 from gateway.registry import build_source
@@ -344,23 +344,13 @@ class Gateway:
             self.ready.set()
             await publisher.start()
             health = await self._start_health()
-            async with asyncio.TaskGroup() as tg:
-                fwd = tg.create_task(self.forwarder.run(), name="forwarder")
-                hk = tg.create_task(self._housekeeping(), name="housekeeping")
-                srcs = [
-                    tg.create_task(self._supervise(c), name=f"source:{c.name}")
-                    for c in self.cfg.sources
-                ] + [
-                    tg.create_task(self._supervise(None, src), name=f"source:{src.name}")
-                    for src in self._extra_sources
-                ]
-                core = [fwd, hk]
-                if self.consent_sync is not None:
-                    core.append(tg.create_task(self.consent_sync.run(), name="consent-sync"))
-                tg.create_task(
-                    self._stop_sequence(publisher, srcs, core, drain_timeout),
-                    name="stop-sequence",
-                )
+            try:
+                await self._run_tasks(publisher, drain_timeout)
+            except BaseExceptionGroup as group:  # a dead buffer writer: say that, exit 1
+                died = group.subgroup(WriterDied)
+                if died is None:
+                    raise
+                raise died.exceptions[0] from None
         finally:
             if health is not None:
                 health.close()
@@ -370,6 +360,36 @@ class Gateway:
                     loop.remove_signal_handler(sig)
             self.outbox.close()
             self.notifier.close()
+
+    async def _run_tasks(self, publisher: Publisher, drain_timeout: float) -> None:
+        """Every task of the running daemon, in one group."""
+        assert self.forwarder is not None
+        async with asyncio.TaskGroup() as tg:
+            fwd = tg.create_task(self.forwarder.run(), name="forwarder")
+            watch = tg.create_task(self._watch_writer(), name="buffer-writer")
+            hk = tg.create_task(self._housekeeping(), name="housekeeping")
+            srcs = [
+                tg.create_task(self._supervise(c), name=f"source:{c.name}")
+                for c in self.cfg.sources
+            ] + [
+                tg.create_task(self._supervise(None, src), name=f"source:{src.name}")
+                for src in self._extra_sources
+            ]
+            core = [fwd, hk, watch]
+            if self.consent_sync is not None:
+                core.append(tg.create_task(self.consent_sync.run(), name="consent-sync"))
+            tg.create_task(
+                self._stop_sequence(publisher, srcs, core, drain_timeout),
+                name="stop-sequence",
+            )
+        failed = self.outbox.failed
+        if failed.done() and not failed.cancelled():  # it died while stopping: a failure
+            raise failed.result()
+
+    async def _watch_writer(self) -> None:
+        """Raise when the buffer's writer thread dies: that ends the group, and the
+        process exits non-zero for systemd to restart it (nothing could be buffered)."""
+        raise await asyncio.shield(self.outbox.failed)
 
     async def _start_health(self) -> asyncio.Server | None:
         hc = self.cfg.health
