@@ -396,7 +396,9 @@ class Gateway:
         if hc is None:
             return None
         host, _, port = hc.listen.rpartition(":")
-        rules = HealthRules(hc.broker_down_s, hc.source_down_s, hc.consent_max_age_s)
+        # A registry that is never synced (seed file only) cannot go stale.
+        max_age = hc.consent_max_age_s if self.cfg.consent.sync is not None else None
+        rules = HealthRules(hc.broker_down_s, hc.source_down_s, max_age)
         monitor = HealthMonitor(self, rules, now=self.now)
         return await serve_health(
             self, host.strip("[]"), int(port), monitor=monitor, latency=self.publish_latency

@@ -150,6 +150,7 @@ def test_unit_settings_the_issue_asks_for() -> None:
         "--config /etc/touchpoint-gateway/gateway.toml"
     )
     assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert one["MemoryMax"] == "512M" and one["MemoryHigh"] == "384M"  # issue 14
     assert one["ProtectSystem"] == "strict"
     assert one["DevicePolicy"] == "closed"
     assert sorted(svc["DeviceAllow"]) == [
