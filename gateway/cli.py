@@ -25,7 +25,7 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
+    from gateway.config import load_checked_config
     from gateway.daemon import Gateway
     from gateway.notify import Notifier
 
@@ -33,7 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         notifier = Notifier()
-        cfg = load_config(args.config)
+        cfg = load_checked_config(args.config)
         while True:  # SIGHUP with a valid config: a new instance on the same buffer
             gw = Gateway(cfg, notifier=notifier, config_path=args.config)
             await gw.run()
@@ -46,22 +46,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
-    from gateway.identity import Keyring
+    from gateway.config import load_checked_config
 
     failed = False
     for path in args.files:
         try:
-            cfg = load_config(path)
-            Keyring.from_files(cfg.keyring.keys, cfg.keyring.active)
+            cfg = load_checked_config(path)  # what start and reload run too
         except ConfigError as exc:
             failed = True
             for file, key, why in exc.problems:
                 print(f"{file}: {key or '<top>'}: {why}")
-            continue
-        except GatewayError as exc:
-            failed = True
-            print(f"{path}: keyring: {exc}")
             continue
         print(
             f"{path}: ok ({len(cfg.sources)} source(s), "

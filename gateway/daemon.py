@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.config import Config, load_config
+from gateway.config import Config, load_checked_config
 from gateway.consent import ConsentRegistry, load_seed_file
 from gateway.consent_sync import ConsentSync, RegistryUpdater
 from gateway.erasure import Eraser
@@ -412,8 +412,7 @@ class Gateway:
             log.warning("reload requested, but the daemon was not started from a config file")
             return
         try:
-            new = load_config(self.config_path)
-            Keyring.from_files(new.keyring.keys, new.keyring.active)
+            new = load_checked_config(self.config_path)  # what check-config and start run
         except GatewayError as exc:
             log.error("reload refused, the running config stays in force:\n%s", exc)
             self.metrics.inc("reloads_total", result="refused")
