@@ -458,7 +458,7 @@ class ConsentSync:
                     if announced.isdigit() and int(announced) > cap:
                         self._too_large(int(announced))
                     body = bytearray()
-                    async for chunk in resp.aiter_raw():
+                    async for chunk in resp.aiter_bytes():  # identity: no decoding
                         body += chunk
                         if len(body) > cap:
                             self._too_large(len(body))
