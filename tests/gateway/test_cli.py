@@ -112,7 +112,7 @@ def test_status_without_database_says_so(
         f'[buffer]\npath = "{tmp_path}/none.db"\n',
         encoding="utf-8",
     )
-    assert main(["status", "--config", str(cfg)]) == 1
+    assert main(["status", "--config", str(cfg)]) == 3, "not running, as systemctl says"
     assert "has not run yet" in capsys.readouterr().err
 
 
