@@ -522,6 +522,18 @@ class Config(Model):
             seen.add(src.name)
         return self
 
+    @model_validator(mode="after")
+    def _stale_after_a_poll(self) -> Config:
+        sync, health = self.consent.sync, self.health
+        max_age = None if health is None else health.consent_max_age_s
+        if sync is not None and max_age is not None and max_age <= sync.poll_interval_s:
+            raise ValueError(
+                f"health.consent_max_age_s ({max_age:g}) must exceed "
+                f"consent.sync.poll_interval_s ({sync.poll_interval_s:g}): "
+                "the registry would look stale between two good polls"
+            )
+        return self
+
 
 def _source_kinds() -> set[str]:
     kinds: set[str] = set()

@@ -97,3 +97,15 @@ def test_run_refuses_what_check_config_refuses(
     path = write(tmp_path, '[health]\nlisten = "127.0.0.1:99999"\n')
     assert main(["run", "--config", str(path)]) == 1
     assert "health.listen" in capsys.readouterr().err
+
+
+def test_a_stale_limit_shorter_than_the_poll_interval_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        '[consent.sync]\nbase_url = "https://c.example"\ntoken_file = "t"\n'
+        "poll_interval_s = 1800\n[health]\n",
+    )
+    assert main(["check-config", str(path)]) == 1
+    assert "consent_max_age_s (900) must exceed" in capsys.readouterr().out
