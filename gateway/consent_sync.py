@@ -435,7 +435,7 @@ class ConsentSync:
             )
         return applied
 
-    async def _fetch(self, client: httpx.AsyncClient, token: str) -> tuple[int, bytes]:
+    async def _fetch(self, client: httpx.AsyncClient, token: str) -> tuple[int, bytes | bytearray]:
         """One request within ``deadline_s``: (status, body of a 200, else b"").
 
         The body is streamed and cut at ``max_body_bytes``; a compressed answer is refused
@@ -462,7 +462,7 @@ class ConsentSync:
                         body += chunk
                         if len(body) > cap:
                             self._too_large(len(body))
-                    return 200, bytes(body)
+                    return 200, body  # json.loads takes it as it is: no copy
         except TimeoutError:
             self._count("deadline")
             raise SyncUnavailable(

@@ -10,6 +10,7 @@ An independent implementation: it imports nothing from ``gateway`` or ``drivers`
     api.fail(401, count=3)                      # the next 3 requests: 401
     api.delay(2.0, count=1)                     # the next request answers 2 s late
     api.hostile("flood", size=100 << 20)        # the next 200: a 100 MB body, streamed
+    api.hostile("flood", announce=False)        # ... with no Content-Length: until the close
     api.hostile("trickle", interval_s=1.0)      # the next 200: one byte a second
     api.hostile("body", body=b'{"cursor":...}')  # the next 200: exactly these bytes
     api.sent_bytes                              # body bytes written by hostile answers
@@ -64,6 +65,7 @@ class Hostile:
     size: int = 0
     interval_s: float = 1.0
     body: bytes = b""
+    announce: bool = True  # send Content-Length; without it the body ends at the close
 
 
 @dataclass(frozen=True)
@@ -216,12 +218,13 @@ class ConsentAPI:
         size: int = 100 * 1024 * 1024,
         interval_s: float = 1.0,
         body: bytes = b"",
+        announce: bool = True,
     ) -> None:
         """The next ``count`` authorized requests get a hostile 200 (see ``Hostile``)."""
         if mode not in ("flood", "trickle", "body"):
             raise ValueError(f"unknown hostile mode {mode!r}")
         with self._lock:
-            self._hostile.extend([Hostile(mode, size, interval_s, body)] * count)
+            self._hostile.extend([Hostile(mode, size, interval_s, body, announce)] * count)
 
     def take_hostile(self, authorized: bool) -> Hostile | None:
         with self._lock:
@@ -360,7 +363,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(size))
+            if hostile.announce:
+                self.send_header("Content-Length", str(size))
+            else:
+                self.send_header("Connection", "close")
             self.end_headers()
             if hostile.mode == "body":
                 self.wfile.write(data)
