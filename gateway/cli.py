@@ -182,8 +182,17 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from gateway.config import load_config
+    from gateway.consent import is_pseudonym
     from gateway.erasure import erase_offline
 
+    bad = sum(not is_pseudonym(p) for p in args.pseudonyms)
+    if bad:  # not echoed: it may be the raw number pasted by mistake
+        print(
+            f"{bad} argument(s) are not pseudonyms (<key id>:<22 base64url characters>); "
+            "get one with `touchpoint-gateway pseudonym`",
+            file=sys.stderr,
+        )
+        return 2
     cfg = load_config(args.config)
     path = Path(cfg.buffer.path)
     if not path.exists():

@@ -122,6 +122,9 @@ def test_config_schema_matches_the_shipped_file(capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().out == shipped
 
 
+LEAVER, STAYER = "k1:" + "L" * 22, "k1:" + "S" * 22
+
+
 def test_erase_removes_a_subjects_events_offline(
     tmp_path: Path, key_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -139,7 +142,7 @@ def test_erase_removes_a_subjects_events_offline(
         box.open()
         events = [
             Pending(time.time(), "card.read", s, f'"type":"card.read","subject":"{s}"}}')
-            for s in ["k1:leaver", "k1:stayer"] * 5
+            for s in [LEAVER, STAYER] * 5
         ]
         await box.submit_many(events)
         box.close()
@@ -152,13 +155,16 @@ def test_erase_removes_a_subjects_events_offline(
         f'[buffer]\npath = "{db}"\n',
         encoding="utf-8",
     )
-    assert main(["erase", "--config", str(cfg), "k1:leaver"]) == 0
+    for bad in ("k1:leaver", "k1:\ud800", "2600 1234 5678 9"):  # refused, not echoed
+        assert main(["erase", "--config", str(cfg), bad]) == 2
+        assert bad not in capsys.readouterr().err
+    assert main(["erase", "--config", str(cfg), LEAVER]) == 0
     assert "5 buffered event(s)" in capsys.readouterr().out
     data = db.read_bytes() + (
         db.with_name("buffer.db-wal").read_bytes()
         if db.with_name("buffer.db-wal").exists()
         else b""
     )
-    assert b'"subject":"k1:leaver"' not in data
-    assert data.count(b'"subject":"k1:stayer"') == 5
-    assert main(["erase", "--config", str(cfg), "k1:leaver"]) == 0, "idempotent"
+    assert f'"subject":"{LEAVER}"'.encode() not in data
+    assert data.count(f'"subject":"{STAYER}"'.encode()) == 5
+    assert main(["erase", "--config", str(cfg), LEAVER]) == 0, "idempotent"
