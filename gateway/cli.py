@@ -37,7 +37,7 @@ def _error_line(text: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
+    from gateway.config import load_checked_config
     from gateway.daemon import Gateway
     from gateway.notify import Notifier
 
@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         notifier = Notifier()
-        cfg = load_config(args.config)
+        cfg = load_checked_config(args.config)
         while True:  # SIGHUP with a valid config: a new instance on the same buffer
             gw = Gateway(cfg, notifier=notifier, config_path=args.config)
             await gw.run()
@@ -103,8 +103,7 @@ def _buffer_problem(db: Path) -> str | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
-    from gateway.identity import Keyring
+    from gateway.config import load_checked_config, load_config
 
     if (args.template is None) != (args.csv is None):
         raise SystemExit("check-config: --template and --csv go together")
@@ -115,17 +114,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     failed = args.template is not None and _check_rows(args.template, args.csv) != 0
     for path in args.files:
         try:
-            cfg = load_config(path)
-            if not args.offline:  # offline: the secrets are not on this machine
-                Keyring.from_files(cfg.keyring.keys, cfg.keyring.active)
+            cfg = (
+                load_config(path)  # offline: the secrets are not on this machine
+                if args.offline
+                else load_checked_config(path)  # what start and reload run too
+            )
         except ConfigError as exc:
             failed = True
             for file, key, why in exc.problems:
                 print(f"{file}: {key or '<top>'}: {why}")
-            continue
-        except GatewayError as exc:
-            failed = True
-            print(f"{path}: keyring: {exc}")
             continue
         if not args.offline and (trouble := _buffer_problem(Path(cfg.buffer.path))):
             failed = True
@@ -148,6 +145,12 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+# ``status`` exit codes, as systemctl's: 0 running and healthy, 1 running and unhealthy,
+# 3 not running (no answer on the health address, or no buffer yet), 4 unknown (no
+# ``[health]`` section to ask).
+STATUS_OK, STATUS_UNHEALTHY, STATUS_NOT_RUNNING, STATUS_UNKNOWN = 0, 1, 3, 4
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from gateway.config import load_config
     from gateway.erasure import WAL_WAIT_WHY
@@ -157,16 +160,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     path = Path(cfg.buffer.path)
     if not path.exists():
         print(f"no buffer database at {path} (the daemon has not run yet)", file=sys.stderr)
-        return 1
+        return STATUS_NOT_RUNNING
     conn = connect(path, readonly=True)
     try:
         now = time.time()
         stats = buffer_stats(conn, now)
     finally:
         conn.close()
+    doc, code, detail = _live(cfg)
     if args.json:
+        problems = doc.get("problems", []) if doc else []
+        stats["daemon"] = {"state": detail, "problems": problems, "exit_code": code}
         print(json.dumps(stats, indent=2, sort_keys=True))
-        return 0
+        return code
     last = stats["last_publish_at"]
     rows = [
         ("store / device", f"{cfg.gateway.store} / {cfg.gateway.device}"),
@@ -187,28 +193,36 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{stats['db_bytes'] / 1e6:.1f} MB (cap {cfg.buffer.max_bytes / 1e6:.0f} MB)",
         ),
     ]
-    rows += _live_rows(cfg)
+    rows += [("daemon", detail)] if doc is None else _live_rows(doc)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    return 0
+    return code
 
 
-def _live_rows(cfg: Any) -> list[tuple[str, str]]:
-    """What the running daemon says on its loopback /healthz, when [health] is set."""
+def _live(cfg: Any) -> tuple[dict[str, Any] | None, int, str]:
+    """Ask the running daemon's loopback /healthz: (its document, exit code, a word)."""
     import http.client
 
     if cfg.health is None:
-        return [("daemon", "no [health] section: live state not available")]
+        return None, STATUS_UNKNOWN, "no [health] section: live state not available"
     host, _, port = cfg.health.listen.rpartition(":")
     conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=2)
     try:
         conn.request("GET", "/healthz")
         doc = json.loads(conn.getresponse().read())
-    except (OSError, ValueError):
-        return [("daemon", f"not answering on {cfg.health.listen} (stopped?)")]
+        if not isinstance(doc, dict) or "status" not in doc:
+            raise ValueError("not a health document")
+    except (OSError, ValueError, http.client.HTTPException):
+        return None, STATUS_NOT_RUNNING, f"not answering on {cfg.health.listen} (stopped?)"
     finally:
         conn.close()
+    healthy = doc["status"] == "ok"
+    return doc, STATUS_OK if healthy else STATUS_UNHEALTHY, str(doc["status"])
+
+
+def _live_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the running daemon says on its /healthz, as rows."""
     rows = [("daemon", doc["status"] + "".join(f"; {p}" for p in doc.get("problems", [])))]
     broker = doc["broker"]
     rows.append(
@@ -275,8 +289,17 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from gateway.config import load_config
+    from gateway.consent import is_pseudonym
     from gateway.erasure import WAL_WAIT_WHY, erase_offline
 
+    bad = sum(not is_pseudonym(p) for p in args.pseudonyms)
+    if bad:  # not echoed: it may be the raw number pasted by mistake
+        print(
+            f"{bad} argument(s) are not pseudonyms (<key id>:<22 base64url characters>); "
+            "get one with `touchpoint-gateway pseudonym`",
+            file=sys.stderr,
+        )
+        return 2
     cfg = load_config(args.config)
     path = Path(cfg.buffer.path)
     if not path.exists():
@@ -397,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show the buffer's state",
         description="Show buffer depth, oldest pending age, last successful publish and "
-        "dead letters, read from the buffer database.",
+        "dead letters, read from the buffer database, and the running daemon's health "
+        "(with a [health] section).  Exit status as systemctl's: 0 running and healthy, "
+        "1 unhealthy, 3 not running, 4 unknown (no [health] section to ask).",
     )
     s.add_argument("--config", required=True, type=Path, help="the gateway's TOML config file")
     s.add_argument("--json", action="store_true", help="print one JSON object")
@@ -549,7 +574,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `status --json | head`: the reader left; say nothing
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports it
+    try:
+        sys.stdout.flush()  # a pipe closed after the last write fails here
+    except BrokenPipeError:
+        _quiet_stdout()
     return rc
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot complain."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

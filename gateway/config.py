@@ -11,6 +11,7 @@ import base64
 import ipaddress
 import json
 import os
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,7 +19,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.errors import ConfigError
+from gateway.consent import load_seed_file
+from gateway.errors import ConfigError, GatewayError
+from gateway.identity import decode_key
 from gateway.paths import CREDENTIALS_VAR, expand_credentials_in, secret_file_problem
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
@@ -173,7 +176,22 @@ class ConsentSyncConfig(Model):
     token_file: Path = Field(description="File holding the bearer token (re-read each poll)")
     ca_file: Path | None = Field(default=None, description="Private CA bundle (PEM) to trust")
     poll_interval_s: float = Field(default=60.0, gt=0, description="Delta poll interval")
-    timeout_s: float = Field(default=10.0, gt=0, description="Per-request timeout")
+    timeout_s: float = Field(
+        default=10.0, gt=0, description="Per-phase timeout (connect, each read, pool)"
+    )
+    deadline_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Total time one request may take, body included; cut after it",
+    )
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="Largest answer body accepted (about 100 bytes per record); "
+        "a larger one is cut off and refused",
+    )
     backoff: ConsentSyncBackoff = ConsentSyncBackoff()
     allow_plaintext: bool = Field(default=False, description=ALLOW_PLAINTEXT_HELP)
 
@@ -437,6 +455,19 @@ class ReceiptTapSourceConfig(Model):
             raise ValueError("url_prefix is required when inject is native or raster")
         return self
 
+    @field_validator("listen_host")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        if value == "localhost":
+            return value
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an IP address to listen on (e.g. 0.0.0.0 or 127.0.0.1)"
+            ) from None
+        return value
+
     @field_validator("stopbits")
     @classmethod
     def _stopbits(cls, value: float) -> float:
@@ -573,11 +604,27 @@ class HealthConfig(Model):
         description="Loopback address:port of /healthz and /metrics",
     )
     broker_down_s: float = Field(default=120.0, gt=0, description="Unhealthy: broker down longer")
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback_address(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"port {int(port)} is outside 1-65535")
+        if host not in ("localhost", "[::1]"):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IPv4 address") from None
+        return value
+
     source_down_s: float = Field(
         default=300.0, gt=0, description="Unhealthy: a source in error/absent longer"
     )
     consent_max_age_s: float | None = Field(
-        default=None, gt=0, description="Unhealthy: consent registry not synced for longer"
+        default=900.0,
+        gt=0,
+        description="Unhealthy: consent registry not synced for longer (with consent.sync)",
     )
 
 
@@ -598,6 +645,18 @@ class Config(Model):
             if src.name in seen:
                 raise ValueError(f"source name {src.name!r} is used twice")
             seen.add(src.name)
+        return self
+
+    @model_validator(mode="after")
+    def _stale_after_a_poll(self) -> Config:
+        sync, health = self.consent.sync, self.health
+        max_age = None if health is None else health.consent_max_age_s
+        if sync is not None and max_age is not None and max_age <= sync.poll_interval_s:
+            raise ValueError(
+                f"health.consent_max_age_s ({max_age:g}) must exceed "
+                f"consent.sync.poll_interval_s ({sync.poll_interval_s:g}): "
+                "the registry would look stale between two good polls"
+            )
         return self
 
 
@@ -716,6 +775,75 @@ def plaintext_links(cfg: Config) -> dict[str, str]:
     if sync is not None and sync.plaintext:
         out["consent_sync"] = f"consent sync to {urlsplit(sync.base_url).hostname} over http://"
     return out
+
+
+def load_checked_config(path: str | Path, *, credentials_directory: str | None = None) -> Config:
+    """The one validation ``check-config``, the start and a reload (SIGHUP) all run:
+    ``load_config`` and then ``runtime_problems``; every problem in one ConfigError."""
+    cfg = load_config(path, credentials_directory=credentials_directory)
+    problems = runtime_problems(cfg, str(path))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def runtime_problems(cfg: Config, file: str) -> list[tuple[str, str, str]]:
+    """What the daemon would only find out when it uses the config: files that cannot be
+    read, keys that do not load, certificates that do not match.  Add a check here and
+    check-config, start and reload all make it."""
+    problems: list[tuple[str, str, str]] = []
+
+    def readable(path: Path | None, key: str) -> str | None:
+        if path is None:
+            return None
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append((file, key, f"cannot read {path}: {exc.__class__.__name__}"))
+            return None
+
+    for key_id, key_path in cfg.keyring.keys.items():
+        text = readable(key_path, f"keyring.keys.{key_id}")
+        if text is not None:
+            try:
+                decode_key(text, str(key_path))
+            except GatewayError as exc:
+                problems.append((file, f"keyring.keys.{key_id}", str(exc)))
+    readable(cfg.mqtt.password_file, "mqtt.password_file")
+    tls = cfg.mqtt.tls
+    if tls is not None:
+        for name in ("ca_file", "cert_file", "key_file"):
+            readable(getattr(tls, name), f"mqtt.tls.{name}")
+        try:
+            ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+            if tls.cert_file is not None and tls.key_file is not None:
+                ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            problems.append((file, "mqtt.tls", f"the certificates do not load: {exc}"))
+    sync = cfg.consent.sync
+    if sync is not None and sync.ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(sync.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            problems.append((file, "consent.sync.ca_file", f"cannot load the CA: {exc}"))
+    if cfg.consent.seed_file is not None:
+        try:
+            load_seed_file(cfg.consent.seed_file)
+        except ConfigError as exc:
+            problems += [(file, key, f"{where}: {why}") for where, key, why in exc.problems]
+    for i, src in enumerate(cfg.sources):
+        key_file = getattr(src, "app_public_key_file", None)
+        text = readable(key_file, f"sources[{i}].app_public_key_file")
+        if text is not None:
+            try:
+                raw = base64.b64decode("".join(text.split()), validate=True)
+            except ValueError:
+                raw = b""
+            if len(raw) != 32:
+                problems.append(
+                    (file, f"sources[{i}].app_public_key_file", "not base64 of 32 bytes")
+                )
+    return problems
 
 
 def json_schema() -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,20 @@ REGISTRY_SOURCES = frozenset({"sync", "seed"})
 
 Row = tuple[str, str, float | None, str, float]
 
+# A subject is a pseudonym (contract §2): key id, a colon, 16 bytes in base64url without
+# padding.  Anything else from the registry or a push is refused before it is stored.
+PSEUDONYM_RE = re.compile(r"[a-z0-9]{1,16}:[A-Za-z0-9_-]{22}")
+MAX_SUBJECT_CHARS = 16 + 1 + 22
+
+
+def is_pseudonym(value: object) -> bool:
+    """Whether ``value`` is a pseudonym of the contract's grammar (nothing longer)."""
+    return (
+        isinstance(value, str)
+        and len(value) <= MAX_SUBJECT_CHARS
+        and PSEUDONYM_RE.fullmatch(value) is not None
+    )
+
 
 @dataclass(frozen=True, slots=True)
 class Consent:
@@ -59,7 +74,7 @@ class Consent:
 def parse_expiry(value: Any) -> float | None:
     if value is None:
         return None
-    if not isinstance(value, str):
+    if not isinstance(value, str) or len(value) > 64:
         raise ValueError("expires must be an RFC 3339 string or null")
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
@@ -73,8 +88,10 @@ def parse_records(data: Any) -> list[tuple[str, frozenset[str], float | None]]:
         if not isinstance(rec, dict):
             raise ValueError(f"records[{i}]: not an object")
         subject, purposes = rec.get("subject"), rec.get("purposes")
-        if not isinstance(subject, str) or ":" not in subject:
-            raise ValueError(f"records[{i}].subject: not a pseudonym")
+        if not isinstance(subject, str) or not is_pseudonym(subject):
+            raise ValueError(
+                f"records[{i}].subject: not a pseudonym (<key id>:<22 base64url characters>)"
+            )
         if (
             not isinstance(purposes, list)
             or not all(isinstance(p, str) for p in purposes)

@@ -34,6 +34,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -57,6 +58,11 @@ log = logging.getLogger(__name__)
 
 Record = tuple[str, frozenset[str], float | None]
 CURSOR_KEY = "consent_cursor"
+# The registry's cursor is opaque, but it goes back in a URL and into the buffer: bounded
+# in length and characters (a 70,000-character cursor made every later request fail).
+MAX_CURSOR_CHARS = 512
+CURSOR_RE = re.compile(r"[\x21-\x7e]+")
+MAX_PUSH_BYTES = 1024 * 1024  # a consent push larger than this is refused unread
 
 
 class SyncError(GatewayError):
@@ -172,6 +178,8 @@ class RegistryUpdater:
         """MQTT ``touchpoint/v1/<store>/consent``: ``{"v":1,"records":[...]}``.  Called on
         the event loop; the records are applied by a task at once."""
         try:
+            if len(payload) > MAX_PUSH_BYTES:
+                raise ValueError(f"larger than {MAX_PUSH_BYTES} bytes")
             doc = json.loads(payload)
             if not isinstance(doc, dict) or doc.get("v") != 1:
                 raise ValueError("not a v1 consent delta")
@@ -190,6 +198,7 @@ class RegistryUpdater:
     def _push_done(self, task: asyncio.Task[Applied]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
+            self.metrics.inc("consent_push_total", outcome="error")
             log.error("consent push not applied: %s", task.exception())
 
     async def drain(self) -> None:
@@ -198,9 +207,30 @@ class RegistryUpdater:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+def valid_cursor(value: object) -> bool:
+    """An opaque cursor we are willing to send back: 1-512 printable ASCII, no spaces."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_CURSOR_CHARS
+        and CURSOR_RE.fullmatch(value) is not None
+    )
+
+
 def load_cursor(conn: Any) -> str | None:
+    """The stored cursor, or None (a full snapshot) when there is none or it is not one
+    this version would accept (an older version stored anything the registry sent)."""
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (CURSOR_KEY,)).fetchone()
-    return str(row[0]) if row else None
+    if row is None:
+        return None
+    if not valid_cursor(row[0]):
+        size = len(row[0]) if isinstance(row[0], str | bytes) else 0
+        log.warning(
+            "consent sync: the stored cursor is not valid (%d characters); ignored, "
+            "fetching a full snapshot",
+            size,
+        )
+        return None
+    return str(row[0])
 
 
 def read_token(path: Path) -> str:
@@ -243,6 +273,11 @@ def parse_response(data: Any) -> tuple[str, bool, list[Record]]:
     cursor, reset = data.get("cursor"), data.get("reset")
     if not isinstance(cursor, str) or not isinstance(reset, bool):
         raise SyncProtocolError("cursor must be a string and reset a boolean")
+    if not valid_cursor(cursor):
+        raise SyncProtocolError(
+            f"the cursor is not 1-{MAX_CURSOR_CHARS} printable ASCII characters "
+            f"({len(cursor)} characters): answer refused"
+        )
     try:
         return cursor, reset, parse_records(data)
     except ValueError as exc:
@@ -272,6 +307,7 @@ class ConsentSync:
         self.sleep = sleep
         self.verify = tls_verify(cfg)
         self.cursor: str | None = None
+        self._loaded = False  # the stored cursor is read by the first step
         self.failures = 0
         self.last_ok_at: float | None = None
         self.last_error: str | None = None
@@ -286,21 +322,30 @@ class ConsentSync:
         )
 
     async def run(self) -> None:
-        self.cursor = await self.outbox.read(load_cursor)
+        """Poll forever.  Nothing a peer sends ends this task: every failure is counted,
+        logged and retried with backoff (only cancellation stops it)."""
         async with self.client() as client:
             while True:
                 delay = await self.step(client)
                 await self.sleep(delay)
 
     async def step(self, client: httpx.AsyncClient) -> float:
-        """One poll (two after a 410); the delay before the next one."""
+        """One poll (two after a 410); the delay before the next one.  Never raises
+        (except CancelledError): an unexpected error is a failed poll like any other."""
         try:
+            if not self._loaded:
+                self.cursor = await self.outbox.read(load_cursor)
+                self._loaded = True
             try:
                 await self.poll_once(client)
             except CursorExpired:
                 await self.poll_once(client)
         except SyncError as exc:
             return self._failed(exc)
+        except Exception as exc:  # a bug or a buffer failure: never the end of the daemon
+            self._count("error")
+            log.exception("consent sync: unexpected error")
+            return self._failed(SyncError(f"unexpected {exc.__class__.__name__}: {exc}"))
         self.failures = 0
         self.last_error = None
         self.last_ok_at = time.time()
@@ -339,18 +384,7 @@ class ConsentSync:
 
     async def poll_once(self, client: httpx.AsyncClient) -> Applied:
         token = await asyncio.to_thread(read_token, self.cfg.token_file)
-        params = {"since": self.cursor} if self.cursor is not None else None
-        try:
-            resp = await client.get(
-                self.url, params=params, headers={"Authorization": f"Bearer {token}"}
-            )
-        except httpx.TransportError as exc:
-            self._count("unavailable")
-            raise _transport_error(exc, self.cfg.timeout_s) from None
-        except httpx.HTTPError as exc:  # e.g. a body that does not decode
-            self._count("bad_response")
-            raise SyncProtocolError(f"{exc.__class__.__name__}: {exc}") from None
-        status = resp.status_code
+        status, body = await self._fetch(client, token)
         if status == 410:
             self._count("cursor_expired")
             if self.cursor is None:
@@ -372,8 +406,8 @@ class ConsentSync:
             self._count("bad_response")
             raise SyncProtocolError(f"unexpected HTTP {status} from {self.url}")
         try:
-            data = resp.json()
-        except (ValueError, RecursionError):  # not JSON, or nested absurdly deep
+            data = json.loads(body)
+        except (ValueError, RecursionError):  # not JSON or not UTF-8, or nested absurdly deep
             self._count("bad_response")
             raise SyncProtocolError("the body is not JSON") from None
         try:
@@ -400,6 +434,53 @@ class ConsentSync:
                 len(self.updater.registry.records),
             )
         return applied
+
+    async def _fetch(self, client: httpx.AsyncClient, token: str) -> tuple[int, bytes | bytearray]:
+        """One request within ``deadline_s``: (status, body of a 200, else b"").
+
+        The body is streamed and cut at ``max_body_bytes``; a compressed answer is refused
+        (identity is asked for) so the cap bounds the memory a body can take."""
+        params = {"since": self.cursor} if self.cursor is not None else None
+        headers = {"Authorization": f"Bearer {token}", "Accept-Encoding": "identity"}
+        cap, deadline = self.cfg.max_body_bytes, self.cfg.deadline_s
+        try:
+            async with asyncio.timeout(deadline):
+                async with client.stream("GET", self.url, params=params, headers=headers) as resp:
+                    if resp.status_code != 200:
+                        return resp.status_code, b""
+                    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+                    if encoding not in ("", "identity"):
+                        self._count("bad_response")
+                        raise SyncProtocolError(
+                            f"a {encoding}-encoded answer was refused (identity was asked for)"
+                        )
+                    announced = resp.headers.get("content-length", "")
+                    if announced.isdigit() and int(announced) > cap:
+                        self._too_large(int(announced))
+                    body = bytearray()
+                    async for chunk in resp.aiter_bytes():  # identity: no decoding
+                        body += chunk
+                        if len(body) > cap:
+                            self._too_large(len(body))
+                    return 200, body  # json.loads takes it as it is: no copy
+        except TimeoutError:
+            self._count("deadline")
+            raise SyncUnavailable(
+                f"no complete answer within consent.sync.deadline_s ({deadline:g}s): cut"
+            ) from None
+        except httpx.TransportError as exc:
+            self._count("unavailable")
+            raise _transport_error(exc, self.cfg.timeout_s) from None
+        except httpx.HTTPError as exc:  # e.g. a malformed response
+            self._count("bad_response")
+            raise SyncProtocolError(f"{exc.__class__.__name__}: {exc}") from None
+
+    def _too_large(self, size: int) -> None:
+        self._count("too_large")
+        raise SyncProtocolError(
+            f"the answer is larger than consent.sync.max_body_bytes "
+            f"({size} > {self.cfg.max_body_bytes} bytes): cut off and refused"
+        )
 
     def _count(self, outcome: str) -> None:
         self.metrics.inc("consent_sync_polls_total", outcome=outcome)

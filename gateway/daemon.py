@@ -23,7 +23,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.clock import clock_is_set, clock_state
-from gateway.config import Config, load_config, plaintext_links
+from gateway.config import Config, HealthConfig, load_checked_config, plaintext_links
 from gateway.consent import ConsentRegistry, load_seed_file
 from gateway.consent_sync import ConsentSync, RegistryUpdater
 from gateway.erasure import Eraser
@@ -37,7 +37,7 @@ from gateway.memory import release_free_memory
 from gateway.metrics import Cell, Metrics
 from gateway.mqtt import PahoPublisher
 from gateway.notify import Notifier, watchdog_interval
-from gateway.outbox import Outbox, Pending
+from gateway.outbox import Outbox, Pending, WriterDied
 from gateway.policy import ConsentPolicy
 from gateway.ports import Publisher, Reading, Source, SourceContext
 from gateway.registry import build_source
@@ -111,12 +111,11 @@ class Gateway:
         self.last_stats: dict[str, Any] = {}
         self._encoders: dict[tuple[str, str], tuple[EventEncoder, Cell]] = {}
         self._dropped_consent = self.metrics.counter("events_dropped_total", reason="consent")
-        hc = cfg.health
-        rules = (
-            HealthRules(hc.broker_down_s, hc.source_down_s, hc.consent_max_age_s)
-            if hc is not None
-            else HealthRules()
-        )
+        # the /healthz and .../health rules; a registry never synced from central (seed
+        # file only) cannot go stale
+        hc = cfg.health or HealthConfig()
+        max_age = hc.consent_max_age_s if cfg.consent.sync is not None else None
+        rules = HealthRules(hc.broker_down_s, hc.source_down_s, max_age)
         self.health_monitor = HealthMonitor(self, rules, now=now)
         self._cert_warned: dict[str, float] = {}  # certificate -> when last warned (monotonic)
         # events say "clock":"unsynced" while the wall clock is not known to be synchronised
@@ -381,26 +380,13 @@ class Gateway:
             await publisher.start()
             health = await self._start_health()
             self._check_certificates()
-            async with asyncio.TaskGroup() as tg:
-                fwd = tg.create_task(self.forwarder.run(), name="forwarder")
-                hk = tg.create_task(self._housekeeping(), name="housekeeping")
-                hp = tg.create_task(
-                    self._health_publisher(publisher).run(), name="health-publisher"
-                )
-                srcs = [
-                    tg.create_task(self._supervise(c), name=f"source:{c.name}")
-                    for c in self.cfg.sources
-                ] + [
-                    tg.create_task(self._supervise(None, src), name=f"source:{src.name}")
-                    for src in self._extra_sources
-                ]
-                core = [fwd, hk, hp]
-                if self.consent_sync is not None:
-                    core.append(tg.create_task(self.consent_sync.run(), name="consent-sync"))
-                tg.create_task(
-                    self._stop_sequence(publisher, srcs, core, drain_timeout),
-                    name="stop-sequence",
-                )
+            try:
+                await self._run_tasks(publisher, drain_timeout)
+            except BaseExceptionGroup as group:  # a dead buffer writer: say that, exit 1
+                died = group.subgroup(WriterDied)
+                if died is None:
+                    raise
+                raise died.exceptions[0] from None
         finally:
             if health is not None:
                 health.close()
@@ -410,6 +396,37 @@ class Gateway:
                     loop.remove_signal_handler(sig)
             self.outbox.close()
             self.notifier.close()
+
+    async def _run_tasks(self, publisher: Publisher, drain_timeout: float) -> None:
+        """Every task of the running daemon, in one group."""
+        assert self.forwarder is not None
+        async with asyncio.TaskGroup() as tg:
+            fwd = tg.create_task(self.forwarder.run(), name="forwarder")
+            watch = tg.create_task(self._watch_writer(), name="buffer-writer")
+            hk = tg.create_task(self._housekeeping(), name="housekeeping")
+            hp = tg.create_task(self._health_publisher(publisher).run(), name="health-publisher")
+            srcs = [
+                tg.create_task(self._supervise(c), name=f"source:{c.name}")
+                for c in self.cfg.sources
+            ] + [
+                tg.create_task(self._supervise(None, src), name=f"source:{src.name}")
+                for src in self._extra_sources
+            ]
+            core = [fwd, hk, watch, hp]
+            if self.consent_sync is not None:
+                core.append(tg.create_task(self.consent_sync.run(), name="consent-sync"))
+            tg.create_task(
+                self._stop_sequence(publisher, srcs, core, drain_timeout),
+                name="stop-sequence",
+            )
+        failed = self.outbox.failed
+        if failed.done() and not failed.cancelled():  # it died while stopping: a failure
+            raise failed.result()
+
+    async def _watch_writer(self) -> None:
+        """Raise when the buffer's writer thread dies: that ends the group, and the
+        process exits non-zero for systemd to restart it (nothing could be buffered)."""
+        raise await asyncio.shield(self.outbox.failed)
 
     async def _start_health(self) -> asyncio.Server | None:
         hc = self.cfg.health
@@ -476,8 +493,7 @@ class Gateway:
             log.warning("reload requested, but the daemon was not started from a config file")
             return
         try:
-            new = load_config(self.config_path)
-            Keyring.from_files(new.keyring.keys, new.keyring.active)
+            new = load_checked_config(self.config_path)  # what check-config and start run
         except GatewayError as exc:
             log.error("reload refused, the running config stays in force:\n%s", exc)
             self.metrics.inc("reloads_total", result="refused")

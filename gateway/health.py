@@ -10,8 +10,11 @@ Health rules (``HealthRules``; any one makes /healthz answer 503):
 - the buffer's last write failed (gauge ``buffer_write_ok`` is 0);
 - a source has been in state ``error`` or ``absent`` for longer than ``source_down_s``,
   or is ``disabled`` (its driver could not load: it will not recover by itself);
-- when ``consent_max_age_s`` is set: the consent registry was last synced longer ago
-  (gauge ``consent_sync_last_ok_at``, set by ``gateway.consent_sync``).
+- when ``consent_max_age_s`` is set (the daemon sets it when ``consent.sync`` is on,
+  900 s by default): the consent registry was last synced longer ago, or never in that
+  long since the start (gauge ``consent_sync_last_ok_at``, set by ``gateway.consent_sync``);
+- the buffer's writer thread died: ``buffer_write_ok`` is 0 from that moment, the last
+  error says so, ``buffer_writer_failures_total`` counts it (and the daemon exits).
 
 Everything else (buffer depth, oldest event, last reading per source, last error per
 component) is reported, not judged.  The server binds loopback addresses only and reads
@@ -76,7 +79,8 @@ HELP: dict[str, str] = {
     "consent_sync_last_ok_timestamp_seconds": "Unix time of the last successful consent sync",
     "build_info": "Always 1; the labels say the gateway's version and Python",
     "consent_sync_up": "1 while the consent registry sync succeeds",
-    "consent_sync_polls_total": "Consent registry polls, by outcome",
+    "consent_sync_polls_total": "Consent registry polls, by outcome (too_large, deadline, ...)",
+    "buffer_writer_failures_total": "Times the buffer's writer thread died (the daemon exits)",
     "consent_push_total": "Consent pushes received over MQTT, by outcome",
     "consent_records_total": "Consent records applied, by kind",
     "reloads_total": "SIGHUP reloads, by result",
@@ -249,9 +253,8 @@ class HealthMonitor:
 
         synced_at = _gauge(m, "consent_sync_last_ok_at")
         sync_age = None if synced_at is None else now - synced_at
-        if rules.consent_max_age_s is not None and (
-            sync_age is None or sync_age > rules.consent_max_age_s
-        ):
+        stale_for = now - self._started if sync_age is None else sync_age
+        if rules.consent_max_age_s is not None and stale_for > rules.consent_max_age_s:
             problems.append(
                 "consent registry never synced"
                 if sync_age is None

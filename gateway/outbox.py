@@ -20,6 +20,12 @@ Bounds: ``max_page_count`` caps the file (deletes still work when it is full), r
 than ``max_age_s`` are expired, and when full the configured policy applies
 (``evict_oldest`` deletes the oldest rows; ``drop_new`` refuses the new ones); every
 eviction, expiry and drop is counted.  ``secure_delete`` overwrites deleted content.
+
+The writer thread cannot end unnoticed: an exception other than a SQLite error (a bug, or
+a database changed under the daemon into something the code does not expect) is logged,
+counted (``buffer_writer_failures_total``), turns ``buffer_write_ok`` to 0, fails every
+command queued or yet to come with ``WriterDied``, and resolves ``failed``: the daemon
+watches it and exits non-zero so systemd restarts it.
 """
 
 from __future__ import annotations
@@ -89,6 +95,10 @@ class BufferFull(BufferError_):
     """The buffer is full and the policy is ``drop_new``: the event was not stored."""
 
 
+class WriterDied(BufferError_):
+    """The writer thread ended on an unexpected exception: nothing more is written."""
+
+
 @dataclass(slots=True)
 class _Cmd:
     kind: str  # "append" | "write" | "read"
@@ -152,6 +162,8 @@ class Outbox:
         self._evict_log_at = 0.0  # writer thread only: evictions not yet logged, and when
         self._evicted_unlogged = 0
         self._evict_logged = False
+        self._dead: WriterDied | None = None  # set by the writer thread as it dies
+        self._failed: asyncio.Future[WriterDied] | None = None
 
     # -- lifecycle (blocking; call before the pipeline starts) ------------------------
 
@@ -184,6 +196,7 @@ class Outbox:
             raise BufferError_(f"{path}: cannot open the buffer database: {exc}") from exc
         self._conn = conn
         self._loop = loop or asyncio.get_running_loop()
+        self._failed = self._loop.create_future()
         self._last_write_ok = True
         self.metrics.set("buffer_write_ok", 1)  # the writer thread reports changes
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
@@ -257,13 +270,26 @@ class Outbox:
         assert self._loop is not None
         fut: asyncio.Future[list[int]] = self._loop.create_future()
         self._outstanding += len(events)
-        self._queue.put(_Cmd("append", events=events, future=fut))
+        self._put(_Cmd("append", events=events, future=fut))
         return fut
 
     def _flush_open(self) -> None:
         if self._open:
-            self._queue.put(_Cmd("append", events=self._open, future=self._open_future))
+            self._put(_Cmd("append", events=self._open, future=self._open_future))
             self._open = []
+
+    def _put(self, cmd: _Cmd) -> None:
+        """Queue a command for the writer; once it has died, fail the command instead."""
+        if self._dead is None:
+            self._queue.put(cmd)
+        else:
+            self._fail([cmd], self._dead)
+
+    @property
+    def failed(self) -> asyncio.Future[WriterDied]:
+        """Resolves (with the error) when the writer thread has died; never otherwise."""
+        assert self._failed is not None
+        return self._failed
 
     async def wait_capacity(self) -> None:
         """Backpressure: wait while too many events are submitted but not yet committed."""
@@ -292,7 +318,7 @@ class Outbox:
         assert self._loop is not None
         self._flush_open()
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Cmd("write", fn=fn, future=fut, invalidates=invalidates))
+        self._put(_Cmd("write", fn=fn, future=fut, invalidates=invalidates))
         return fut
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -300,7 +326,7 @@ class Outbox:
         assert self._loop is not None
         self._flush_open()
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Cmd("read", fn=fn, future=fut))
+        self._put(_Cmd("read", fn=fn, future=fut))
         return fut
 
     def fetch(
@@ -413,14 +439,67 @@ class Outbox:
         return group, stop
 
     def _run(self) -> None:
+        group: list[_Cmd] = []
+        try:
+            while True:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                group, stop = self._collect(first)
+                self._execute(group)
+                group = []
+                if stop:
+                    return
+        except BaseException as exc:  # the thread must not end unnoticed
+            self._died(group, exc)
+
+    def _died(self, group: list[_Cmd], exc: BaseException) -> None:
+        """Writer thread, dying: roll back, tell the loop, fail everything queued."""
+        log.critical(
+            "the buffer writer stopped on an unexpected %s; nothing more can be buffered: "
+            "the daemon exits for systemd to restart it",
+            exc.__class__.__name__,
+            exc_info=exc,
+        )
+        if self._conn is not None:
+            self._rollback(self._conn)
+        dead = WriterDied(f"the buffer writer stopped: {exc.__class__.__name__}: {exc}")
+        self._dead = dead  # from now on, commands fail at once (``_put``)
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            self._loop.call_soon_threadsafe(self._on_death, group, dead)
+
+    def _on_death(self, group: list[_Cmd], dead: WriterDied) -> None:
+        """Event loop: count, turn health red, fail the group and the queue, signal."""
+        self._last_write_ok = False
+        self.metrics.inc("buffer_writer_failures_total")
+        self.metrics.set("buffer_write_ok", 0)
+        self.metrics.error("buffer", str(dead))
+        cmds = [c for c in group if c.future is None or not c.future.done()]
         while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            group, stop = self._collect(first)
-            self._execute(group)
-            if stop:
-                return
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Cmd):
+                cmds.append(item)
+        self._fail(cmds, dead)
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_result(dead)
+
+    def _fail(self, cmds: list[_Cmd], dead: WriterDied) -> None:
+        """Event loop: fail commands the dead writer will never run; lost events count."""
+        lost = sum(len(c.events) for c in cmds)
+        if lost:
+            self._outstanding -= lost
+            self._capacity.set()
+            self.metrics.inc("events_dropped_total", lost, reason="buffer_error")
+        for cmd in cmds:
+            fut = cmd.future
+            if fut is not None and not fut.done():
+                fut.set_exception(dead)
+                if cmd.kind == "append":  # counted here; sources do not wait
+                    fut.exception()
 
     def _execute(self, group: list[_Cmd]) -> None:
         assert self._conn is not None

@@ -9,6 +9,11 @@ An independent implementation: it imports nothing from ``gateway`` or ``drivers`
     api.expire_cursors()                        # every cursor handed out so far: 410
     api.fail(401, count=3)                      # the next 3 requests: 401
     api.delay(2.0, count=1)                     # the next request answers 2 s late
+    api.hostile("flood", size=100 << 20)        # the next 200: a 100 MB body, streamed
+    api.hostile("flood", announce=False)        # ... with no Content-Length: until the close
+    api.hostile("trickle", interval_s=1.0)      # the next 200: one byte a second
+    api.hostile("body", body=b'{"cursor":...}')  # the next 200: exactly these bytes
+    api.sent_bytes                              # body bytes written by hostile answers
     api.base_url                                # http://127.0.0.1:<port>
     api.requests                                # what the gateway asked, and the answers
     api.stop()
@@ -51,6 +56,19 @@ def rfc3339(at: float) -> str:
 
 
 @dataclass(frozen=True)
+class Hostile:
+    """A broken or hostile 200 answer: ``flood`` (``size`` bytes of a JSON object that
+    never ends, streamed, with Content-Length), ``trickle`` (a valid snapshot, one byte
+    every ``interval_s``), ``body`` (exactly ``body``)."""
+
+    mode: str
+    size: int = 0
+    interval_s: float = 1.0
+    body: bytes = b""
+    announce: bool = True  # send Content-Length; without it the body ends at the close
+
+
+@dataclass(frozen=True)
 class Request:
     store: str
     since: str | None
@@ -84,6 +102,8 @@ class ConsentAPI:
         self._records: dict[str, dict[str, tuple[int, Record]]] = {}
         self._failures: list[int] = []  # statuses for the next requests, in order
         self._delays: list[float] = []
+        self._hostile: list[Hostile] = []  # answers for the next authorized requests
+        self.sent_bytes = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._script: threading.Thread | None = None
@@ -190,6 +210,32 @@ class ConsentAPI:
         with self._lock:
             self._delays.extend([seconds] * count)
 
+    def hostile(
+        self,
+        mode: str,
+        *,
+        count: int = 1,
+        size: int = 100 * 1024 * 1024,
+        interval_s: float = 1.0,
+        body: bytes = b"",
+        announce: bool = True,
+    ) -> None:
+        """The next ``count`` authorized requests get a hostile 200 (see ``Hostile``)."""
+        if mode not in ("flood", "trickle", "body"):
+            raise ValueError(f"unknown hostile mode {mode!r}")
+        with self._lock:
+            self._hostile.extend([Hostile(mode, size, interval_s, body, announce)] * count)
+
+    def take_hostile(self, authorized: bool) -> Hostile | None:
+        with self._lock:
+            if not authorized or not self._hostile or self._failures:
+                return None
+            return self._hostile.pop(0)
+
+    def count_sent(self, n: int) -> None:
+        with self._lock:
+            self.sent_bytes += n
+
     def set_token(self, token: str) -> None:
         with self._lock:
             self.token = token
@@ -282,7 +328,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": "not found"})
             return
         since = parse_qs(url.query).get("since", [None])[0]
-        status, body, delay = self.owner.answer(parts[2], since, self.headers.get("Authorization"))
+        authorization = self.headers.get("Authorization")
+        hostile = self.owner.take_hostile(authorization == f"Bearer {self.owner.token}")
+        if hostile is not None:
+            self._send_hostile(hostile, parts[2], since, authorization)
+            return
+        status, body, delay = self.owner.answer(parts[2], since, authorization)
         if delay and self.owner._stopping.wait(delay):
             return
         self._send(status, body)
@@ -297,6 +348,51 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except OSError:
             pass  # the client gave up (timeout): nothing to tell it
+
+    def _send_hostile(
+        self, hostile: Hostile, store: str, since: str | None, authorization: str | None
+    ) -> None:
+        if hostile.mode == "body":
+            data = hostile.body
+        elif hostile.mode == "trickle":
+            _, body, _ = self.owner.answer(store, None, authorization)
+            data = json.dumps(body, separators=(",", ":")).encode()
+        else:
+            data = b""
+        size = hostile.size if hostile.mode == "flood" else len(data)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            if hostile.announce:
+                self.send_header("Content-Length", str(size))
+            else:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if hostile.mode == "body":
+                self.wfile.write(data)
+                self.owner.count_sent(len(data))
+            elif hostile.mode == "trickle":
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    self.owner.count_sent(1)
+                    if self.owner._stopping.wait(hostile.interval_s):
+                        return
+            else:  # flood: an object whose records never end, never held in memory
+                head = b'{"cursor":"1.0","reset":true,"records":['
+                self.wfile.write(head)
+                self.owner.count_sent(len(head))
+                block = b'{"subject":"k1:AAAAAAAAAAAAAAAAAAAAAA","purposes":[],"expires":null},'
+                chunk = block * (65536 // len(block))
+                sent = len(head)
+                while sent < size and not self.owner._stopping.is_set():
+                    part = chunk[: size - sent]
+                    self.wfile.write(part)
+                    sent += len(part)
+                    self.owner.count_sent(len(part))
+        except OSError:
+            pass  # the client cut the answer (its cap or deadline): that is the point
+        self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("consent api: " + format, *args)

@@ -152,8 +152,12 @@ def qr() -> dict[str, bytes]:
 def _records() -> list[dict[str, object]]:
     return [
         {"subject": SUBJECT, "purposes": ["analytics", "linking"], "expires": None},
-        {"subject": "k1:abc", "purposes": [], "expires": "2030-01-01T00:00:00Z"},
-        {"subject": "k2:def", "purposes": ["marketing"], "expires": "2030-01-01T00:00:00+02:00"},
+        {"subject": "k1:" + "a" * 22, "purposes": [], "expires": "2030-01-01T00:00:00Z"},
+        {
+            "subject": "k2:" + "D-_" * 7 + "f",
+            "purposes": ["marketing"],
+            "expires": "2030-01-01T00:00:00+02:00",
+        },
     ]
 
 
@@ -170,6 +174,30 @@ def consent_api() -> dict[str, bytes]:
         "snapshot": json.dumps({"cursor": "c-1", "reset": True, "records": _records()}).encode(),
         "delta": b'{"cursor":"c-2","reset":false,"records":[]}',
         "not-json": b"<html>502</html>",
+    }
+
+
+def consent_cursor() -> dict[str, bytes]:
+    return {
+        "epoch": b"1.42",
+        "opaque": b"eyJvZmZzZXQiOjQyfQ==",
+        "longest": b"c" * 512,
+        "too-long": b"c" * 513,
+        "space": b"1 2",
+        "blob": b"\x001.42",
+        "not-utf8": b"1.\xff",
+    }
+
+
+def consent_subject() -> dict[str, bytes]:
+    return {
+        "vector": SUBJECT.encode(),
+        "longest-key-id": ("k" * 16 + ":" + "A" * 22).encode(),
+        "short": b"k1:abc",
+        "lone-surrogate": b"\\k1:\\ud800",
+        "not-utf8": b"k1:\xed\xa0\x80" + b"A" * 19,
+        "upper-key-id": ("K1:" + "A" * 22).encode(),
+        "padded": ("k1:" + "A" * 21 + "=").encode(),
     }
 
 
@@ -225,6 +253,8 @@ SEEDS = {
     "qr": qr,
     "consent_push": consent_push,
     "consent_api": consent_api,
+    "consent_cursor": consent_cursor,
+    "consent_subject": consent_subject,
     "consent_seed": consent_seed,
     "config_toml": config_toml,
     "identity": identity,

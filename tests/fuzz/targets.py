@@ -53,8 +53,19 @@ from drivers.card_frames import (
 )
 from drivers.escpos import MAX_HEADER, EscPosParser
 from gateway.config import ConsentSyncConfig, load_config
-from gateway.consent import PURPOSES, load_seed_file
-from gateway.consent_sync import Applied, ConsentSync, RegistryUpdater, SyncError
+from gateway.consent import PURPOSES, ConsentRegistry, load_seed_file, parse_records
+from gateway.consent_sync import (
+    CURSOR_KEY,
+    MAX_CURSOR_CHARS,
+    Applied,
+    ConsentSync,
+    RegistryUpdater,
+    SyncError,
+    SyncProtocolError,
+    load_cursor,
+    parse_response,
+    valid_cursor,
+)
 from gateway.errors import ConfigError, RejectedInput, TokenError
 from gateway.identity import NAMESPACES, Keyring, canonicalise, decode_key
 from gateway.metrics import Metrics
@@ -360,9 +371,25 @@ def run_qr(data: bytes) -> None:
 
 def _check_records(records: Any) -> None:
     for subject, purposes, expires in records:
-        assert isinstance(subject, str) and ":" in subject
+        _check_subject(subject)
         assert purposes <= PURPOSES
         assert expires is None or isinstance(expires, float)
+
+
+_CONTRACT_PSEUDONYM = re.compile(r"^[a-z0-9]{1,16}:[A-Za-z0-9_-]{22}$")  # event.json
+
+
+def _check_subject(subject: Any) -> None:
+    """An accepted subject is the contract's pseudonym: encodable, storable, short."""
+    assert isinstance(subject, str) and _CONTRACT_PSEUDONYM.match(subject), repr(subject)
+    subject.encode("utf-8")  # a lone surrogate here killed the buffer's writer
+
+
+def _check_cursor_usable(cursor: str) -> None:
+    """An accepted cursor goes back in the next request's URL and into the buffer."""
+    assert valid_cursor(cursor) and len(cursor) <= MAX_CURSOR_CHARS
+    cursor.encode("ascii")
+    httpx.Request("GET", "https://central.invalid/v1/stores/s/consent", params={"since": cursor})
 
 
 class _FakeOutbox:
@@ -440,10 +467,57 @@ def run_consent_api(data: bytes) -> None:
                 assert str(exc)
                 assert sync.cursor is None and not updater.applied
                 return
-        assert isinstance(sync.cursor, str) and len(updater.applied) == 1
-        _check_records(updater.applied[0])
+            assert isinstance(sync.cursor, str) and len(updater.applied) == 1
+            _check_records(updater.applied[0])
+            _check_cursor_usable(sync.cursor)
+            await sync.poll_once(client)  # the accepted cursor goes back: no crash
+            assert len(updater.applied) == 2
 
     asyncio.run(go())
+
+
+def run_consent_cursor(data: bytes) -> None:
+    """A cursor as the buffer holds it (an older version stored whatever it was sent):
+    ``load_cursor`` gives None or a cursor the next request can carry."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT)")
+    stored: str | bytes = data[1:] if data[:1] == b"\x00" else _text(data)  # text or a blob
+    with contextlib.suppress(UnicodeEncodeError):  # sqlite3 cannot store a lone surrogate
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (CURSOR_KEY, stored))
+    cursor = load_cursor(conn)
+    if cursor is not None:
+        _check_cursor_usable(cursor)
+    body = json.dumps({"cursor": _text(data), "reset": False, "records": []})
+    try:
+        got, _, _ = parse_response(json.loads(body))
+    except SyncProtocolError as exc:
+        assert str(exc)
+        return
+    _check_cursor_usable(got)
+
+
+def run_consent_subject(data: bytes) -> None:
+    """A subject in a registry record: refused with a short ValueError, or a pseudonym
+    the buffer can store.  Input starting with a backslash is a JSON string body (so
+    ``\\ud800`` escapes make lone surrogates); invalid UTF-8 makes them too."""
+    if data.startswith(b"\\"):
+        try:
+            subject: Any = json.loads('"' + _text(data[1:]) + '"')
+        except (ValueError, RecursionError):
+            return
+    else:
+        subject = _text(data)
+    doc = {"records": [{"subject": subject, "purposes": ["linking"], "expires": None}]}
+    try:
+        records = parse_records(doc)
+    except ValueError as exc:
+        assert 0 < len(str(exc)) < 200, "the error does not echo the subject"
+        return
+    _check_records(records)
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE consent(subject TEXT PRIMARY KEY, purposes TEXT, expires REAL,"
+                 " source TEXT, updated_at REAL)")  # fmt: skip
+    ConsentRegistry.persist(conn, [(records[0][0], '["linking"]', None, "sync", 0.0)])
 
 
 def run_consent_seed(data: bytes) -> None:
@@ -538,6 +612,16 @@ TARGETS: dict[str, Target] = {
             "consent_api",
             run_consent_api,
             "gateway.consent_sync.ConsentSync.poll_once / parse_response",
+        ),
+        Target(
+            "consent_cursor",
+            run_consent_cursor,
+            "gateway.consent_sync.load_cursor / parse_response cursor",
+        ),
+        Target(
+            "consent_subject",
+            run_consent_subject,
+            "gateway.consent.parse_records subject / is_pseudonym",
         ),
         Target(
             "consent_seed",

@@ -27,8 +27,10 @@ from tests.fuzz.targets import (
     VECTORS,
     _check_records,
     run_consent_api,
+    run_consent_cursor,
     run_consent_push,
     run_consent_seed,
+    run_consent_subject,
 )
 
 _ZONES = [UTC, timezone(timedelta(hours=14)), timezone(-timedelta(hours=23, minutes=59))]
@@ -126,3 +128,45 @@ def test_seed_files_load_or_give_config_error(doc: Any, data: st.DataObject) -> 
         bounded(run_consent_seed, _bytes(doc, data.draw))
     except TARGETS["consent_seed"].known_bugs:
         pass
+
+
+# -- the boundaries issue 14 added: cursors and subjects ----------------------------------
+
+_any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=600)
+_near_pseudonyms = st.from_regex(r"[a-z0-9]{1,17}:[A-Za-z0-9_=+/-]{20,24}", fullmatch=True)
+
+
+@fuzz_settings(0.5)
+@given(
+    cursor=_any_text
+    | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=500, max_size=520)
+)
+def test_cursors_are_usable_or_refused(cursor: str) -> None:
+    bounded(run_consent_cursor, cursor.encode("utf-8", "surrogatepass"))
+
+
+@fuzz_settings(0.5)
+@given(subject=_any_text | _near_pseudonyms)
+def test_subjects_are_pseudonyms_or_refused(subject: str) -> None:
+    bounded(run_consent_subject, subject.encode("utf-8", "surrogatepass"))
+    escaped = json.dumps(subject)[1:-1]  # as a JSON body carries it: \ud800 and all
+    bounded(run_consent_subject, b"\\" + escaped.encode())
+
+
+@fuzz_settings(0.5)
+@given(
+    cursor=_any_text,
+    subject=_any_text | _near_pseudonyms | st.sampled_from(_SUBJECTS),
+    data=st.data(),
+)
+def test_registry_answers_with_any_cursor_and_subject(
+    cursor: str, subject: str, data: st.DataObject
+) -> None:
+    """Through the real poller: a cursor or subject it accepts is one it can use next."""
+    doc = {
+        "cursor": cursor,
+        "reset": data.draw(st.booleans()),
+        "records": [{"subject": subject, "purposes": ["linking"], "expires": None}],
+    }
+    bounded(run_consent_api, json.dumps(doc).encode())
+    bounded(run_consent_push, json.dumps({"v": 1, "records": doc["records"]}).encode())

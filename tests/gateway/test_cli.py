@@ -126,7 +126,7 @@ def test_status_without_database_says_so(
         f'[buffer]\npath = "{tmp_path}/none.db"\n',
         encoding="utf-8",
     )
-    assert main(["status", "--config", str(cfg)]) == 1
+    assert main(["status", "--config", str(cfg)]) == 3, "not running, as systemctl says"
     assert "has not run yet" in capsys.readouterr().err
 
 
@@ -134,6 +134,9 @@ def test_config_schema_matches_the_shipped_file(capsys: pytest.CaptureFixture[st
     assert main(["config-schema"]) == 0
     shipped = (ROOT / "firmware-config" / "gateway.schema.json").read_text(encoding="utf-8")
     assert capsys.readouterr().out == shipped
+
+
+LEAVER, STAYER = "k1:" + "L" * 22, "k1:" + "S" * 22
 
 
 def test_erase_removes_a_subjects_events_offline(
@@ -153,7 +156,7 @@ def test_erase_removes_a_subjects_events_offline(
         box.open()
         events = [
             Pending(time.time(), "card.read", s, f'"type":"card.read","subject":"{s}"}}')
-            for s in ["k1:leaver", "k1:stayer"] * 5
+            for s in [LEAVER, STAYER] * 5
         ]
         await box.submit_many(events)
         box.close()
@@ -166,16 +169,19 @@ def test_erase_removes_a_subjects_events_offline(
         f'[buffer]\npath = "{db}"\n',
         encoding="utf-8",
     )
-    assert main(["erase", "--config", str(cfg), "k1:leaver"]) == 0
+    for bad in ("k1:leaver", "k1:\ud800", "2600 1234 5678 9"):  # refused, not echoed
+        assert main(["erase", "--config", str(cfg), bad]) == 2
+        assert bad not in capsys.readouterr().err
+    assert main(["erase", "--config", str(cfg), LEAVER]) == 0
     assert "5 buffered event(s)" in capsys.readouterr().out
     data = db.read_bytes() + (
         db.with_name("buffer.db-wal").read_bytes()
         if db.with_name("buffer.db-wal").exists()
         else b""
     )
-    assert b'"subject":"k1:leaver"' not in data
-    assert data.count(b'"subject":"k1:stayer"') == 5
-    assert main(["erase", "--config", str(cfg), "k1:leaver"]) == 0, "idempotent"
+    assert f'"subject":"{LEAVER}"'.encode() not in data
+    assert data.count(f'"subject":"{STAYER}"'.encode()) == 5
+    assert main(["erase", "--config", str(cfg), LEAVER]) == 0, "idempotent"
 
 
 def test_run_with_a_bad_config_exits_ex_config_loudly(tmp_path: Path) -> None:

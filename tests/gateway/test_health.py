@@ -368,3 +368,16 @@ def test_other_paths_and_methods() -> None:
 def test_refuses_non_loopback_addresses(host: str) -> None:
     with pytest.raises(ValueError, match="loopback"):
         asyncio.run(serve_health(GatewayLike(), host=host, port=0))
+
+
+def test_a_registry_never_synced_is_stale_once_the_limit_has_passed_since_start() -> None:
+    clock = Clock()
+    gw = GatewayLike()  # no sync ever succeeded
+    gw.metrics.set("mqtt_connected", 1)
+    monitor = HealthMonitor(gw, HealthRules(consent_max_age_s=900), now=clock)
+    clock.t += 60
+    ok, doc = monitor.report()
+    assert ok, "a daemon that just started is not stale yet"
+    clock.t += 900
+    ok, doc = monitor.report()
+    assert not ok and "consent registry never synced" in " ".join(doc["problems"])

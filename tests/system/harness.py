@@ -121,11 +121,30 @@ summary_interval_s = 1
         self.proc = None
 
     def stop(self, timeout: float = 20) -> int:
+        """SIGTERM; the exit status.  A clean stop must balance its books (below)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         rc = self.proc.wait(timeout=timeout)
         self.proc = None
+        if rc == 0:
+            self.assert_books_balance()
         return rc
+
+    def assert_books_balance(self) -> None:
+        """This run's final status line: every reading was buffered, dropped for consent
+        or lost and counted (``lost(buffer)``: a full buffer's drop_new, failed writes).
+        Only under the ``drop`` policy: ``hold`` re-reads released readings and
+        ``aggregate`` folds readings into footfall, so their books have more columns."""
+        doc = tomllib.loads(self.config.read_text(encoding="utf-8"))
+        if doc.get("consent", {}).get("policy", "drop") != "drop":
+            return
+        this_run = self.log.read_text()[self._log_mark :]
+        if "stopped: " not in this_run:
+            return
+        final = this_run.split("stopped: ")[-1].splitlines()[0]
+        books = status_counts(final)
+        accounted = books["buffered"] + books["dropped(consent)"] + books.get("lost(buffer)", 0)
+        assert books["read"] == accounted, f"the books do not balance: {final}"
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -148,13 +167,17 @@ summary_interval_s = 1
         return int(self.query("SELECT coalesce(sum(n), 0) FROM chunks")[0])
 
     def status_json(self) -> dict[str, Any]:
+        """``status --json``: the buffer's figures, and ``daemon`` (its exit code is
+        systemctl's: 0 healthy, 1 unhealthy, 3 not running, 4 no [health] to ask)."""
         out = subprocess.run(
             [sys.executable, "-m", "gateway.cli", "status", "--config", str(self.config), "--json"],
-            check=True,
+            check=False,
             capture_output=True,
             text=True,
         )
+        assert out.returncode in (0, 1, 3, 4), (out.returncode, out.stderr)
         data: dict[str, Any] = json.loads(out.stdout)
+        assert data["daemon"]["exit_code"] == out.returncode
         return data
 
     def wait_db(self, timeout: float = 15) -> None:
@@ -186,6 +209,16 @@ summary_interval_s = 1
         raise TimeoutError(
             f"buffer not drained: {self.depth()} left; log:\n{self.log.read_text()[-3000:]}"
         )
+
+
+def status_counts(line: str) -> dict[str, int]:
+    """The counts of a daemon status line (``read 10, buffered 9, ...``)."""
+    out: dict[str, int] = {}
+    for field in line.split(", "):
+        name, _, value = field.rpartition(" ")
+        if value.isdigit():
+            out[name] = int(value)
+    return out
 
 
 def synthetic(rate: float, cards: int = 50) -> str:

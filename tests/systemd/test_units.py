@@ -151,6 +151,7 @@ def test_unit_settings_the_issue_asks_for() -> None:
     )
     assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert one["LimitCORE"] == "0"  # no core dump carries the tenant key or raw ids
+    assert one["MemoryMax"] == "512M" and one["MemoryHigh"] == "384M"  # issue 14
     assert one["ProtectSystem"] == "strict"
     assert one["DevicePolicy"] == "closed"
     assert sorted(svc["DeviceAllow"]) == [
