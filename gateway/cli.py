@@ -23,10 +23,10 @@ log = logging.getLogger("gateway")
 EX_CONFIG = 78
 
 
-def _setup_logging(level: str, *, capture_native: bool = False) -> None:
+def _setup_logging(level: str) -> None:
     from gateway.logs import setup_logging
 
-    setup_logging(level, capture_native=capture_native)
+    setup_logging(level)
 
 
 def _error_line(text: str) -> None:
@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.daemon import Gateway
     from gateway.notify import Notifier
 
-    _setup_logging(args.log_level, capture_native=True)
+    _setup_logging(args.log_level)
     from gateway.memory import forbid_core_dumps
 
     if forbid_core_dumps():  # before the keys are read: no core dump carries them
@@ -330,7 +330,7 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    _setup_logging(args.log_level, capture_native=True)
+    _setup_logging(args.log_level)
     return run_demo(seconds=args.seconds, workdir=args.workdir)
 
 

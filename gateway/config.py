@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.consent import load_seed_file
 from gateway.errors import ConfigError, GatewayError
-from gateway.identity import decode_key
+from gateway.identity import decode_key, weak_key_problem
 from gateway.paths import CREDENTIALS_VAR, expand_credentials_in, secret_file_problem
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
@@ -806,9 +806,12 @@ def runtime_problems(cfg: Config, file: str) -> list[tuple[str, str, str]]:
         text = readable(key_path, f"keyring.keys.{key_id}")
         if text is not None:
             try:
-                decode_key(text, str(key_path))
+                weak = weak_key_problem(decode_key(text, str(key_path)))
             except GatewayError as exc:
                 problems.append((file, f"keyring.keys.{key_id}", str(exc)))
+            else:
+                if weak is not None:  # all-zero, patterned, or the contract's published key
+                    problems.append((file, f"keyring.keys.{key_id}", f"{key_path}: {weak}"))
     readable(cfg.mqtt.password_file, "mqtt.password_file")
     tls = cfg.mqtt.tls
     if tls is not None:

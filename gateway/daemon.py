@@ -33,6 +33,7 @@ from gateway.forwarder import Forwarder
 from gateway.health import HealthMonitor, HealthRules, Histogram, serve_health
 from gateway.health_mqtt import HealthPublisher
 from gateway.identity import Keyring
+from gateway.logs import capture_native_stderr
 from gateway.memory import release_free_memory
 from gateway.metrics import Cell, Metrics
 from gateway.mqtt import PahoPublisher
@@ -337,6 +338,8 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop_event.set)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        if any(c.kind == "camera" for c in self.cfg.sources):
+            capture_native_stderr()  # OpenCV's and FFmpeg's messages through our logging
         try:
             self._open_buffer()
             await self._load_consent()

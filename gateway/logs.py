@@ -9,7 +9,7 @@ journald strips and records as ``PRIORITY``: ``journalctl -p err`` and log shipp
 on priority see what they should.  A traceback's lines keep the priority of their record.
 
 Native libraries (OpenCV, FFmpeg) write to file descriptor 2 from C, around our format,
-redaction and priorities.  ``capture_native=True`` moves descriptor 2 to a pipe whose
+redaction and priorities.  ``capture_native_stderr()`` moves descriptor 2 to a pipe whose
 lines a thread logs under ``native.opencv`` / ``native.ffmpeg`` / ``native`` at the level
 the line says; Python's own stderr and faulthandler keep the real stream.
 """
@@ -81,10 +81,9 @@ def stderr_is_journal() -> bool:
         return False
 
 
-def setup_logging(level: str = "info", *, capture_native: bool = False) -> None:
+def setup_logging(level: str = "info") -> None:
     journal = stderr_is_journal()
-    stream: IO[str] = _capture_native_stderr() if capture_native else sys.stderr
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(sys.stderr)
     if journal:  # journald adds time and unit
         handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
@@ -135,18 +134,23 @@ def _pump(read_fd: int) -> None:
                 logging.getLogger(name).log(level, "%s", msg)
 
 
-def _capture_native_stderr() -> IO[str]:
+def capture_native_stderr() -> IO[str]:
     """Point descriptor 2 at a pipe logged line by line; returns the real stderr, which
-    Python's ``sys.stderr`` and faulthandler keep using.  Once per process."""
+    ``sys.stderr``, the log handlers that wrote to it and faulthandler keep using.  Once
+    per process; the daemon calls it when it runs a camera source (OpenCV, FFmpeg)."""
     global _captured  # noqa: PLW0603 - descriptor 2 is process-wide: captured once
     if _captured is not None:
         return _captured
-    sys.stderr.flush()
+    old = sys.stderr
+    old.flush()
     real = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
     read_fd, write_fd = os.pipe()
     os.dup2(write_fd, 2)
     os.close(write_fd)
     sys.stderr = real
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+            handler.setStream(real)
     with contextlib.suppress(RuntimeError, ValueError):
         if faulthandler.is_enabled():
             faulthandler.enable(file=real)

@@ -48,6 +48,7 @@ from gateway.logs import setup_logging
 from gateway.outbox import buffer_stats, connect
 from gateway.paths import write_secret
 from gateway.synthetic import card_number
+from simulators.broker import free_port
 
 KEY_B64 = "Ok41XFEl/DeKy6pux3hFfJerdJWtAhOlimOtK81inSo="  # not the published vector key
 CARDS = 20
@@ -121,7 +122,12 @@ kind = "synthetic"
 name = "till"
 rate_per_s = {rate}
 cards = {CARDS}
-""" + (FAULTY_READER.format(device=folder / "unplugged-reader") if faulty else ""),
+"""
+        + (
+            FAULTY_READER.format(device=folder / "unplugged-reader", port=free_port())
+            if faulty
+            else ""
+        ),
         encoding="utf-8",
     )
     return config
@@ -139,7 +145,7 @@ lane = "till-1"
 reopen_min_s = 0.5
 reopen_max_s = 2
 [health]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{port}"
 source_down_s = 3
 """
 

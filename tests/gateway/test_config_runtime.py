@@ -14,8 +14,8 @@ import pytest
 from gateway.cli import main
 from gateway.config import load_checked_config, load_config
 from gateway.errors import ConfigError
+from tests.system.harness import KEY_B64 as KEY
 
-KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 BASE = """
 [gateway]
 store = "nl-ams-001"
@@ -56,6 +56,7 @@ BAD = [
 
 def write(tmp_path: Path, extra: str) -> Path:
     (tmp_path / "k1.key").write_text(KEY + "\n", encoding="ascii")
+    (tmp_path / "k1.key").chmod(0o600)  # a secret is the owner's only
     (tmp_path / "garbage.pem").write_text("not a certificate\n", encoding="utf-8")
     if extra.startswith("[keyring.keys]"):  # a second key in the same table
         text = BASE + extra.removeprefix("[keyring.keys]\n")
@@ -83,8 +84,8 @@ def test_the_good_siblings_pass(tmp_path: Path, capsys: pytest.CaptureFixture[st
         '[health]\nlisten = "127.0.0.1:9464"\n',
         '[health]\nlisten = "localhost:9464"\n',
         '[health]\nlisten = "[::1]:9464"\n',
-        TAP + 'listen_host = "0.0.0.0"\n',
-        TAP + 'listen_host = "::"\n',
+        TAP + 'listen_host = "0.0.0.0"\ntill_allow = ["192.0.2.10"]\n',
+        TAP + 'listen_host = "::"\ntill_allow = ["2001:db8::/64"]\n',
     ):
         path = write(tmp_path, extra)
         assert main(["check-config", str(path)]) == 0, capsys.readouterr().out
@@ -95,7 +96,7 @@ def test_run_refuses_what_check_config_refuses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write(tmp_path, '[health]\nlisten = "127.0.0.1:99999"\n')
-    assert main(["run", "--config", str(path)]) == 1
+    assert main(["run", "--config", str(path)]) == 78  # EX_CONFIG: no restart loop
     assert "health.listen" in capsys.readouterr().err
 
 

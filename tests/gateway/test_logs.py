@@ -53,8 +53,9 @@ def test_setup_logging_installs_the_filter(capsys: pytest.CaptureFixture[str]) -
 
 _LOGGING_PROGRAM = """
 import logging, sys
-from gateway.logs import setup_logging
-setup_logging("debug"{native})
+from gateway.logs import capture_native_stderr, setup_logging
+setup_logging("debug")
+{native}
 log = logging.getLogger("gateway.test")
 log.debug("a debug line")
 log.info("an info line")
@@ -81,7 +82,7 @@ def _run_logging(
             st = os.fstat(err.fileno())
             env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
         program = _LOGGING_PROGRAM.format(
-            native=", capture_native=True" if native else "", extra=extra
+            native="capture_native_stderr()" if native else "", extra=extra
         )
         proc = subprocess.run(
             [sys.executable, "-c", program], stderr=err, env=env, timeout=60, check=False

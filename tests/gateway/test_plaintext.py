@@ -17,6 +17,7 @@ import pytest
 from gateway.cli import main
 from gateway.paths import write_secret
 from simulators.broker import free_port
+from tests.pki import make_pki
 from tests.system.harness import GatewayProc, healthz
 
 KEY = "Ok41XFEl/DeKy6pux3hFfJerdJWtAhOlimOtK81inSo="
@@ -25,6 +26,7 @@ KEY = "Ok41XFEl/DeKy6pux3hFfJerdJWtAhOlimOtK81inSo="
 def config(tmp_path: Path, *, mqtt: str = "", sync: str = "") -> Path:
     write_secret(tmp_path / "k1.key", KEY + "\n")
     write_secret(tmp_path / "token", "t0k\n")
+    (tmp_path / "ca.pem").write_text(make_pki(tmp_path / "pki")["ca"].read_text())
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(
         '[gateway]\nstore = "s1"\ndevice = "d1"\n'
@@ -106,7 +108,7 @@ def test_mqtt_without_tls_to_the_network_is_refused_unless_opted_in(
         'host = "127.0.0.1"\nusername = "u"\npassword_file = "token"',
         'host = "localhost"',
         'host = "::1"',
-        'host = "mqtt.central.example"\n[mqtt.tls]\nca_file = "token"',
+        'host = "mqtt.central.example"\n[mqtt.tls]\nca_file = "ca.pem"',
     ],
 )
 def test_mqtt_to_loopback_or_over_tls_passes(

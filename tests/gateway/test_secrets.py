@@ -18,6 +18,7 @@ from gateway.cli import main
 from gateway.identity import ALLOW_TEST_KEY_VALUE, ALLOW_TEST_KEY_VAR
 from gateway.paths import write_secret
 from simulators.broker import free_port
+from tests.pki import make_pki
 from tests.system.harness import GatewayProc, healthz, synthetic
 
 GOOD_KEY = base64.b64encode(bytes(range(100, 132))).decode()
@@ -27,14 +28,16 @@ def write_config(tmp_path: Path, *, key: str = GOOD_KEY, extra: str = "") -> Pat
     write_secret(tmp_path / "k1.key", key + "\n")
     write_secret(tmp_path / "mqtt.password", "pw\n")
     write_secret(tmp_path / "consent.token", "tok\n")
-    write_secret(tmp_path / "client.key", "-----BEGIN PRIVATE KEY-----\n")
+    pki = make_pki(tmp_path / "pki")  # real files: check-config loads the TLS pair
+    write_secret(tmp_path / "client.key", pki["client_key"].read_text())
+    (tmp_path / "client.pem").write_text(pki["client"].read_text())
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(
         '[gateway]\nstore = "s1"\ndevice = "d1"\n'
         '[keyring]\nactive = "k1"\n[keyring.keys]\nk1 = "k1.key"\n'
         f'[buffer]\npath = "{tmp_path / "buffer.db"}"\n'
         '[mqtt]\nhost = "127.0.0.1"\nusername = "u"\npassword_file = "mqtt.password"\n'
-        '[mqtt.tls]\ncert_file = "client.key"\nkey_file = "client.key"\n'
+        '[mqtt.tls]\ncert_file = "client.pem"\nkey_file = "client.key"\n'
         '[consent.sync]\nbase_url = "https://central.example"\ntoken_file = "consent.token"\n'
         + extra,
         encoding="utf-8",

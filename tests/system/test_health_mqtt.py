@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import Mosquitto
+from simulators.broker import Mosquitto, free_port
 from simulators.central import Central
 from tests.system.harness import DEVICE, STORE, GatewayProc, synthetic
 
@@ -42,7 +42,7 @@ def test_health_is_published_retained_and_shows_a_dead_reader(tmp_path: Path) ->
         )
         gw._template += (
             "health_interval_s = 60\nhealth_min_interval_s = 0.5\n"
-            '[health]\nlisten = "127.0.0.1:0"\nsource_down_s = 1\n'
+            '[health]\nlisten = "127.0.0.1:' + str(free_port()) + '"\nsource_down_s = 1\n'
         )
         gw.set_sources(synthetic(5) + READER.format(device=tmp_path / "no-such-tty"))
         gw.start()
