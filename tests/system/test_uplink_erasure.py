@@ -13,11 +13,11 @@ import pytest
 
 from simulators.broker import Mosquitto
 from simulators.central import Central
-from simulators.netproxy import NetProxy
 from simulators.consent_api import ConsentAPI
+from simulators.netproxy import NetProxy
 from tests.system.harness import STORE
-from tests.system.uplink import first_sent, leaks, log_times, wait_count
 from tests.system.test_consent_system import CONSENTED, LEAVER, STRANGERS, TOKEN, gateway
+from tests.system.uplink import first_sent, leaks, log_times, wait_count
 
 pytestmark = pytest.mark.slow
 

@@ -47,7 +47,8 @@ def central_events(path: Path) -> list[dict[str, object]]:
 
 
 def leaks(
-    events: list[dict[str, object]], sent: dict[Key, tuple[float, str | None]],
+    events: list[dict[str, object]],
+    sent: dict[Key, tuple[float, str | None]],
     withdrawn: dict[str, float],
 ) -> list[str]:
     """Events of a withdrawn subject at the central whose PUBLISH first left the gateway
@@ -60,8 +61,10 @@ def leaks(
         key = (str(e["stream"]), int(str(e["seq"])))
         left = sent.get(key)
         if left is None or left[0] >= withdrawn[subject]:
-            out.append(f"{key} of {subject[:12]}... left at {left and left[0]}, "
-                       f"withdrawal applied at {withdrawn[subject]}")
+            out.append(
+                f"{key} of {subject[:12]}... left at {left and left[0]}, "
+                f"withdrawal applied at {withdrawn[subject]}"
+            )
     return out
 
 
