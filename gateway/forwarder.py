@@ -118,6 +118,8 @@ class Forwarder:
         queued = self._queued
         while True:
             await self.publisher.wait_connected()
+            self.metrics.set("forwarder_window", self.window)
+            self.metrics.set("forwarder_batch_max_bytes", self.max_bytes)
             if self._resend:
                 await self._restart()
                 continue
