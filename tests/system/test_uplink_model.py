@@ -11,7 +11,8 @@ poll and by push, the broker away, hung (SIGSTOP) and back, a PUBACK-losing link
   every event that left the gateway and is not at the central was a withdrawn subject's;
 - no event of a withdrawn subject is left in the database or its WAL.
 
-Three seeds run in ``make test`` (seed 2 caught paho's offline queue); ``UPLINK_MODEL_SEEDS=20`` runs more.
+Three seeds run in ``make test`` (seed 2 caught paho's offline queue);
+``UPLINK_MODEL_SEEDS=20`` runs more.
 """
 
 from __future__ import annotations
