@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 ENVELOPE = 128  # bytes of a batch around its events (store, device, stream)
 
 
+async def _abandoned() -> Verdict:
+    return Verdict(ok=False, reason="a withdrawal made the rest of the batch stale", abandoned=True)
+
+
 @dataclass(slots=True)
 class _Sending:
     """One batch on its way: the verdicts of its parts, as they come."""
@@ -123,9 +127,7 @@ class Forwarder:
             if self._resend:
                 await self._restart()
                 continue
-            while self._wire >= self.window:
-                self._freed.clear()
-                await self._freed.wait()
+            await self._slot()
             while not queued:
                 self.outbox.new_data.clear()
                 after, generation = self._cursor, self._generation
@@ -141,18 +143,36 @@ class Forwarder:
                 await self.outbox.new_data.wait()
             if self._resend or not self.publisher.connected:
                 continue
-            self._send(prefix, queued.popleft())
+            await self._send(prefix, queued.popleft())
 
-    def _send(self, prefix: bytes, batch: Batch) -> None:
+    async def _slot(self) -> None:
+        """Wait until the window has room for one more message."""
+        while self._wire >= self.window:
+            self._freed.clear()
+            await self._freed.wait()
+
+    async def _send(self, prefix: bytes, batch: Batch) -> None:
         self._published = batch.hi
         parts = self._parts(batch)
         sending = _Sending(batch, len(parts))
-        for bodies in parts:
-            self._wire += 1
-            verdict = self.publisher.publish(self.topic, batch_payload(prefix, bodies))
-            task = asyncio.create_task(self._settle(sending, verdict), name=f"settle:{batch.lo}")
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+        generation = self._generation
+        for i, bodies in enumerate(parts):
+            if i:
+                await self._slot()
+            if self._generation != generation:
+                # A withdrawal came while the batch went out in parts: the rest is stale.
+                # The batch counts as abandoned; the outbox is read again once it settles.
+                for _ in parts[i:]:
+                    self._spawn(sending, _abandoned())
+                return
+            self._spawn(sending, self.publisher.publish(self.topic, batch_payload(prefix, bodies)))
+
+    def _spawn(self, sending: _Sending, verdict: Awaitable[Verdict]) -> None:
+        self._wire += 1
+        name = f"settle:{sending.batch.lo}"
+        task = asyncio.create_task(self._settle(sending, verdict), name=name)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     def _parts(self, batch: Batch) -> list[list[str]]:
         """The batch's events in payloads that fit the limits in force now."""
