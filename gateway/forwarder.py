@@ -82,6 +82,7 @@ class Forwarder:
         self._published = 0  # the highest seq handed to the client
         self._generation = 0  # bumped by every withdrawal: older fetches are stale
         self._resend = False  # a batch came back abandoned: read the outbox again
+        self._withdrawals = 0  # applied since the last log line
 
     # -- limits ------------------------------------------------------------------------
 
@@ -105,9 +106,18 @@ class Forwarder:
     def withdrawn(self, subject: str) -> None:
         """An erasure hook, called as a withdrawal is applied (before the rows go): what
         was fetched before now is never sent."""
-        log.info("withdrawal applied: batches fetched before it are dropped")
+        if not self._withdrawals:  # one line per erasure, however many subjects
+            asyncio.get_running_loop().call_soon(self._log_withdrawals)
+        self._withdrawals += 1
         self._generation += 1
         self.discard_prefetched()
+
+    def _log_withdrawals(self) -> None:
+        log.info(
+            "withdrawal applied (%d subject(s)): batches fetched before it are dropped",
+            self._withdrawals,
+        )
+        self._withdrawals = 0
 
     def discard_prefetched(self) -> None:
         """Forget fetched batches not yet published (after an erasure rewrote the rows):
