@@ -84,10 +84,21 @@ class Run:
             applied = [t for t in log_times(self.gw.log, APPLIED) if t >= issued - 0.01]
             if applied:
                 self.withdrawn[subject] = applied[0]
+                self.settle_polls()
                 time.sleep(self.rng.uniform(0, 1))
                 return None
             time.sleep(0.05)
         raise TimeoutError(f"withdrawal not applied; trace {self.trace}")
+
+    def settle_polls(self) -> None:
+        """Wait for two more registry polls: a withdrawal applied by push is applied again
+        by the poll that brings it (erasure is idempotent), and a restarted daemon applies
+        every withdrawal again; the next withdrawal's moment must not be taken from those."""
+        base = self.gw.log.read_text().count("/consent")
+        deadline = time.monotonic() + 20
+        while self.gw.log.read_text().count("/consent") < base + 2:
+            assert time.monotonic() < deadline, "the daemon stopped polling the registry"
+            time.sleep(0.05)
 
     def withdraw_poll(self) -> None:
         self._withdraw(push=False)
@@ -120,6 +131,7 @@ class Run:
         self.gw.kill9()
         self.gw.start()
         self.gw.wait_ready()
+        self.settle_polls()
 
 
 @pytest.mark.parametrize("seed", SEEDS)
