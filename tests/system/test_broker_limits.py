@@ -76,31 +76,41 @@ def test_batches_fit_the_brokers_maximum_packet_size_across_an_outage(tmp_path: 
 
 def test_lower_batch_limits_take_effect_for_stored_chunks(tmp_path: Path) -> None:
     """Chunks stored under batch_max_events = 1000 go out in batches of at most 50 once
-    the config says so."""
-    gw = GatewayProc(tmp_path / "gw", free_port(), sources=synthetic(2000), consented=consented())
-    gw.config.write_text(
-        gw.config.read_text().replace("batch_max_events = 200", "batch_max_events = 1000")
-    )
-    gw.start()  # no broker: everything stays buffered in large chunks
-    gw.wait_db()
-    time.sleep(2)
-    assert gw.stop() == 0
-    assert gw.query("SELECT max(n) FROM chunks")[0] > 50
+    a reload (SIGHUP) says so."""
+    import signal
+
     with (
         Mosquitto(tmp_path / "mq") as broker,
         NetProxy(broker.port, mqtt=True) as link,
         Central("127.0.0.1", broker.port, out=tmp_path / "central.jsonl") as central,
     ):
         assert central.wait_subscribed(10)
-        gw2 = GatewayProc(tmp_path / "gw", link.port, sources="", consented=consented())
-        gw2.config.write_text(
-            gw2.config.read_text().replace("batch_max_events = 200", "batch_max_events = 50")
+        link.refuse()  # the broker is away: everything stays buffered in large chunks
+        gw = GatewayProc(
+            tmp_path / "gw",
+            link.port,
+            sources=synthetic(2000),
+            consented=consented(),
+            buffer_extra="commit_interval_ms = 200",  # commits, and so chunks, of ~400
         )
-        gw2.start()
-        gw2.wait_ready()
-        gw2.wait_drained(60)
-        assert gw2.stop() == 0
-        assert_all_delivered(gw2, central, max_dupes=10 * 50)
+        big = gw.config.read_text().replace("batch_max_events = 200", "batch_max_events = 1000")
+        gw.config.write_text(big)
+        gw.start()
+        gw.wait_db()
+        time.sleep(2)
+        assert gw.query("SELECT max(n) FROM chunks")[0] > 50
+        gw.config.write_text(big.replace("batch_max_events = 1000", "batch_max_events = 50"))
+        gw.set_sources("")  # and the reload stops the source: the backlog is what is left
+        gw.config.write_text(
+            gw.config.read_text().replace("batch_max_events = 200", "batch_max_events = 50")
+        )
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_log("reloading")
+        link.accept()
+        gw.wait_drained(60)
+        assert gw.stop() == 0
+        assert_all_delivered(gw, central, max_dupes=10 * 50)
         sizes = [
             len(json.loads(p)["events"])
             for _, t, p in first_sent_all(link)
