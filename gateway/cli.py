@@ -228,6 +228,17 @@ def _live_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(
         ("broker", "connected" if broker["connected"] else f"down {_age(broker['down_for_s'])}")
     )
+    limits = broker.get("limits")
+    if limits:
+        rows.append(
+            (
+                "broker limits",
+                f"max packet {limits['max_packet_bytes'] or 'none'} B, receive maximum "
+                f"{limits['receive_maximum'] or 'none'}; window {limits['window']}, "
+                f"batch {limits['batch_max_bytes']} B, {limits['batches_split']:.0f} split, "
+                f"{limits['batches_too_large']:.0f} too large",
+            )
+        )
     for name, src in sorted(doc["sources"].items()):
         detail = f" ({src['detail']})" if src.get("detail") else ""
         rows.append(

@@ -146,7 +146,7 @@ class Gateway:
             self.cfg.mqtt,
             client_id=self.cfg.mqtt.client_id or f"tp-{g.store}-{g.device}",
             will_topic=f"{self.prefix}/status",
-            will_payload=status_payload("offline", self.now(), __version__),
+            will_payload=lambda: status_payload("offline", self.now(), __version__),
             metrics=self.metrics,
         )
         pub.on_connect(self._publish_online)
@@ -373,6 +373,7 @@ class Gateway:
                 self.outbox.stream,
                 len(self.cfg.sources) + len(self._extra_sources),
             )
+            self.eraser.hooks.append(self.forwarder.withdrawn)  # before the rows go
             self.eraser.after_commit.append(self.forwarder.discard_prefetched)
             if isinstance(publisher, PahoPublisher):
                 publisher.subscribe(

@@ -74,6 +74,13 @@ HELP: dict[str, str] = {
     "buffer_depth": "Events waiting in the buffer",
     "memory_entries": "Entries in each in-memory table of the daemon (all bounded), by map",
     "mqtt_connected": "1 while connected to the broker",
+    "mqtt_broker_max_packet_bytes": "The broker's Maximum Packet Size (MQTT 5), 0 for none",
+    "mqtt_broker_receive_maximum": "The broker's Receive Maximum (MQTT 5), 0 for none",
+    "forwarder_window": "Batches the forwarder keeps on the wire at most",
+    "forwarder_batch_max_bytes": "The largest batch payload the forwarder sends",
+    "batches_split_total": "Stored chunks larger than the batch limits, sent in parts",
+    "batches_too_large_total": "Batches refused for their size (packet too large)",
+    "batches_abandoned_total": "Batches whose link dropped before the PUBACK (sent again)",
     "last_publish_timestamp_seconds": "Unix time of the last acknowledged batch",
     "buffer_write_ok": "0 when the buffer's last write failed, else 1",
     "consent_sync_last_ok_timestamp_seconds": "Unix time of the last successful consent sync",
@@ -251,6 +258,13 @@ class HealthMonitor:
                     f"source {name} {state} for {state_age:.0f}s (limit {rules.source_down_s:.0f}s)"
                 )
 
+        too_large = m.get("batches_too_large_total")
+        if too_large:
+            problems.append(
+                f"{too_large:.0f} batch(es) too large for the broker's maximum packet size "
+                "moved to dead letters: " + m.last_error.get("forwarder", "?")
+            )
+
         synced_at = _gauge(m, "consent_sync_last_ok_at")
         sync_age = None if synced_at is None else now - synced_at
         stale_for = now - self._started if sync_age is None else sync_age
@@ -273,6 +287,14 @@ class HealthMonitor:
                 "down_for_s": down_for,
                 "reconnects": m.get("mqtt_reconnects_total"),
                 "last_publish_age_s": None if last_pub is None else now - last_pub,
+                "limits": {  # the broker's (MQTT 5 CONNACK; null: none announced), ours
+                    "max_packet_bytes": _gauge(m, "mqtt_broker_max_packet_bytes") or None,
+                    "receive_maximum": _gauge(m, "mqtt_broker_receive_maximum") or None,
+                    "window": _gauge(m, "forwarder_window"),
+                    "batch_max_bytes": _gauge(m, "forwarder_batch_max_bytes"),
+                    "batches_split": m.get("batches_split_total"),
+                    "batches_too_large": m.get("batches_too_large_total"),
+                },
             },
             "buffer": {
                 "depth": stats.get("depth"),

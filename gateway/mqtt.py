@@ -5,16 +5,27 @@ event loop with ``call_soon_threadsafe``.  Designed around paho's known traps:
 
 - ``on_publish`` fires even when the PUBACK carries a failure reason code: the verdict
   carries the code and the forwarder dead-letters the batch.
-- After a reconnect paho re-sends every message it holds, ignoring ``max_inflight``: the
-  forwarder never hands it more than its own window.
-- A QoS 1 publish made while disconnected returns an error yet is queued and sent after
-  the reconnect: its future stays pending and the message is never published twice.
+- paho keeps every unacknowledged QoS 1 message in memory and, after a reconnect, sends
+  it again on the new connection (and a publish made while disconnected is queued there,
+  unbounded).  That would be a second queue, out of erasure's reach: a withdrawal applied
+  during an outage would not stop the events paho held.  So the outbox is the only queue:
+  a publish is handed to paho only while connected; when the link drops, every message
+  waiting for its PUBACK is abandoned (its verdict says so, its rows stay in the outbox)
+  and dropped from paho before the next CONNECT and again on the CONNACK, before paho's
+  resend loop runs; the forwarder then sends again from the outbox.  Every connect is a
+  clean start (MQTT 5) or a clean session (3.1.1): the broker keeps no session either.
+- The will is set again before every connect, with the time of that connect: a retained
+  ``offline`` is never older than the ``online`` it replaces.
+- MQTT 5's CONNACK announces the broker's Maximum Packet Size and Receive Maximum:
+  ``max_payload`` and ``receive_maximum`` expose them to the forwarder, which sizes its
+  batches and window by them; a payload the broker cannot take is refused here, by name
+  (reason code 0x95, Packet too large), never sent to have the broker drop the link.
 - Message ids are 16-bit: the window is far below 65,536.
 - MQTT never sends a message again on a live connection, so a PUBACK the broker (or a
   middlebox) loses while the link stays up would hold its batch, and in time the whole
   window, forever.  A PUBACK awaited ``puback_timeout_s`` on a live link counts as a
-  broken link: the socket is shut, paho reconnects with backoff and sends the batch
-  again (a duplicate at worst, which the central drops).
+  broken link: the socket is shut, paho reconnects with backoff and the forwarder
+  sends the batch again from the outbox (a duplicate at worst, which the central drops).
 
 Reconnects use exponential backoff with full jitter, so a fleet does not reconnect in
 lock-step after a broker restart.  The socket gets ``TCP_NODELAY``: QoS 1 throughput is
@@ -41,7 +52,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from gateway.config import MqttConfig
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.ports import Verdict
+from gateway.ports import PACKET_TOO_LARGE, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +79,14 @@ class _JitteredClient(mqtt.Client):
         self._tp_attempt = 0
 
     def reconnect(self) -> MQTTErrorCode:
-        """paho's reconnect, remembering why it failed (paho's callback is not told)."""
+        """paho's reconnect, remembering why it failed (paho's callback is not told).
+
+        Before the CONNECT: nothing held from an earlier connection is carried into this
+        one, and the will is renewed with this connect's time."""
+        self.drop_out_messages()
+        if self.will is not None:
+            topic, payload = self.will
+            self.will_set(topic, payload(), qos=1, retain=True)
         try:
             return super().reconnect()
         except OSError as exc:
@@ -76,6 +94,7 @@ class _JitteredClient(mqtt.Client):
             raise
 
     last_connect_error: OSError | None = None
+    will: tuple[str, Callable[[], bytes]] | None = None
 
 
 def _describe(exc: BaseException | None) -> str:
@@ -92,6 +111,8 @@ def _describe(exc: BaseException | None) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
+_ABANDONED = Verdict(ok=False, reason="the link dropped before the PUBACK", abandoned=True)
+
 _CONNECT_ERRORS: list[tuple[type[BaseException], str]] = [
     (ConnectionRefusedError, "connection refused (is the broker running on that port?)"),
     (TimeoutError, "timed out"),
@@ -106,7 +127,7 @@ class PahoPublisher:
         *,
         client_id: str,
         will_topic: str,
-        will_payload: bytes,
+        will_payload: bytes | Callable[[], bytes],
         metrics: Metrics,
     ) -> None:
         self.cfg = cfg
@@ -120,6 +141,9 @@ class PahoPublisher:
         self._on_connect_hooks: list[Any] = []
         self._closing = False
         self._subscriptions: dict[str, Callable[[bytes], None]] = {}
+        self.max_packet_size: int | None = None  # the broker's, from its CONNACK
+        self.receive_maximum: int | None = None
+        self._topic_lens: dict[str, int] = {}
         v5 = cfg.protocol == "5"
         self._v5 = v5
         client = _JitteredClient(
@@ -134,7 +158,9 @@ class PahoPublisher:
         # Our window is the real bound; paho's is only a backstop above it.
         client.max_inflight_messages_set(cfg.inflight_window + 16)
         client.max_queued_messages_set(0)
-        client.will_set(will_topic, will_payload, qos=1, retain=True)
+        fixed = will_payload
+        payload = (lambda: fixed) if isinstance(fixed, bytes) else fixed
+        client.will = (will_topic, payload)  # set again before every connect
         if cfg.username is not None:
             password = None
             if cfg.password_file is not None:
@@ -197,17 +223,35 @@ class PahoPublisher:
     ) -> asyncio.Future[Verdict]:
         assert self._loop is not None
         fut: asyncio.Future[Verdict] = self._loop.create_future()
+        if not self._connected.is_set():  # nothing waits in the client while down
+            fut.set_result(_ABANDONED)
+            return fut
+        limit = self.max_payload(topic)
+        if limit is not None and len(payload) > limit:
+            fut.set_result(
+                Verdict(
+                    ok=False,
+                    reason_code=PACKET_TOO_LARGE,
+                    reason=f"Packet too large: {len(payload)} bytes, the broker's maximum "
+                    f"packet size {self.max_packet_size} leaves {limit} for a payload",
+                )
+            )
+            return fut
         try:
             info = self.client.publish(topic, payload, qos=1, retain=retain)
         except ValueError as exc:  # payload too large or bad topic: never queued
             fut.set_result(Verdict(ok=False, reason_code=-1, reason=str(exc)))
             return fut
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            # The link went between our last news of it and now: paho holds the message
+            # until the next connect drops it; the caller sends it again from its store.
+            fut.set_result(_ABANDONED)
+            return fut
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             fut.set_result(
                 Verdict(ok=False, reason_code=-int(info.rc), reason=mqtt.error_string(info.rc))
             )
             return fut
-        # MQTT_ERR_NO_CONN: queued by paho and sent after the reconnect; wait for it.
         self._pending[info.mid] = fut
         self._since[info.mid] = time.monotonic()
         return fut
@@ -230,6 +274,26 @@ class PahoPublisher:
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    def max_payload(self, topic: str) -> int | None:
+        """The largest payload the broker takes on ``topic`` (its Maximum Packet Size less
+        a PUBLISH's header), or None when it announced no limit."""
+        if self.max_packet_size is None:
+            return None
+        n = self._topic_lens.get(topic)
+        if n is None:
+            n = self._topic_lens[topic] = len(topic.encode())
+        # fixed header (1 + up to 4), topic (2 + n), packet id (2), properties length (1)
+        return self.max_packet_size - (5 + 2 + n + 2 + 1)
+
+    def _abandon_all(self) -> None:
+        """The link is gone: no verdict will come for what waits (see the docstring)."""
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self._since.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_result(_ABANDONED)
 
     # -- paho callbacks: network thread, enqueue only -------------------------------------
 
@@ -255,7 +319,14 @@ class PahoPublisher:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self._post(self._connected_changed, not reason_code.is_failure, str(reason_code))
+        if not reason_code.is_failure:
+            # Before paho's resend loop (it runs after this callback): send nothing again.
+            client.drop_out_messages()
+        limits = (
+            getattr(properties, "MaximumPacketSize", None),
+            getattr(properties, "ReceiveMaximum", None),
+        )
+        self._post(self._connected_changed, not reason_code.is_failure, str(reason_code), limits)
 
     def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         exc = self.client.last_connect_error
@@ -285,14 +356,15 @@ class PahoPublisher:
 
     # -- on the event loop ----------------------------------------------------------------
 
-    def _connected_changed(self, up: bool, reason: str) -> None:
+    def _connected_changed(
+        self, up: bool, reason: str, limits: tuple[int | None, int | None] = (None, None)
+    ) -> None:
+        self._abandon_all()  # whatever waited belongs to a connection that is gone
         if up:
             if not self._connected.is_set():
                 log.info("connected to broker %s:%d", self.cfg.host, self.cfg.port)
+            self._limits(*limits)
             self.client.reset_backoff()
-            now = time.monotonic()  # paho sends what is pending again on this connection
-            for mid in self._since:
-                self._since[mid] = now
             for topic in self._subscriptions:
                 self.client.subscribe(topic, qos=1)
             self._connected.set()
@@ -312,6 +384,17 @@ class PahoPublisher:
             self.metrics.error("mqtt", message)
         self._connected.clear()
         self.metrics.set("mqtt_connected", 0)
+
+    def _limits(self, max_packet: int | None, receive_max: int | None) -> None:
+        if (max_packet, receive_max) != (self.max_packet_size, self.receive_maximum):
+            log.info(
+                "broker limits: maximum packet size %s, receive maximum %s",
+                max_packet or "none",
+                receive_max or "none",
+            )
+        self.max_packet_size, self.receive_maximum = max_packet, receive_max
+        self.metrics.set("mqtt_broker_max_packet_bytes", max_packet or 0)
+        self.metrics.set("mqtt_broker_receive_maximum", receive_max or 0)
 
     def _connect_failed(self, why: str) -> None:
         self.metrics.inc("mqtt_connect_failures_total")

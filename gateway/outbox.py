@@ -346,6 +346,9 @@ class Outbox:
         if after >= self._cache_from - 1:
             while recent and recent[0][0] <= after:
                 recent.popleft()
+            # complete from after + 1 on now: an earlier ``after`` (the forwarder reading
+            # again after a reconnect) must read the database
+            self._cache_from = max(self._cache_from, after + 1)
             return _batches(iter(recent), max_batches, max_events, max_bytes)
         rows = c.execute(
             "SELECT lo, hi, n, created, body FROM chunks WHERE lo > ? ORDER BY lo LIMIT ?",

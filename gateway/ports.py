@@ -95,19 +95,29 @@ class Source(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """The broker's answer to one publish: ``ok`` or a failure with its reason code."""
+    """The broker's answer to one publish: ``ok`` or a failure with its reason code.
+
+    ``abandoned``: no answer will come (the link dropped first, or there was none); the
+    message may or may not have reached the broker, and the caller sends it again from
+    its own store once the link is back."""
 
     ok: bool
     reason_code: int = 0
     reason: str = ""
+    abandoned: bool = False
+
+
+PACKET_TOO_LARGE = 0x95  # the MQTT 5 reason code, also for a payload refused before sending
 
 
 class Publisher(Protocol):
     """Publishes messages and reports each one's broker verdict.
 
     ``publish`` returns once the message is handed to the client; the awaitable it
-    returns resolves with the broker's verdict (PUBACK reason code).  A message handed
-    over is never published twice by the caller: the client retries it across reconnects.
+    returns resolves with the broker's verdict (PUBACK reason code), or as ``abandoned``
+    when the link drops first or is down.  The client keeps nothing across a disconnect:
+    the caller's store is the only queue, and it sends an abandoned message again after
+    the reconnect.
     """
 
     async def start(self) -> None: ...

@@ -16,6 +16,7 @@ as a variable byte integer; the same in MQTT 3.1.1 and 5) for packet-level fault
     proxy.swallow_pubacks(every=5)  # every 5th PUBACK is dropped; the link lives on
     proxy.cut_mid_publish(every=7)  # every 7th PUBLISH from a client is cut half way
     proxy.clear_faults()
+    proxy.published            # (wall time, topic, payload) of every PUBLISH passed on
     proxy.pubacks_lost, proxy.pubacks_swallowed, proxy.publishes_cut   # how many so far
 
 A lost PUBACK is the broker's acknowledgement dying with the connection after the broker
@@ -35,7 +36,7 @@ import threading
 import time
 from types import TracebackType
 
-PUBLISH, PUBACK = 3, 4
+CONNECT, PUBLISH, PUBACK = 1, 3, 4
 _CUT = b"\x00cut"  # queued after the last bytes a faulty link passes on
 
 
@@ -44,6 +45,7 @@ class MqttFrames:
 
     def __init__(self) -> None:
         self.buf = bytearray()
+        self.v5 = False  # the CONNECT seen on this stream asked for MQTT 5
 
     def feed(self, data: bytes) -> list[bytes]:
         """Append ``data``; return the packets it completes, in order."""
@@ -53,6 +55,39 @@ class MqttFrames:
             out.append(bytes(self.buf[:n]))
             del self.buf[:n]
         return out
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    """A variable byte integer at ``buf[i:]``: (value, index after it)."""
+    value, mult = 0, 1
+    while True:
+        byte = buf[i]
+        i += 1
+        value += (byte & 0x7F) * mult
+        if not byte & 0x80:
+            return value, i
+        mult *= 128
+
+
+def publish_fields(packet: bytes, v5: bool) -> tuple[str, bytes]:
+    """(topic, payload) of a whole PUBLISH packet (MQTT 3.1.1 or 5)."""
+    _, i = _varint(packet, 1)
+    n = int.from_bytes(packet[i : i + 2], "big")
+    topic = packet[i + 2 : i + 2 + n].decode()
+    i += 2 + n
+    if (packet[0] >> 1) & 3:  # QoS > 0: a packet identifier
+        i += 2
+    if v5:
+        props, i = _varint(packet, i)
+        i += props
+    return topic, packet[i:]
+
+
+def is_v5_connect(packet: bytes) -> bool:
+    """Whether a CONNECT packet asks for MQTT 5 (protocol level 5)."""
+    _, i = _varint(packet, 1)
+    n = int.from_bytes(packet[i : i + 2], "big")
+    return packet[i + 2 + n] == 5
 
 
 def packet_length(buf: bytes | bytearray) -> int | None:
@@ -99,6 +134,7 @@ class NetProxy:
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self.connections = 0
+        self.published: list[tuple[float, str, bytes]] = []
 
     def start(self) -> None:
         self._thread.start()
@@ -114,6 +150,8 @@ class NetProxy:
         out = bytearray()
         for packet in frames.feed(data):
             kind = packet[0] >> 4
+            if upstream and kind == CONNECT:
+                frames.v5 = is_v5_connect(packet)
             if not upstream and kind == PUBACK and self._puback_every:
                 self._pubacks_seen += 1
                 if self._pubacks_seen % self._puback_every == 0:
@@ -129,6 +167,8 @@ class NetProxy:
                 if self._publishes_seen % self._publish_every == 0:
                     self.publishes_cut += 1
                     return bytes(out + packet[: len(packet) // 2]), True
+            if upstream and kind == PUBLISH:  # leaves the proxy now, whole
+                self.published.append((time.time(), *publish_fields(packet, frames.v5)))
             out += packet
         return bytes(out), False
 

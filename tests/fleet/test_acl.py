@@ -62,6 +62,7 @@ class Client:
         self.subacks: list[list[ReasonCode]] = []
         self.pubacks: dict[int, ReasonCode] = {}
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.disconnects = 0
         self.changed = threading.Condition()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if user is not None:
@@ -70,6 +71,7 @@ class Client:
         c.on_subscribe = self._on_subscribe
         c.on_publish = self._on_publish
         c.on_message = self._on_message
+        c.on_disconnect = self._on_disconnect
         c.connect("127.0.0.1", port)
         c.loop_start()
         self.client = c
@@ -90,6 +92,9 @@ class Client:
 
     def _on_message(self, c: Any, u: Any, msg: mqtt.MQTTMessage) -> None:
         self._note(lambda: self.messages.append((msg.topic, bytes(msg.payload), msg.retain)))
+
+    def _on_disconnect(self, c: Any, u: Any, f: Any, rc: ReasonCode, p: Any) -> None:
+        self._note(lambda: setattr(self, "disconnects", self.disconnects + 1))
 
     def wait(self, predicate: Any, timeout: float = 10) -> None:
         with self.changed:
@@ -175,6 +180,33 @@ def test_example_conf_refuses_anonymous_and_wrong_passwords(secured: ExampleBrok
             c.close()
 
 
+def test_another_client_cannot_take_a_gateways_session(secured: ExampleBroker) -> None:
+    """The client id is the authenticated username (``use_username_as_clientid``): a client
+    that names a gateway's client id (its default, or its username) gets its own session,
+    and the gateway's connection lives on."""
+    dev = Client(secured.port, "nl-ams-001-gw-01", "tp-nl-ams-001-gw-01")
+    intruders: list[Client] = []
+    try:
+        dev.wait(lambda: dev.connack is not None)
+        assert dev.connack is not None and not dev.connack.is_failure
+        for user, claimed in (
+            ("nl-utr-002-gw-01", "tp-nl-ams-001-gw-01"),  # the daemon's default client id
+            ("central", "nl-ams-001-gw-01"),  # the gateway's username
+        ):
+            intruder = Client(secured.port, user, claimed)
+            intruders.append(intruder)
+            intruder.wait(lambda i=intruder: i.connack is not None)
+            assert intruder.connack is not None and not intruder.connack.is_failure
+        time.sleep(0.5)
+        assert dev.disconnects == 0, "an intruder took the gateway's session"
+        sent = dev.client.publish("touchpoint/v1/nl-ams-001/gw-01/events", b"{}", qos=1)
+        dev.wait(lambda: sent.mid in dev.pubacks)
+        assert all(i.disconnects == 0 for i in intruders), "each has its own session"
+    finally:
+        for c in (dev, *intruders):
+            c.close()
+
+
 def test_device_users_are_held_to_their_own_topics(secured: ExampleBroker) -> None:
     dev = Client(secured.port, "nl-ams-001-gw-01", "tp-nl-ams-001-gw-01")
     central = Client(secured.port, "central", "central-1")
@@ -249,33 +281,35 @@ def test_gateway_of_store_a_cannot_publish_as_store_b(
     forged_cfg, forged_db = _daemon(
         tmp_path / "forged", secured.port, store="nl-utr-002", user="nl-ams-001-gw-01"
     )
-    procs = []
-    for cfg in (own_cfg, forged_cfg):
+    # One after the other: the broker ties the session to the username, so two boxes on
+    # one credential would take the session from each other (as a copied SD card should).
+    codes = []
+    for cfg, db, ready in (
+        (forged_cfg, forged_db, lambda st: st["dead_letters"] >= 20),
+        (own_cfg, own_db, lambda st: st["last_seq"] >= 20),
+    ):
         with (cfg.parent / "gateway.log").open("wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "gateway.cli", "run", "--config", str(cfg)],
-                    cwd=ROOT,
-                    stdout=log,
-                    stderr=log,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "run", "--config", str(cfg)],
+                cwd=ROOT,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(sqlite3.Error):  # not created or migrated yet
-                if _stats(forged_db)["dead_letters"] >= 20 and _stats(own_db)["last_seq"] >= 20:
-                    break
-            time.sleep(0.2)
-    finally:
-        codes = []
-        for proc in procs:
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with contextlib.suppress(sqlite3.Error):  # not created or migrated yet
+                    if ready(_stats(db)):
+                        break
+                time.sleep(0.2)
+        finally:
             proc.send_signal(signal.SIGTERM)
             codes.append(proc.wait(30))
     own_log = (own_cfg.parent / "gateway.log").read_text()
     forged_log = (forged_cfg.parent / "gateway.log").read_text()
     assert codes == [0, 0], own_log[-2000:] + forged_log[-2000:]
+    assert "disconnected from broker" not in own_log
 
     forged = _stats(forged_db)
     assert forged["last_seq"] > 0 and forged["depth"] == 0

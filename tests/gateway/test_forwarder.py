@@ -96,3 +96,102 @@ def test_batches_respect_the_byte_limit(tmp_path: Path) -> None:
         box.close()
 
     asyncio.run(run())
+
+
+class LimitedPublisher(FakePublisher):
+    """A fake publisher whose broker announced a Maximum Packet Size and Receive Maximum."""
+
+    def __init__(self, max_payload: int | None = None, receive_maximum: int | None = None):
+        super().__init__()
+        self.limit, self.receive_maximum = max_payload, receive_maximum
+
+    def max_payload(self, topic: str) -> int | None:
+        return self.limit
+
+    def abandon_all(self) -> None:
+        """The link drops: no verdict comes for what waits."""
+        self._connected.clear()
+        for _, _, f in self.sent:
+            if not f.done():
+                f.set_result(Verdict(ok=False, abandoned=True))
+
+
+def _events(payloads: list[bytes]) -> list[dict[str, object]]:
+    return [e for p in payloads for e in json.loads(p)["events"]]
+
+
+def test_abandoned_batches_are_read_again_from_the_outbox_without_the_erased(
+    tmp_path: Path,
+) -> None:
+    from gateway.erasure import erase_rows
+
+    async def run() -> None:
+        metrics = Metrics()
+        cfg = MqttConfig(inflight_window=2, batch_max_events=10, batch_max_bytes=1024 * 1024)
+        box = Outbox(BufferConfig(path=tmp_path / "b.db"), metrics, chunk_events=10)
+        box.open()
+        pub = LimitedPublisher()
+        fwd = Forwarder(box, pub, cfg, store="s1", device="d1", topic="t/events", metrics=metrics)
+        task = asyncio.create_task(fwd.run())
+        await box.submit_many(
+            [
+                Pending(time.time(), "card.read", f"k1:s{i % 2}", f'"subject":"k1:s{i % 2}"}}')
+                for i in range(40)
+            ]
+        )
+        await until(lambda: len(pub.sent) == 2)
+        pub.abandon_all()  # both batches on the wire come back without a verdict
+        await asyncio.sleep(0.05)
+        assert len(pub.sent) == 2, "nothing is handed to the client while the link is down"
+        fwd.withdrawn("k1:s1")  # a withdrawal during the outage
+        await box.write(lambda c: erase_rows(c, ["k1:s1"], time.time()))
+        pub._connected.set()  # the link is back
+        while metrics.get("events_forwarded_total") < 20:
+            for _, _, f in pub.sent:
+                if not f.done():
+                    f.set_result(Verdict(ok=True))
+            await asyncio.sleep(0.01)
+        after = _events([p for _, p, _ in pub.sent[2:]])
+        assert {e["subject"] for e in after} == {"k1:s0"}, "none of the leaver's"
+        assert sorted(int(str(e["seq"])) for e in after) == list(range(1, 41, 2))
+        assert (await box.stats())["depth"] == 0
+        task.cancel()
+        box.close()
+
+    asyncio.run(run())
+
+
+def test_batches_fit_the_brokers_limits(tmp_path: Path) -> None:
+    """Stored chunks larger than the broker's maximum go in parts; the window keeps to
+    its Receive Maximum; the rows go when every part is acknowledged."""
+
+    async def run() -> None:
+        metrics = Metrics()
+        cfg = MqttConfig(inflight_window=10, batch_max_events=500, batch_max_bytes=1024 * 1024)
+        box = Outbox(BufferConfig(path=tmp_path / "b.db"), metrics, chunk_events=500)
+        box.open()
+        pub = LimitedPublisher(max_payload=2048, receive_maximum=3)
+        fwd = Forwarder(box, pub, cfg, store="s1", device="d1", topic="t/events", metrics=metrics)
+        await box.submit_many(
+            [
+                Pending(time.time(), "card.read", "k1:x", f'"type":"card.read","i":{i}}}')
+                for i in range(300)
+            ]
+        )
+        task = asyncio.create_task(fwd.run())
+        while metrics.get("events_forwarded_total") < 300:
+            await asyncio.sleep(0.01)
+            assert pub.outstanding <= 3
+            for _, _, f in pub.sent:
+                if not f.done():
+                    f.set_result(Verdict(ok=True))
+        assert max(len(p) for _, p, _ in pub.sent) <= 2048
+        assert sorted(int(str(e["seq"])) for e in _events([p for _, p, _ in pub.sent])) == list(
+            range(1, 301)
+        )
+        assert pub.max_outstanding <= 3 and fwd.window == 3
+        assert metrics.get("batches_split_total") >= 1
+        task.cancel()
+        box.close()
+
+    asyncio.run(run())

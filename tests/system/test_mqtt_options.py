@@ -233,3 +233,44 @@ def test_certificates_expiring_within_30_days_are_warned(
     assert any("mqtt_client" in w and "WARNING" in w for w in warnings), log[-2000:]
     assert any("mqtt_ca" in w for w in warnings), warnings
     assert all("systemctl reload" in w for w in warnings)
+
+
+def retained_status(port: int) -> dict[str, str]:
+    """The retained status as a plain subscriber reads it."""
+    import json
+
+    import paho.mqtt.subscribe as subscribe
+
+    msg = subscribe.simple(
+        "touchpoint/v1/nl-ams-001/gw-01/status", hostname="127.0.0.1", port=port, retained=True
+    )
+    assert msg.retain
+    doc: dict[str, str] = json.loads(msg.payload)
+    return doc
+
+
+def test_the_will_is_renewed_at_every_connect(tmp_path: Path) -> None:
+    """After a reconnect, a kill -9 leaves a retained ``offline`` no older than the
+    ``online`` it replaces: the will carries the time of the last connect."""
+    from simulators.netproxy import NetProxy
+    from tests.system.uplink import wait_count
+
+    with Mosquitto(tmp_path / "mq") as b, NetProxy(b.port) as link:
+        gw = GatewayProc(tmp_path / "gw", link.port, sources=synthetic(50), consented=consented())
+        gw.start()
+        gw.wait_log("connected to broker")
+        time.sleep(2.2)  # the next connect is seconds later
+        link.cut()
+        wait_count(gw, "connected to broker", 2)
+        deadline = time.monotonic() + 10
+        online = retained_status(b.port)
+        while online["state"] != "online" and time.monotonic() < deadline:
+            online = retained_status(b.port)
+        gw.kill9()  # no goodbye: the broker publishes the will
+        deadline = time.monotonic() + 10
+        offline = retained_status(b.port)
+        while offline["state"] != "offline" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            offline = retained_status(b.port)
+    assert offline["state"] == "offline"
+    assert offline["ts"] >= online["ts"], (online, offline)
