@@ -436,12 +436,9 @@ class ReceiptTapSourceConfig(Model):
     def _open_listener_needs_an_allow_list(self) -> ReceiptTapSourceConfig:
         if self.transport != "tcp":
             return self
-        try:
-            loopback = ipaddress.ip_address(self.listen_host).is_loopback
-        except ValueError:
-            raise ValueError(
-                f"listen_host: {self.listen_host!r} is not an IP address of this box"
-            ) from None
+        # _listen_address has let only an IP address or localhost through
+        host = self.listen_host
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
         if not loopback and "till_allow" not in self.model_fields_set:
             raise ValueError(
                 f"listen_host {self.listen_host} is reachable from the network: set till_allow "
@@ -464,7 +461,8 @@ class ReceiptTapSourceConfig(Model):
             ipaddress.ip_address(value)
         except ValueError:
             raise ValueError(
-                f"{value!r} is not an IP address to listen on (e.g. 0.0.0.0 or 127.0.0.1)"
+                f"{value!r} is not an IP address of this box to listen on (e.g. 0.0.0.0 or "
+                "127.0.0.1)"
             ) from None
         return value
 
