@@ -328,12 +328,15 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
-    from gateway.config import json_schema
+    from gateway.config import Config, json_schema
+    from gateway.config_reference import reference
 
     text = json_schema()
+    if args.reference:
+        Path(args.reference).write_text(reference(Config.model_json_schema()), encoding="utf-8")
     if args.write:
         Path(args.write).write_text(text, encoding="utf-8")
-    else:
+    elif not args.reference:
         sys.stdout.write(text)
     return 0
 
@@ -475,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print (or write) the JSON Schema of the config file.",
     )
     s.add_argument("--write", type=Path, help="write to this file instead of stdout")
+    s.add_argument(
+        "--reference", type=Path, help="also write the Markdown reference of every key here"
+    )
     s.set_defaults(fn=cmd_config_schema)
 
     s = sub.add_parser(

@@ -105,9 +105,15 @@ class BufferConfig(Model):
 
 
 class TlsConfig(Model):
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) the broker's certificate must chain to"
+    )
+    cert_file: Path | None = Field(
+        default=None, description="Client certificate (PEM), for brokers that ask for one"
+    )
+    key_file: Path | None = Field(
+        default=None, description="The client certificate's private key (a secret: 0600)"
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> TlsConfig:
@@ -117,21 +123,44 @@ class TlsConfig(Model):
 
 
 class MqttConfig(Model):
-    host: str = "localhost"
-    port: int = Field(default=1883, ge=1, le=65535)
-    protocol: Literal["5", "3.1.1"] = "5"
+    host: str = Field(default="localhost", description="Broker host name or address")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port (8883 with TLS)")
+    protocol: Literal["5", "3.1.1"] = Field(
+        default="5", description="MQTT version; 5 gives PUBACK reason codes and broker limits"
+    )
     client_id: str | None = Field(default=None, description="Default: tp-<store>-<device>")
-    username: str | None = None
-    password_file: Path | None = None
-    tls: TlsConfig | None = None
+    username: str | None = Field(
+        default=None, description="MQTT user, one per gateway: <store>-<device>"
+    )
+    password_file: Path | None = Field(
+        default=None, description="File holding the MQTT password (a secret: 0600)"
+    )
+    tls: TlsConfig | None = Field(default=None, description="TLS to the broker; off when absent")
     allow_plaintext: bool = Field(default=False, description=ALLOW_PLAINTEXT_HELP)
-    keepalive_s: int = Field(default=30, ge=2, le=3600)
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    batch_max_events: int = Field(default=500, ge=1, le=10000)
-    batch_max_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
-    inflight_window: int = Field(default=20, ge=1, le=1000)
-    reconnect_min_s: float = Field(default=0.5, gt=0)
-    reconnect_max_s: float = Field(default=60.0, gt=0)
+    keepalive_s: int = Field(
+        default=30, ge=2, le=3600, description="MQTT keepalive; a dead link shows in ~1.5x"
+    )
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="Time one connect may take")
+    batch_max_events: int = Field(
+        default=500, ge=1, le=10000, description="Events in one published batch at most"
+    )
+    batch_max_bytes: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Bytes of one batch payload at most (also capped by the broker's maximum)",
+    )
+    inflight_window: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        description="Batches awaiting a PUBACK at most (also capped by the broker's Receive "
+        "Maximum)",
+    )
+    reconnect_min_s: float = Field(
+        default=0.5, gt=0, description="First reconnect delay (exponential, full jitter)"
+    )
+    reconnect_max_s: float = Field(default=60.0, gt=0, description="Reconnect delay cap")
     puback_timeout_s: float = Field(
         default=30.0,
         gt=0,
@@ -192,7 +221,9 @@ class ConsentSyncConfig(Model):
         description="Largest answer body accepted (about 100 bytes per record); "
         "a larger one is cut off and refused",
     )
-    backoff: ConsentSyncBackoff = ConsentSyncBackoff()
+    backoff: ConsentSyncBackoff = Field(
+        default=ConsentSyncBackoff(), description="Retry delays after a failed poll"
+    )
     allow_plaintext: bool = Field(default=False, description=ALLOW_PLAINTEXT_HELP)
 
     @property
@@ -249,12 +280,16 @@ class ConsentConfig(Model):
 
 
 class SerialCardSource(Model):
-    kind: Literal["serial_card"]
-    name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
+    kind: Literal["serial_card"] = Field(description="The source's kind")
+    name: Annotated[
+        str, Field(pattern=SOURCE_NAME_PATTERN, description="Unique name, in events and health")
+    ]
     device: Path = Field(description="Serial device, e.g. a udev symlink /dev/touchpoint-card0")
-    protocol: Literal["rdm6300", "scanner", "magstripe"]
-    lane: str = Field(min_length=1, max_length=64)
-    baudrate: int = Field(default=9600, ge=300, le=4_000_000)
+    protocol: Literal["rdm6300", "scanner", "magstripe"] = Field(
+        description="The reader's frames: RDM6300 RFID, a 2D/barcode scanner, magstripe Track 2"
+    )
+    lane: str = Field(min_length=1, max_length=64, description="Till lane, in each card.read")
+    baudrate: int = Field(default=9600, ge=300, le=4_000_000, description="Serial speed")
     debounce_s: float = Field(
         default=1.0, ge=0, description="Same card again within this is one read"
     )
@@ -262,18 +297,22 @@ class SerialCardSource(Model):
         default=True,
         description="scanner: check the EAN-13 check digit of a bare 13-digit line (no AIM id)",
     )
-    reopen_min_s: float = Field(default=0.5, gt=0)
-    reopen_max_s: float = Field(default=30.0, gt=0)
+    reopen_min_s: float = Field(
+        default=0.5, gt=0, description="First reopen delay after the device is lost"
+    )
+    reopen_max_s: float = Field(default=30.0, gt=0, description="Reopen delay cap")
 
 
 class SyntheticSource(Model):
     """In-process generator of card reads, for benchmarks and demos without hardware."""
 
-    kind: Literal["synthetic"]
-    name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
-    rate_per_s: float = Field(default=10.0, gt=0)
-    cards: int = Field(default=100, ge=1)
-    lane: str = "bench"
+    kind: Literal["synthetic"] = Field(description="The source's kind")
+    name: Annotated[
+        str, Field(pattern=SOURCE_NAME_PATTERN, description="Unique name, in events and health")
+    ]
+    rate_per_s: float = Field(default=10.0, gt=0, description="Card reads per second")
+    cards: int = Field(default=100, ge=1, description="Distinct card numbers, read in turn")
+    lane: str = Field(default="bench", description="Lane in each card.read")
 
 
 _BeaconUuid = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")]
@@ -284,8 +323,10 @@ _AltBeaconPrefix = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{1,40}$")]
 class BleSourceConfig(Model):
     """One BLE adapter scanning continuously for the retailer's beacons in one zone."""
 
-    kind: Literal["ble"]
-    name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
+    kind: Literal["ble"] = Field(description="The source's kind")
+    name: Annotated[
+        str, Field(pattern=SOURCE_NAME_PATTERN, description="Unique name, in events and health")
+    ]
     adapter: str = Field(default="hci0", pattern=r"^hci[0-9]{1,3}$", description="BlueZ adapter")
     zone: str = Field(min_length=1, max_length=64, description="Zone this adapter covers")
     scanning_mode: Literal["active", "passive"] = Field(
@@ -307,18 +348,28 @@ class BleSourceConfig(Model):
     smoothing: Literal["median"] = Field(
         default="median", description="Sliding median over the smoothing window"
     )
-    smoothing_window_s: float = Field(default=10.0, gt=0)
-    smoothing_samples: int = Field(default=7, ge=1, le=100)
-    min_samples: int = Field(default=3, ge=1, le=100)
+    smoothing_window_s: float = Field(
+        default=10.0, gt=0, description="RSSI samples older than this are not smoothed"
+    )
+    smoothing_samples: int = Field(
+        default=7, ge=1, le=100, description="RSSI samples in the median at most"
+    )
+    min_samples: int = Field(
+        default=3, ge=1, le=100, description="Samples a beacon needs before it can enter"
+    )
     silence_s: float = Field(default=30.0, gt=0, description="Unheard this long: exit")
     min_dwell_s: float = Field(default=10.0, ge=0, description="Shorter visits send nothing")
     watchdog_s: float = Field(
         default=90.0, gt=0, description="No advert this long: restart scan, then reset adapter"
     )
-    retry_min_s: float = Field(default=1.0, gt=0)
-    retry_max_s: float = Field(default=60.0, gt=0)
-    max_tracked_subjects: int = Field(default=10_000, ge=1)
-    pseudonym_cache_size: int = Field(default=4096, ge=1)
+    retry_min_s: float = Field(default=1.0, gt=0, description="First scanner restart delay")
+    retry_max_s: float = Field(default=60.0, gt=0, description="Scanner restart delay cap")
+    max_tracked_subjects: int = Field(
+        default=10_000, ge=1, description="Beacons tracked at once (the oldest leave first)"
+    )
+    pseudonym_cache_size: int = Field(
+        default=4096, ge=1, description="Beacon ids whose pseudonyms are kept computed"
+    )
     queue_size: int = Field(default=10_000, ge=10, description="Adverts waiting; more dropped")
 
     @model_validator(mode="after")
@@ -354,8 +405,10 @@ class ReceiptTapSourceConfig(Model):
     ``transport = "serial"`` takes till_device, printer_device and the line settings.
     """
 
-    kind: Literal["receipt_tap"]
-    name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
+    kind: Literal["receipt_tap"] = Field(description="The source's kind")
+    name: Annotated[
+        str, Field(pattern=SOURCE_NAME_PATTERN, description="Unique name, in events and health")
+    ]
     lane: str = Field(min_length=1, max_length=64, description="Lane name (events' lane attr)")
     lane_number: int = Field(ge=0, le=255, description="Lane number inside receipt tokens")
     transport: Literal["tcp", "serial"] = Field(
@@ -503,8 +556,10 @@ class ReceiptTapSourceConfig(Model):
 class CameraSourceConfig(Model):
     """A kiosk camera decoding QR codes: app tokens, receipt tokens, anything else."""
 
-    kind: Literal["camera"]
-    name: Annotated[str, Field(pattern=SOURCE_NAME_PATTERN)]
+    kind: Literal["camera"] = Field(description="The source's kind")
+    name: Annotated[
+        str, Field(pattern=SOURCE_NAME_PATTERN, description="Unique name, in events and health")
+    ]
     url: str | None = Field(
         default=None,
         min_length=1,
@@ -546,8 +601,10 @@ class CameraSourceConfig(Model):
     height: int | None = Field(default=None, ge=16, le=8192, description="Capture height asked")
     open_timeout_s: float = Field(default=10.0, gt=0, description="Network stream open timeout")
     read_timeout_s: float = Field(default=5.0, gt=0, description="No frame this long: lost")
-    reopen_min_s: float = Field(default=0.5, gt=0)
-    reopen_max_s: float = Field(default=30.0, gt=0)
+    reopen_min_s: float = Field(
+        default=0.5, gt=0, description="First reopen delay after the device is lost"
+    )
+    reopen_max_s: float = Field(default=30.0, gt=0, description="Reopen delay cap")
 
     @model_validator(mode="after")
     def _check(self) -> CameraSourceConfig:
@@ -627,14 +684,22 @@ class HealthConfig(Model):
 
 
 class Config(Model):
-    gateway: GatewayIdentity
-    keyring: KeyringConfig
-    buffer: BufferConfig = BufferConfig()
-    mqtt: MqttConfig = MqttConfig()
-    consent: ConsentConfig = ConsentConfig()
-    status: StatusConfig = StatusConfig()
-    health: HealthConfig | None = Field(default=None, description="Off when absent")
-    sources: list[SourceConfig] = Field(default_factory=list)
+    gateway: GatewayIdentity = Field(description="Which box this is")
+    keyring: KeyringConfig = Field(description="The tenant keys pseudonyms are made with")
+    buffer: BufferConfig = Field(default=BufferConfig(), description="The SQLite outbox")
+    mqtt: MqttConfig = Field(default=MqttConfig(), description="The broker link to central")
+    consent: ConsentConfig = Field(
+        default=ConsentConfig(), description="Consent registry, policy and sync"
+    )
+    status: StatusConfig = Field(
+        default=StatusConfig(), description="The log summary and the health message"
+    )
+    health: HealthConfig | None = Field(
+        default=None, description="Loopback /healthz and /metrics; off when absent"
+    )
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="The inputs: [[sources]] tables, each with a kind"
+    )
 
     @model_validator(mode="after")
     def _unique_sources(self) -> Config:
