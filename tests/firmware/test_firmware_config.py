@@ -185,6 +185,7 @@ def check_mosquitto_conf(path: Path) -> None:
         "keyfile",
         "require_certificate",
         "use_identity_as_username",
+        "use_username_as_clientid",
         "log_dest",
         "log_type",
         "max_packet_size",
