@@ -13,7 +13,6 @@ import json
 import random
 import sqlite3
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +25,6 @@ from tests.gateway.consent_helpers import STORE, Clock, Rig
 
 A, B = "k1:" + "A" * 22, "k1:" + "B" * 22
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def api() -> Iterator[ConsentAPI]:
-    with ConsentAPI(token="s3cret") as server:
-        yield server
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "token"
-    path.write_text("s3cret\n", encoding="utf-8")
-    return path
 
 
 def poller(rig: Rig, api: ConsentAPI, token_file: Path, **kw: Any) -> ConsentSync:

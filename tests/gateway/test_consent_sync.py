@@ -12,7 +12,6 @@ import base64
 import json
 import logging
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +33,6 @@ from simulators.consent_api import ConsentAPI
 from tests.gateway.consent_helpers import STORE, Clock, Rig, card
 
 A, B, C = "k1:" + "A" * 22, "k1:" + "B" * 22, "k1:" + "C" * 22
-
-
-@pytest.fixture
-def api() -> Iterator[ConsentAPI]:
-    with ConsentAPI(token="s3cret") as server:
-        yield server
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "token"
-    path.write_text("s3cret\n", encoding="utf-8")
-    return path
 
 
 def fast(rig: Rig, api: ConsentAPI, token_file: Path, **kw: Any) -> ConsentSync:
