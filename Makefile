@@ -12,7 +12,8 @@ STAMP  := $(VENV)/.installed-stamp
 APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install system-deps lint bench fuzz soak clean help dist lock
+.PHONY: demo test install system-deps lint bench bench-peer fuzz soak clean help dist lock \
+	test-fresh-root test-arm64
 
 help:
 	@echo "make demo   run the daemon against simulated hardware (Ctrl-C stops it)"
@@ -23,6 +24,8 @@ help:
 	@echo "make soak   a simulated week of a busy store in ~10 min (SOAK_DAYS, SOAK_MINUTES)"
 	@echo "make dist   Debian packages for amd64 and arm64 in dist/ (DIST_ARCH=amd64 for one)"
 	@echo "make lock   regenerate systemd/debian/requirements.lock (uv, every platform, hashes)"
+	@echo "make test-fresh-root  make demo and make test in a fresh Debian 12 root (mmdebstrap, root)"
+	@echo "make test-arm64       the same in an arm64 root under qemu-user-static"
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -56,8 +59,28 @@ lint: install
 # README's table too: make bench BENCH_ARGS='--readme README.md'
 BENCH_OUT  ?= bench-report
 BENCH_ARGS ?=
-bench: install
+bench: bench-peer
 	$(BIN)/touchpoint-gateway bench --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# bench ble's peer, TheengsGateway: its decoder has no wheel, so it is built here with a
+# compiler, CMake and Python headers from apt.  If that fails, bench ble says the peer is
+# not installed and measures everything else.
+BENCH_PEER_APT := g++ cmake python3-dev
+bench-peer: install
+	@$(BIN)/python -c "import TheengsGateway" 2>/dev/null || { \
+	  echo "installing bench ble's peer (TheengsGateway; built from source: $(BENCH_PEER_APT))"; \
+	  { $(MAKE) --no-print-directory system-deps APT_PACKAGES="$(BENCH_PEER_APT)" && \
+	    $(BIN)/pip install -q -e '.[dev,bench-peer]'; } || \
+	  echo "bench: TheengsGateway could not be built; bench ble runs without its peer"; }
+
+# make demo and make test as a new user runs them: in a fresh Debian 12 root (mmdebstrap,
+# Debian's python3, no compiler) made from the committed HEAD.  As root; see README.md.
+FRESH_ARGS ?=
+test-fresh-root:
+	.ci/fresh-root --arch amd64 $(FRESH_ARGS)
+
+test-arm64:
+	.ci/fresh-root --arch arm64 $(FRESH_ARGS)
 
 fuzz: install
 	TOUCHPOINT_FUZZ=deep $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=0 tests/fuzz $(PYTEST_ARGS)

@@ -329,7 +329,10 @@ class _Peer:
         import importlib.util
 
         if importlib.util.find_spec("TheengsGateway") is None:
-            raise RuntimeError("theengsgateway is not installed (pip install theengsgateway)")
+            raise RuntimeError(
+                "the peer, TheengsGateway, is not installed: make bench builds it "
+                "(pip install '.[bench-peer]' needs a compiler and CMake)"
+            )
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 

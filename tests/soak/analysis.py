@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import json
-import mmap
 import re
 import sqlite3
 import statistics
@@ -136,23 +135,34 @@ def central_seqs(path: Path, stream: str) -> set[int]:
     return seqs
 
 
-def find_raw(paths: Iterable[Path], raws: list[str]) -> list[str]:
-    """Raw identifiers (as written, upper and lower case) found in these files."""
+def find_raw(paths: Iterable[Path], raws: list[str], chunk: int = 1 << 20) -> list[str]:
+    """Raw identifiers (as written, upper and lower case) found in these files.
+
+    Read in ``chunk``-byte pieces, each searched with the end of the one before it (one
+    byte shorter than the longest form), so a form across a boundary is still found.  Not
+    ``mmap.find``: Debian 12's Python 3.11.2 can crash in it (CPython gh-105235).
+    """
     forms = sorted({f.encode() for r in raws for f in (r, r.upper(), r.lower())})
     digits = {f for f in forms if f.isdigit()}
     others = [f for f in forms if f not in digits]
     runs = re.compile(rb"\d{%d,}" % min((len(d) for d in digits), default=1))
+    keep = max((len(f) for f in forms), default=1) - 1
     found = []
     for path in paths:
         if not path.exists() or path.stat().st_size == 0:
             continue
-        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            hits = {f for f in others if data.find(f) >= 0}
-            if digits:  # digit identifiers: scan the digit runs once, not once per number
-                for m in runs.finditer(data):
-                    run = m.group()
-                    hits |= {d for d in digits if d in run}
-            found += [f"{h.decode()} in {path.name}" for h in sorted(hits)]
+        hits: set[bytes] = set()
+        tail = b""
+        with path.open("rb") as fh:
+            while piece := fh.read(chunk):
+                data = tail + piece
+                hits |= {f for f in others if f in data}
+                if digits:  # digit identifiers: scan the digit runs once, not once per number
+                    for m in runs.finditer(data):
+                        run = m.group()
+                        hits |= {d for d in digits if d in run}
+                tail = data[-keep:] if keep else b""
+        found += [f"{h.decode()} in {path.name}" for h in sorted(hits)]
     return found
 
 

@@ -60,6 +60,25 @@ def test_find_raw_sees_identifiers_in_any_case(tmp_path: Path) -> None:
     assert found == ["0a1b2c3d4e in f.bin", "2600000000042 in f.bin"]
 
 
+
+def test_find_raw_sees_identifiers_across_read_boundaries(tmp_path: Path) -> None:
+    """The files are read in pieces: an identifier split by any boundary is still found,
+    and a file shorter than the longest identifier is searched whole."""
+    raws = ["2600000000042", "APP-USER-1001"]
+    for offset in range(20):
+        f = tmp_path / f"f{offset}.bin"
+        f.write_bytes(b"." * offset + b"app-user-1001 " + b"-" * offset + b"x2600000000042y")
+        for chunk in (1, 3, 7, 13, 64):
+            assert find_raw([f], raws, chunk=chunk) == [
+                f"2600000000042 in {f.name}",
+                f"app-user-1001 in {f.name}",
+            ], (offset, chunk)
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"2600")
+    assert find_raw([short], raws, chunk=2) == []
+    assert find_raw([short], ["2600"], chunk=1) == ["2600 in short.bin"]
+
+
 def _run_and_check(plan: SoakPlan, tmp_path: Path, *, flat_checks: bool) -> None:
     run = run_soak(plan, tmp_path / "work")
     verdict = check(run, flat_checks=flat_checks)
