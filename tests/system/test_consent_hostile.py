@@ -19,6 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.identity import Keyring, decode_key
+from gateway.paths import write_secret
 from simulators.broker import Mosquitto, free_port
 from simulators.consent_api import ConsentAPI
 from tests.system.harness import (
@@ -41,7 +42,7 @@ MiB = 1024 * 1024
 
 def gateway(tmp_path: Path, broker_port: int, api: ConsentAPI, **sync: object) -> GatewayProc:
     token_file = tmp_path / "consent.token"
-    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    write_secret(token_file, TOKEN + "\n")  # a secret is the owner's only
     gw = GatewayProc(
         tmp_path / "gw",
         broker_port,
