@@ -170,7 +170,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     doc, code, detail = _live(cfg)
     if args.json:
         problems = doc.get("problems", []) if doc else []
-        stats["daemon"] = {"state": detail, "problems": problems, "exit_code": code}
+        stats["daemon"] = {
+            "state": detail,
+            "problems": problems,
+            "exit_code": code,
+            "health": doc,  # the whole live /healthz: every live row of the table, and more
+        }
         print(json.dumps(stats, indent=2, sort_keys=True))
         return code
     last = stats["last_publish_at"]

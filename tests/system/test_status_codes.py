@@ -4,6 +4,7 @@ head`` ends quietly."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -45,6 +46,14 @@ def test_status_exit_codes_follow_systemctl(tmp_path: Path) -> None:
         gw.wait_db()
         ok = status(gw)
         assert ok.returncode == 0, ok.stdout + ok.stderr
+        # --json holds everything the table shows, the live rows included
+        live = json.loads(status(gw, "--json").stdout)["daemon"]["health"]
+        assert live["broker"]["connected"] is True and "limits" in live["broker"], live
+        assert "load" in live["sources"] and live["buffer"]["last_write_ok"] is True
+        for row in ok.stdout.splitlines():
+            key = row.split("  ")[0]
+            if key in ("broker limits", "source load"):
+                assert key.split()[-1] in json.dumps(live), key
         for reader in ("head -1", "true"):  # `true` leaves before a byte is written
             piped = subprocess.run(
                 f"{sys.executable} -m gateway.cli status --config {gw.config} --json | {reader}",
