@@ -25,6 +25,7 @@ def _cert(
     *,
     ca: bool = False,
     ip: str | None = None,
+    days: float = 1,
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     b = (
@@ -34,7 +35,7 @@ def _cert(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if ip:
@@ -83,4 +84,17 @@ def make_pki(d: Path) -> dict[str, Path]:
         "client": _write(d / "client.pem", _cert("nl-ams-001-gw-01", cli_key, "test-ca", ca_key)),
         # The gateway refuses a TLS key open to the group or others (the broker's is not ours).
         "client_key": _owner_only(_write(d / "client.key", key=cli_key)),
+        "ca_key": _owner_only(_write(d / "ca.key", key=ca_key)),
     }
+
+
+def renew_client(pki: dict[str, Path], days: float) -> datetime.datetime:
+    """Replace the client certificate (same key, same CA) with one valid ``days``; returns
+    its notAfter."""
+    ca_key = serialization.load_pem_private_key(pki["ca_key"].read_bytes(), None)
+    cli_key = serialization.load_pem_private_key(pki["client_key"].read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    assert isinstance(cli_key, ec.EllipticCurvePrivateKey)
+    cert = _cert("nl-ams-001-gw-01", cli_key, "test-ca", ca_key, days=days)
+    _write(pki["client"], cert)
+    return cert.not_valid_after_utc

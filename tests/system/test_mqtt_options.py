@@ -3,6 +3,8 @@ against a real mosquitto."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -274,3 +276,38 @@ def test_the_will_is_renewed_at_every_connect(tmp_path: Path) -> None:
             offline = retained_status(b.port)
     assert offline["state"] == "offline"
     assert offline["ts"] >= online["ts"], (online, offline)
+
+
+def test_a_reload_picks_up_a_renewed_client_certificate(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """The client certificate expires in a day (warned); IT renews it and reloads: the new
+    expiry shows in /metrics and the daemon connects with the new certificate."""
+    from simulators.broker import free_port
+    from tests.pki import renew_client
+    from tests.system.harness import metrics
+
+    port = free_port()
+    with Mosquitto(tmp_path / "mq", extra_conf=tls_conf(pki), allow_anonymous=False) as b:
+        gw = GatewayProc(
+            tmp_path / "gw", b.port, sources=synthetic(20), consented=consented(),
+            mqtt_extra=tls_mqtt(pki), health_port=port,
+        )  # fmt: skip
+        gw.start()
+        gw.wait_log("connected to broker")
+        name = "certificate_expiry_timestamp_seconds"
+        before = metrics(port)[name][(("certificate", "mqtt_client"),)]
+        assert before - time.time() < 2 * 86400
+        renewed = renew_client(pki, days=400).timestamp()
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_log("reloading")
+        deadline = time.monotonic() + 20
+        after = before
+        while time.monotonic() < deadline and after != renewed:
+            time.sleep(0.3)
+            with contextlib.suppress(OSError, KeyError):
+                after = metrics(port)[name][(("certificate", "mqtt_client"),)]
+        assert after == renewed
+        assert gw.log.read_text().count("connected to broker") >= 2  # with the new one
+        assert gw.stop() == 0
