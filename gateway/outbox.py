@@ -637,22 +637,32 @@ class Outbox:
         return path.with_name(path.name + ".reserve")
 
     def _keep_reserve(self) -> None:
-        """Make the disk reserve (``disk_reserve_bytes``) when it is missing and the
-        filesystem has four times that free; never raises (no reserve is no error)."""
+        """Make the disk reserve (``disk_reserve_bytes``) when it is missing or short (a
+        power cut can leave its name with fewer bytes) and the filesystem has four times
+        that free; synced with its folder, so a cut keeps it whole.  Never raises (no
+        reserve is no error)."""
         size, reserve = self.cfg.disk_reserve_bytes, self.reserve_path
         if not size:
             return
         try:
-            if reserve.exists():
-                return
+            with contextlib.suppress(FileNotFoundError):
+                if reserve.stat().st_size >= size:
+                    return
+                reserve.unlink()  # short: made again below
             fs = os.statvfs(reserve.parent)
             if fs.f_bavail * fs.f_frsize < 4 * size:
                 return
             fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.posix_fallocate(fd, 0, size)  # the blocks are taken now, not when needed
+                os.fsync(fd)
             finally:
                 os.close(fd)
+            dir_fd = os.open(reserve.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the name survives a cut too
+            finally:
+                os.close(dir_fd)
         except OSError as exc:
             log.debug("no disk reserve beside the buffer: %s", exc)
             with contextlib.suppress(OSError):
