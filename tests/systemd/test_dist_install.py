@@ -283,12 +283,13 @@ def run_daemon(root: Root, port: int, seconds: float = 6.0) -> dict[str, object]
     sub.subscribe("touchpoint/v1/+/+/events", qos=1)
     sub.loop_start()
     cmd = ["sh", "-c", f"chown -R {USER}: /run-creds && chmod 0400 /run-creds/k1.key && "
-           f"exec setpriv --reuid={USER} --regid={USER} --init-groups "
-           f"{LAUNCHER} run --config {CONFIG}"]  # fmt: skip
+           f"exec timeout {seconds + 30:.0f} setpriv --reuid={USER} --regid={USER} "
+           f"--init-groups {LAUNCHER} run --config {CONFIG}"]  # fmt: skip
     env = ("CREDENTIALS_DIRECTORY=/run-creds", "NOTIFY_SOCKET=/tmp/notify.sock")
     result: dict[str, object] = {}
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
         ns.bind(str(notify))
+        notify.chmod(0o777)  # the daemon runs as its user
         ns.settimeout(0.5)
         t0 = time.monotonic()
         proc = subprocess.Popen(root.argv(cmd, net=True, env=env), stdout=subprocess.PIPE,
@@ -306,28 +307,46 @@ def run_daemon(root: Root, port: int, seconds: float = 6.0) -> dict[str, object]
             while time.monotonic() < end and proc.poll() is None:
                 time.sleep(0.5)
             result["rss_kib"] = _rss_kib(proc.pid)
-        finally:
             result["alive"] = proc.poll() is None
-            proc.terminate()  # unshare forwards it; the daemon stops cleanly
-            try:
-                out, _ = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, _ = proc.communicate()
+            if result["alive"]:  # `timeout` (PID 1 there) passes SIGTERM on to the daemon
+                _leaf_signal(proc.pid)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()  # the namespace's PID 1 dies with it (--kill-child)
+                proc.communicate()
             sub.loop_stop()
             sub.disconnect()
     result.update(rc=proc.returncode, log=out, events=len(got))
     return result
 
 
-def _rss_kib(unshare_pid: int) -> int | None:
-    """VmRSS of the daemon: the process the namespace's shell exec'd into."""
+def _leaf(pid: int) -> int:
+    """The innermost process below *pid* (unshare -> timeout -> the daemon)."""
+    while True:
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return pid
+        if not kids:
+            return pid
+        pid = int(kids[0])
+
+
+def _leaf_signal(pid: int) -> None:
     try:
-        kids = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children").read_text().split()
-        for line in Path(f"/proc/{kids[0]}/status").read_text().splitlines():
+        os.kill(_leaf(pid), 15)
+    except ProcessLookupError:
+        pass
+
+
+def _rss_kib(pid: int) -> int | None:
+    """VmRSS of the daemon."""
+    try:
+        for line in Path(f"/proc/{_leaf(pid)}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
-    except (OSError, IndexError, ValueError):
+    except (OSError, ValueError):
         return None
     return None
 
@@ -346,6 +365,7 @@ def version_of(root: Root) -> str:
     return root.run(LAUNCHER, "--version").stdout.strip()
 
 
+@pytest.mark.timeout(1800)
 def test_install_upgrade_rollback_remove(
     root: Root, debs: dict[str, dict[str, Path]], broker: Mosquitto
 ) -> None:
