@@ -15,6 +15,7 @@ the first run downloads it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -206,16 +207,19 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]
     return out
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Root]:
-    tar = root_tarball("amd64")
-    path = tmp_path_factory.mktemp("root")
-    with tarfile.open(tar) as tf:
+def unpack(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Root:
+    path = tmp_path_factory.mktemp(f"root-{arch}")
+    with tarfile.open(root_tarball(arch)) as tf:
         tf.extractall(path, filter="fully_trusted")
     say(f"root: unpacked in {path}")
-    yield Root(path)
-    say("figures: " + "; ".join(f"{k}: {v}" for k, v in FIGURES.items()))
-    shutil.rmtree(path, ignore_errors=True)
+    return Root(path)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Root]:
+    r = unpack("amd64", tmp_path_factory)
+    yield r
+    shutil.rmtree(r.path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -334,10 +338,8 @@ def _leaf(pid: int) -> int:
 
 
 def _leaf_signal(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(_leaf(pid), 15)
-    except ProcessLookupError:
-        pass
 
 
 def _rss_kib(pid: int) -> int | None:
@@ -423,3 +425,38 @@ def test_install_upgrade_rollback_remove(
     left = [str(p) for p in root.file(PREFIX).rglob("*")] if root.file(PREFIX).exists() else []
     assert left == [], left[:20]
     say("figures: " + "; ".join(f"{k}: {v}" for k, v in FIGURES.items()))
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.skipif(os.environ.get("TOUCHPOINT_TEST_ARM64") != "1",
+                    reason="arm64 under qemu-user is slow: make test-arm64-package")  # fmt: skip
+def test_arm64_package_installs_under_emulation(
+    tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto
+) -> None:
+    """The arm64 package on an arm64 root (qemu-user-static through binfmt_misc):
+    installs offline, ``--version`` and ``check-config`` pass."""
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        pytest.skip("qemu-aarch64 is not registered in binfmt_misc (qemu-user-static)")
+    sys.path.insert(0, str(BUILD.parent))
+    try:
+        import build as dist_build
+    finally:
+        sys.path.remove(str(BUILD.parent))
+    ver = dist_build.version()
+    dest = tmp_path_factory.mktemp("dist-arm64")
+    say(f"build: {ver} arm64")
+    subprocess.run([sys.executable, str(BUILD), "--arch", "arm64", "--out", str(dest)],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    root = unpack("arm64", tmp_path_factory)
+    try:
+        say("arm64: install offline")
+        t = root.install(dest / f"touchpoint-gateway_{ver}_arm64.deb")
+        say(f"arm64: installed in {t:.0f} s")
+        assert root.run("uname", "-m").stdout.strip() == "aarch64"
+        assert version_of(root) == f"touchpoint-gateway {ver}"
+        provision(root, broker.port)
+        check = check_config(root)
+        assert check.returncode == 0, check.stdout + check.stderr
+        say("arm64: --version and check-config pass")
+    finally:
+        shutil.rmtree(root.path, ignore_errors=True)
