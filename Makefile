@@ -8,16 +8,18 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian / Raspberry Pi OS packages: the broker for tests and the demo, zbar for pyzbar,
 # dbus-daemon for the private bus the BLE simulator runs on, venv support, systemd's
 # analyzer for checking the unit files, and promtool (package prometheus) for linting
-# /metrics in a test.
-APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd prometheus
+# /metrics in a test, and mmdebstrap for the test that installs the packages into a fresh
+# Debian root.
+APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd prometheus mmdebstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test install system-deps lint bench bench-peer fuzz soak clean help dist lock \
-	test-fresh-root test-arm64
+	test-fresh-root test-arm64 test-arm64-package
 
 help:
 	@echo "make demo   run the daemon against simulated hardware (Ctrl-C stops it)"
 	@echo "make test   run the whole test suite"
+	@echo "make test-arm64-package  the arm64 .deb in an arm64 root under qemu (root; slow)"
 	@echo "make lint   ruff and mypy --strict"
 	@echo "make bench  every benchmark, one report in $(BENCH_OUT)/ (md, json, plots); several minutes"
 	@echo "make fuzz   the long fuzz run (hypothesis deep profile + atheris)"
@@ -109,3 +111,9 @@ lock: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# The arm64 package installed into an arm64 Debian 12 root under qemu-user-static
+# (binfmt_misc): --version and check-config.  Needs root; slow; not part of `make test`.
+test-arm64-package: install
+	TOUCHPOINT_TEST_ARM64=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider \
+		tests/systemd/test_dist_install.py -k arm64

@@ -126,6 +126,17 @@ sys.exit(main())
 """
 
 
+def stamp_version(lib: Path, ver: str) -> None:
+    """The package's version is the program's: ``--version`` builds (an upgrade test's
+    newer package, a hotfix) must print what dpkg says is installed."""
+    init = lib / "gateway" / "__init__.py"
+    text = init.read_text(encoding="utf-8")
+    new, n = re.subn(r'^__version__ = "[^"]*"$', f'__version__ = "{ver}"', text, flags=re.M)
+    if n != 1:
+        raise SystemExit(f"dist: no __version__ line in {init}")
+    init.write_text(new, encoding="utf-8")
+
+
 def install_file(src: Path, dest: Path, mode: int = 0o644, text: str | None = None) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if text is None:
@@ -197,6 +208,7 @@ def build(arch: str, out: Path, ver: str, work: Path) -> list[Path]:
     camera_wheels = fetch(camera, arch, work / "wheels-camera")
     install_target(base_wheels, work / "lib", arch)
     install_target(camera_wheels, work / "lib-camera", arch)
+    stamp_version(work / "lib", ver)
 
     built = []
     root = work / "root-base"
