@@ -28,17 +28,24 @@ def get(port: int, path: str) -> tuple[int, str]:
         conn.close()
 
 
-def test_health_and_metrics_of_the_running_daemon(tmp_path: Path) -> None:
+def _with_health(tmp_path: Path, broker: Mosquitto, port: int, extra: str = "") -> GatewayProc:
+    """The daemon with a synthetic source and ``[health]`` on ``port``, started, connected
+    and reading for a moment."""
     ring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")
     consented = [ring.pseudonym("loyalty", card_number(i)) for i in range(50)]
+    gw = GatewayProc(tmp_path / "gw", broker.port, sources=synthetic(200), consented=consented)
+    gw._template += f'[health]\nlisten = "127.0.0.1:{port}"\n{extra}'
+    gw.set_sources(synthetic(200))
+    gw.start()
+    gw.wait_log("connected to broker")
+    time.sleep(2.5)
+    return gw
+
+
+def test_health_and_metrics_of_the_running_daemon(tmp_path: Path) -> None:
     port = free_port()
     with Mosquitto(tmp_path / "mq") as broker:
-        gw = GatewayProc(tmp_path / "gw", broker.port, sources=synthetic(200), consented=consented)
-        gw._template += f'[health]\nlisten = "127.0.0.1:{port}"\nbroker_down_s = 2\n'
-        gw.set_sources(synthetic(200))
-        gw.start()
-        gw.wait_log("connected to broker")
-        time.sleep(2.5)
+        gw = _with_health(tmp_path, broker, port, "broker_down_s = 2\n")
         status, body = get(port, "/healthz")
         assert status == 200, body
         health = json.loads(body)
@@ -80,17 +87,10 @@ def test_metrics_pass_promtool_and_follow_the_conventions(tmp_path: Path) -> Non
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian package prometheus; make test installs it)")
-    ring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")
-    consented = [ring.pseudonym("loyalty", card_number(i)) for i in range(50)]
     port = free_port()
     with Mosquitto(tmp_path / "mq") as broker:
-        gw = GatewayProc(tmp_path / "gw", broker.port, sources=synthetic(200), consented=consented)
-        gw._template += f'[health]\nlisten = "127.0.0.1:{port}"\n'
-        gw.set_sources(synthetic(200))
-        gw.start()
+        gw = _with_health(tmp_path, broker, port)
         try:
-            gw.wait_log("connected to broker")
-            time.sleep(2.5)
             status, text = get(port, "/metrics")
         finally:
             gw.stop()
