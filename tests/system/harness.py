@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -29,6 +30,20 @@ STORE, DEVICE = "nl-ams-001", "gw-01"
 
 def card_number(i: int) -> str:
     return f"2600{i:09d}"  # the synthetic source's numbering
+
+
+# Every daemon a test started: a test that fails before its stop() would leave its daemon
+# running after the session (found on this box: daemons from failed runs, hours old).
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
 
 
 class GatewayProc:
@@ -101,6 +116,7 @@ summary_interval_s = 1
                 stderr=log,
                 env={**self.env, "PYTHONUNBUFFERED": "1"},
             )
+        _STARTED.append(self.proc)
 
     def wait_log(self, text: str, timeout: float = 15) -> None:
         """Wait until this run of the daemon has logged ``text``."""
