@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.health import MetricFamilies, http_response
+from gateway.health import MetricFamilies, http_response, serve_http
 
 log = logging.getLogger(__name__)
 
@@ -362,33 +362,18 @@ async def serve(opts: BrokerOptions, host: str, port: int) -> None:
     client.connect_async(opts.host, opts.port, keepalive=30)
     client.loop_start()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(10):
-                request = (await reader.readline()).decode("latin-1").split()
-                for _ in range(100):
-                    if (await reader.readline()) in (b"\r\n", b"\n", b""):
-                        break
-            target = request[1].split("?", 1)[0] if len(request) == 3 else ""
-            now = time.time()
-            rows = fleet.rows(now, opts.silent_after_s)
-            if target == "/metrics":
-                body = render_metrics(rows, now).encode()
-                writer.write(http_response(200, body, CONTENT_TYPE_METRICS, False))
-            elif target == "/fleet":
-                body = json.dumps([r.to_json(now) for r in rows], indent=1).encode()
-                writer.write(http_response(200, body, "application/json", False))
-            else:
-                writer.write(http_response(404, b"try /metrics or /fleet\n", "text/plain", False))
-            await writer.drain()
-        except (TimeoutError, ConnectionError, ValueError, IndexError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    def route(method: str, target: str) -> bytes:
+        now = time.time()
+        rows = fleet.rows(now, opts.silent_after_s)
+        if target == "/metrics":
+            body = render_metrics(rows, now).encode()
+            return http_response(200, body, CONTENT_TYPE_METRICS, method == "HEAD")
+        if target == "/fleet":
+            body = json.dumps([r.to_json(now) for r in rows], indent=1).encode()
+            return http_response(200, body, "application/json", method == "HEAD")
+        return http_response(404, b"try /metrics or /fleet\n", "text/plain", False)
 
-    server = await asyncio.start_server(handle, host, port, limit=8192)
+    server = await serve_http(route, host, port)
     bound = server.sockets[0].getsockname()[1] if server.sockets else port
     print(f"fleet: serving http://{host}:{bound}/metrics and /fleet", file=sys.stderr, flush=True)
     try:

@@ -513,6 +513,36 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+async def serve_http(
+    route: Callable[[str, str], bytes], host: str, port: int
+) -> asyncio.Server:
+    """A minimal HTTP/1.1 server: ``route(method, path)`` gives each whole response.
+    A request line and its headers must arrive within 10 s and in 8 KiB; one request per
+    connection."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                request = await reader.readline()
+                for _ in range(100):  # headers: read and ignore
+                    if (await reader.readline()) in (b"\r\n", b"\n", b""):
+                        break
+            parts = request.decode("latin-1").split()
+            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+                writer.write(http_response(400, b"bad request\n", "text/plain", False))
+            else:
+                writer.write(route(parts[0], parts[1].split("?", 1)[0]))
+            await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    return await asyncio.start_server(handle, host, port, limit=8192)
+
+
 async def serve_health(
     gw: HealthSubject,
     host: str = "127.0.0.1",
@@ -526,27 +556,6 @@ async def serve_health(
     if not _is_loopback(host):
         raise ValueError(f"health endpoint must listen on loopback, not {host!r}")
     mon = monitor or HealthMonitor(gw)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(10):
-                request = await reader.readline()
-                for _ in range(100):  # headers: read and ignore
-                    if (await reader.readline()) in (b"\r\n", b"\n", b""):
-                        break
-            parts = request.decode("latin-1").split()
-            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-                writer.write(http_response(400, b"bad request\n", "text/plain", False))
-            else:
-                method, target = parts[0], parts[1].split("?", 1)[0]
-                writer.write(_route(method, target))
-            await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
 
     def _route(method: str, target: str) -> bytes:
         if target not in ("/healthz", "/metrics"):
@@ -562,7 +571,7 @@ async def serve_health(
         body = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
         return http_response(200 if healthy else 503, body, "application/json", head)
 
-    server = await asyncio.start_server(handle, host, port, limit=8192)
+    server = await serve_http(_route, host, port)
 
     async def sample_until_closed() -> None:
         closed = asyncio.ensure_future(server.wait_closed())
