@@ -513,9 +513,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def serve_http(
-    route: Callable[[str, str], bytes], host: str, port: int
-) -> asyncio.Server:
+async def serve_http(route: Callable[[str, str], bytes], host: str, port: int) -> asyncio.Server:
     """A minimal HTTP/1.1 server: ``route(method, path)`` gives each whole response.
     A request line and its headers must arrive within 10 s and in 8 KiB; one request per
     connection."""

@@ -125,9 +125,12 @@ _COLUMNS = (("version", "TEXT"), ("older_can_read", "INTEGER"))
 
 def unknown_migrations(conn: sqlite3.Connection) -> list[tuple[str, str, bool]]:
     """Recorded migrations this binary does not know: (name, version, older_can_read)."""
-    if conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'"
-    ).fetchone() is None:
+    if (
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'"
+        ).fetchone()
+        is None
+    ):
         return []
     cols = {row[1] for row in conn.execute("PRAGMA table_info(_migrations)")}
     version = "version" if "version" in cols else "NULL"

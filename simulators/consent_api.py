@@ -365,8 +365,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/json")
             if hostile.announce:
                 self.send_header("Content-Length", str(size))
-            else:
-                self.send_header("Connection", "close")
+            # Said even when a length is announced: this connection closes after the answer,
+            # and a client not told so may reuse it and lose its next request in the race.
+            self.send_header("Connection", "close")
             self.end_headers()
             if hostile.mode == "body":
                 self.wfile.write(data)

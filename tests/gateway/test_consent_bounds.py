@@ -201,6 +201,7 @@ def test_subjects_outside_the_pseudonym_grammar_are_refused(
         async with sync.client() as client:
             await sync.step(client)
             cursor = sync.cursor
+            outcomes = []
             for bad in BAD_SUBJECTS:
                 records = [
                     {"subject": B, "purposes": ["linking"], "expires": None},
@@ -208,7 +209,8 @@ def test_subjects_outside_the_pseudonym_grammar_are_refused(
                 ]
                 api.hostile("body", body=body("c9", records))
                 await sync.step(client)
-            assert polls(rig, "bad_response") == len(BAD_SUBJECTS)
+                outcomes.append((bad, str(sync.last_error)))
+            assert polls(rig, "bad_response") == len(BAD_SUBJECTS), outcomes
             assert set(rig.registry.records) == {A} and sync.cursor == cursor
             # The buffer's writer is alive and well: the next answer is written.
             api.grant(STORE, B, ["linking"])

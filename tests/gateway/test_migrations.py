@@ -98,4 +98,3 @@ def test_a_database_from_before_the_guard_gains_its_columns(tmp_path: Path) -> N
     assert cols == ["name", "applied_at", "version", "older_can_read"]
     assert conn.execute("SELECT count(*) FROM _migrations").fetchone()[0] == len(MIGRATIONS)
     conn.close()
-

@@ -6,8 +6,6 @@ at start and a line in /healthz).  Credentials in a URL are refused always.  Loo
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -155,7 +153,7 @@ def test_opted_in_plaintext_warns_at_start_shows_in_healthz_and_a_reload_to_it_i
         # A reload to a config that drops the opt-in is refused; the daemon keeps running.
         gw.config.write_text(gw.config.read_text().replace("allow_plaintext = true", ""))
         assert gw.proc is not None
-        os.kill(gw.proc.pid, signal.SIGHUP)
+        gw.reload()
         gw.wait_log("reload refused")
         assert "allow_plaintext" in gw.log.read_text()
         assert gw.alive()

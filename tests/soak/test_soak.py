@@ -60,7 +60,6 @@ def test_find_raw_sees_identifiers_in_any_case(tmp_path: Path) -> None:
     assert found == ["0a1b2c3d4e in f.bin", "2600000000042 in f.bin"]
 
 
-
 def test_find_raw_sees_identifiers_across_read_boundaries(tmp_path: Path) -> None:
     """The files are read in pieces: an identifier split by any boundary is still found,
     and a file shorter than the longest identifier is searched whole."""

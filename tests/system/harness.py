@@ -130,6 +130,14 @@ summary_interval_s = 1
     def wait_ready(self) -> None:
         self.wait_log("touchpoint-gateway ")
 
+    def reload(self) -> None:
+        """SIGHUP.  The log mark moves first, so ``wait_log`` and ``wait_ready`` see only
+        what the daemon logs from the reload on (a reload can log its ready line before
+        a test that waited for "reloading" gets to look)."""
+        assert self.proc is not None
+        self._log_mark = self.log.stat().st_size if self.log.exists() else 0
+        self.proc.send_signal(signal.SIGHUP)
+
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)

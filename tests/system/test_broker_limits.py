@@ -77,7 +77,6 @@ def test_batches_fit_the_brokers_maximum_packet_size_across_an_outage(tmp_path: 
 def test_lower_batch_limits_take_effect_for_stored_chunks(tmp_path: Path) -> None:
     """Chunks stored under batch_max_events = 1000 go out in batches of at most 50 once
     a reload (SIGHUP) says so."""
-    import signal
 
     with (
         Mosquitto(tmp_path / "mq") as broker,
@@ -105,7 +104,7 @@ def test_lower_batch_limits_take_effect_for_stored_chunks(tmp_path: Path) -> Non
             gw.config.read_text().replace("batch_max_events = 200", "batch_max_events = 50")
         )
         assert gw.proc is not None
-        gw.proc.send_signal(signal.SIGHUP)
+        gw.reload()
         gw.wait_log("reloading")
         link.accept()
         gw.wait_drained(60)

@@ -153,7 +153,6 @@ def test_full_buffer_while_offline_applies_the_policy(tmp_path: Path) -> None:
 def test_sighup_reload_under_load_loses_and_resends_nothing(
     tmp_path: Path, pbroker: Mosquitto, central: Central
 ) -> None:
-    import signal
 
     gw = make_gateway(tmp_path, pbroker.port)
     gw.start()
@@ -162,7 +161,7 @@ def test_sighup_reload_under_load_loses_and_resends_nothing(
     gw.set_sources(synthetic(800))  # a changed source: applied by the reload
     assert gw.proc is not None
     pid = gw.proc.pid
-    gw.proc.send_signal(signal.SIGHUP)
+    gw.reload()
     gw.wait_log("reloading")
     deadline = time.monotonic() + 15
     while gw.log.read_text().count("touchpoint-gateway 0.1.0:") < 2 and time.monotonic() < deadline:
@@ -177,7 +176,6 @@ def test_sighup_reload_under_load_loses_and_resends_nothing(
 def test_sighup_with_an_invalid_config_keeps_the_old_one_running(
     tmp_path: Path, pbroker: Mosquitto, central: Central
 ) -> None:
-    import signal
 
     gw = make_gateway(tmp_path, pbroker.port)
     gw.start()
@@ -185,7 +183,7 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one_running(
     good = gw.config.read_text()
     gw.config.write_text(good.replace('store = "nl-ams-001"', 'store = "NOT VALID"'))
     assert gw.proc is not None
-    gw.proc.send_signal(signal.SIGHUP)
+    gw.reload()
     gw.wait_log("reload refused")
     before = gw.last_seq()
     time.sleep(1.5)

@@ -4,7 +4,6 @@ against a real mosquitto."""
 from __future__ import annotations
 
 import contextlib
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -300,7 +299,7 @@ def test_a_reload_picks_up_a_renewed_client_certificate(
         assert before - time.time() < 2 * 86400
         renewed = renew_client(pki, days=400).timestamp()
         assert gw.proc is not None
-        gw.proc.send_signal(signal.SIGHUP)
+        gw.reload()
         gw.wait_log("reloading")
         deadline = time.monotonic() + 20
         after = before

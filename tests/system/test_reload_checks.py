@@ -4,7 +4,6 @@ health endpoint keeps answering on its address."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -46,7 +45,7 @@ def test_a_reload_to_an_address_that_cannot_be_bound_is_refused(
     )
     assert check.returncode == 1 and "health.listen" in check.stdout, check.stdout
     assert gw.proc is not None
-    gw.proc.send_signal(signal.SIGHUP)
+    gw.reload()
     gw.wait_log("reload refused")
     before = gw.last_seq()
     time.sleep(1.5)
