@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml
 install: system-deps $(STAMP)
 
 demo: install
-	$(BIN)/touchpoint-gateway demo $(DEMO_ARGS)
+	$(BIN)/python -m simulators.rig.demo $(DEMO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -62,7 +62,7 @@ lint: install
 BENCH_OUT  ?= bench-report
 BENCH_ARGS ?=
 bench: bench-peer
-	$(BIN)/touchpoint-gateway bench --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(BIN)/python -m tests.bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 # bench ble's peer, TheengsGateway: its decoder has no wheel, so it is built here with a
 # compiler, CMake and Python headers from apt.  If that fails, bench ble says the peer is

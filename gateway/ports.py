@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from gateway.identity import Keyring
-from gateway.metrics import Metrics
+from gateway.identity.pseudonyms import Keyring
+from gateway.observe.metrics import Metrics
 
 if TYPE_CHECKING:
-    from gateway.tokens import ReplaySet
+    from gateway.identity.tokens import ReplaySet
 
 EVENT_TYPES = (
     "presence.enter",
@@ -58,7 +58,7 @@ class ConsentEvidence:
 class SourceContext:
     """What the core hands a source: its name, the keyring, counters and a clock.
 
-    ``replay``: the daemon's one app-token replay set (``gateway.token_replay``), shared
+    ``replay``: the daemon's one app-token replay set (``gateway.consent.token_replay``), shared
     by every source and kept in the buffer database; None outside the daemon.
     """
 
@@ -110,6 +110,7 @@ class Verdict:
 PACKET_TOO_LARGE = 0x95  # the MQTT 5 reason code, also for a payload refused before sending
 
 
+@runtime_checkable
 class Publisher(Protocol):
     """Publishes messages and reports each one's broker verdict.
 
@@ -132,3 +133,40 @@ class Publisher(Protocol):
     async def wait_connected(self) -> None: ...
 
     async def close(self, *, graceful: bool = True) -> None: ...
+
+    def subscribe(self, topic: str, callback: Callable[[bytes], None]) -> None:
+        """Receive ``topic`` on every connection; ``callback(payload)`` runs on the event
+        loop.  Called before ``start`` (the daemon takes consent pushes this way)."""
+        ...
+
+    def on_connect(self, hook: Callable[[], object]) -> None:
+        """Call ``hook()`` on the event loop after every successful connect."""
+        ...
+
+    @property
+    def in_flight(self) -> int:
+        """Messages handed to the link and not yet answered."""
+        ...
+
+    @property
+    def receive_maximum(self) -> int | None:
+        """The broker's Receive Maximum from its CONNACK, or None (no limit announced)."""
+        ...
+
+    def max_payload(self, topic: str) -> int | None:
+        """The largest payload the broker takes on ``topic``, or None (no limit)."""
+        ...
+
+
+@runtime_checkable
+class Forgets(Protocol):
+    """A source that keeps subjects in memory (debounce, presence) and clears one on erasure."""
+
+    def forget(self, subject: str) -> None: ...
+
+
+@runtime_checkable
+class ReportsMemory(Protocol):
+    """A source that reports the sizes of its in-memory tables (``bench memory``, health)."""
+
+    def memory_sizes(self) -> Mapping[str, int]: ...

@@ -10,10 +10,15 @@ from typing import Any
 
 import pytest
 
-from gateway.identity import ALLOW_TEST_KEY_VALUE, ALLOW_TEST_KEY_VAR, Keyring, decode_key
-from gateway.paths import write_secret
-from simulators.broker import Mosquitto
-from simulators.fake_bluez import DBusDaemon
+from gateway.config.credentials import write_secret
+from gateway.identity.pseudonyms import (
+    ALLOW_TEST_KEY_VALUE,
+    ALLOW_TEST_KEY_VAR,
+    Keyring,
+    decode_key,
+)
+from simulators.devices.fake_bluez import DBusDaemon
+from simulators.infra.broker import Mosquitto
 
 VECTORS_PATH = Path(__file__).resolve().parents[1] / "gateway" / "contract" / "vectors.json"
 
@@ -35,7 +40,7 @@ def keyring(vectors: dict[str, Any]) -> Keyring:
 @pytest.fixture
 def key_file(tmp_path: Path, vectors: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Path:
     """The contract's vector key in a file (0600).  A key file may hold that published key
-    only with the explicit opt-in (gateway.identity.ALLOW_TEST_KEY_VAR), set here for the
+    only with the explicit opt-in (gateway.identity.pseudonyms.ALLOW_TEST_KEY_VAR), set here for the
     test alone; it is ignored under systemd."""
     monkeypatch.setenv(ALLOW_TEST_KEY_VAR, ALLOW_TEST_KEY_VALUE)
     monkeypatch.delenv("INVOCATION_ID", raising=False)

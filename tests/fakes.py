@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from gateway.ports import Verdict
 
@@ -13,10 +14,31 @@ class FakePublisher:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, asyncio.Future[Verdict]]] = []
         self.max_outstanding = 0
+        self.receive_maximum: int | None = None
+        self.subscriptions: dict[str, Callable[[bytes], None]] = {}
+        self._hooks: list[Callable[[], object]] = []
         self._connected = asyncio.Event()
         self._connected.set()
 
     async def start(self) -> None:
+        for hook in self._hooks:
+            hook()
+
+    def subscribe(self, topic: str, callback: Callable[[bytes], None]) -> None:
+        self.subscriptions[topic] = callback
+
+    def on_connect(self, hook: Callable[[], object]) -> None:
+        self._hooks.append(hook)
+
+    def deliver(self, topic: str, payload: bytes) -> None:
+        """A message from the broker on a subscribed topic."""
+        self.subscriptions[topic](payload)
+
+    @property
+    def in_flight(self) -> int:
+        return self.outstanding
+
+    def max_payload(self, topic: str) -> int | None:
         return None
 
     def publish(

@@ -120,7 +120,7 @@ LAUNCHER = f"""#!/usr/bin/python3 -I
 import sys
 
 sys.path[:0] = ["{PREFIX}/lib", "{PREFIX}/lib-camera"]
-from gateway.cli import main
+from gateway.app.cli import main
 
 sys.exit(main())
 """

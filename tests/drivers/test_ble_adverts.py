@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.ble_adverts import (
+from drivers.ble.adverts import (
     EDDYSTONE_UUID,
     FOREIGN,
     OURS,
@@ -28,7 +28,7 @@ from drivers.ble_adverts import (
     parse_ibeacon,
     parse_raw_advert,
 )
-from gateway.identity import Keyring, canonicalise
+from gateway.identity.pseudonyms import Keyring, canonicalise
 
 IBEACON_RAW = bytes.fromhex(
     "02 01 1A 1A FF 4C 00 02 15 83 25 6B 74 78 D0 43 A4 82 69 05 F9 DC 8A 44 BA 00 10 00 20 C6"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gateway.identity import Keyring
-from simulators.fake_bluez import DBusDaemon
+from gateway.identity.pseudonyms import Keyring
+from simulators.devices.fake_bluez import DBusDaemon
 from tests.drivers.test_ble_driver import B, Collector, fake_bluez, hold, make, until
 
 HOURS = 3600.0

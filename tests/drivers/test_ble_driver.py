@@ -18,14 +18,20 @@ from typing import Any
 
 import pytest
 
-from drivers.ble import BleSource
-from gateway.config import BleSourceConfig
-from gateway.identity import Keyring
-from gateway.metrics import Metrics
+from drivers.ble.source import BleSource
+from gateway.app.sources import build_source
+from gateway.config.models import BleSourceConfig
+from gateway.identity.pseudonyms import Keyring
+from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, Source, SourceContext
-from gateway.registry import build_source
-from simulators.ble_scenario import EDDYSTONE_SERVICE, Scenario, encode_eddystone_uid, play, setup
-from simulators.fake_bluez import DBusDaemon, FakeBlueZ
+from simulators.devices.ble_scenario import (
+    EDDYSTONE_SERVICE,
+    Scenario,
+    encode_eddystone_uid,
+    play,
+    setup,
+)
+from simulators.devices.fake_bluez import DBusDaemon, FakeBlueZ
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulators" / "scenarios"
 A = "k1:eP6urfab4yzJ9mpD9_RcmQ"  # iBeacon vector's contract pseudonym

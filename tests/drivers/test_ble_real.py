@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from drivers.ble import BleSource
-from gateway.config import BleSourceConfig
-from gateway.identity import Keyring
-from gateway.metrics import Metrics
+from drivers.ble.source import BleSource
+from gateway.config.models import BleSourceConfig
+from gateway.identity.pseudonyms import Keyring
+from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, SourceContext
 
 ADAPTER = os.environ.get("TOUCHPOINT_REAL_BLE", "")

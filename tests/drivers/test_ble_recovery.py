@@ -14,9 +14,9 @@ import logging
 
 import pytest
 
-from gateway.identity import Keyring
-from simulators.ble_scenario import Scenario, play, setup
-from simulators.fake_bluez import DBusDaemon
+from gateway.identity.pseudonyms import Keyring
+from simulators.devices.ble_scenario import Scenario, play, setup
+from simulators.devices.fake_bluez import DBusDaemon
 from tests.drivers.test_ble_driver import (
     B_PAYLOAD,
     SCENARIOS,
@@ -32,7 +32,7 @@ from tests.drivers.test_ble_driver import (
 def test_silent_bluez_restarts_the_scanner_then_resets_the_adapter(
     bus: DBusDaemon, keyring: Keyring, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="drivers.ble")
+    caplog.set_level(logging.WARNING, logger="drivers.ble.source")
     scenario = Scenario.load(SCENARIOS / "ble-silent-bluez.toml")  # silent from 1 s to 6 s
     source, ctx = make(keyring, watchdog_s=1.0, silence_s=10.0)
 
@@ -78,7 +78,7 @@ def test_sparse_adverts_never_trip_the_watchdog(bus: DBusDaemon, keyring: Keyrin
 def test_passive_without_monitor_manager_falls_back_to_active(
     bus: DBusDaemon, keyring: Keyring, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="drivers.ble")
+    caplog.set_level(logging.INFO, logger="drivers.ble.source")
     source, ctx = make(keyring, scanning_mode="passive")
 
     async def main() -> None:

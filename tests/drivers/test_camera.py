@@ -18,14 +18,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from drivers.camera import CameraSource, Mailbox, ScanDebouncer, StreamLost, describe
-from gateway.config import CameraSourceConfig
-from gateway.identity import Keyring
-from gateway.metrics import Metrics
+from drivers.camera.source import CameraSource, Mailbox, ScanDebouncer, StreamLost, describe
+from gateway.app.sources import source_class
+from gateway.config.models import CameraSourceConfig
+from gateway.identity.pseudonyms import Keyring
+from gateway.identity.tokens import mint_receipt_token
+from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, SourceContext
-from gateway.registry import source_class
-from gateway.tokens import mint_receipt_token
-from simulators.camera import (
+from simulators.devices.camera import (
     CameraSim,
     Look,
     hostile_payload,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.card_frames import (
+from drivers.serial_cards.frames import (
     SCANNER_MAX_LINE,
     TRACK1_MAX,
     TRACK2_MAX,
@@ -25,8 +25,8 @@ from drivers.card_frames import (
     decoder_for,
     gtin_check_ok,
 )
-from gateway.identity import Keyring
-from simulators.card_reader import ean_check_digit, rdm6300_frame, scanner_line, track2
+from gateway.identity.pseudonyms import Keyring
+from simulators.devices.card_reader import ean_check_digit, rdm6300_frame, scanner_line, track2
 
 PROTOCOLS = ("rdm6300", "scanner", "magstripe")
 TAG = "0102030405"
@@ -252,7 +252,7 @@ def test_a_good_frame_after_any_junk_is_read(
 
 
 def test_debouncer_forget_makes_the_next_sighting_new() -> None:
-    from drivers.serial_cards import Debouncer
+    from drivers.serial_cards.source import Debouncer
 
     d = Debouncer(window_s=1.0)
     assert d.is_new("k1:a", 0.0)

@@ -12,7 +12,14 @@ import zxingcpp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.escpos import MAX_HEADER, EscPosParser, parse, qr_native, qr_raster, raster_image
+from drivers.receipt_tap.escpos import (
+    MAX_HEADER,
+    EscPosParser,
+    parse,
+    qr_native,
+    qr_raster,
+    raster_image,
+)
 
 ESC, GS, FS = b"\x1b", b"\x1d", b"\x1c"
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from drivers.escpos import EscPosParser, parse
-from drivers.escpos_commands import COMMANDS, CUTS
+from drivers.receipt_tap.escpos import EscPosParser, parse
+from drivers.receipt_tap.escpos_commands import COMMANDS, CUTS
 
 ESC, GS, FS, DLE = b"\x1b", b"\x1d", b"\x1c", b"\x10"
 G = 0x1D  # a parameter byte that is a command prefix

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from drivers.qr_decoders import (
+from drivers.camera.decoders import (
     DECODERS,
     DEFAULT_DECODER,
     EDGE_PAD_PX,
@@ -16,9 +16,9 @@ from drivers.qr_decoders import (
     roi_box,
     scale_for,
 )
-from gateway.bench_qr import CLASSES, bench_qr, corpus
 from gateway.errors import SourceError
-from simulators.camera import Look, hostile_payload, qr_matrix, render_frame
+from simulators.devices.camera import Look, hostile_payload, qr_matrix, render_frame
+from tests.bench.qr import CLASSES, bench_qr, corpus
 
 PAYLOAD = b"TPA1.eyJzdWIiOiJhcHAtdXNlci0xIn0.c2lnbmF0dXJlLXBsYWNlaG9sZGVyLXh4eHh4eHh4eHh4eA"
 
@@ -158,7 +158,7 @@ def test_bench_figures_have_the_json_keys() -> None:
 
 @pytest.mark.slow
 def test_bench_quick_all_decoders_and_goal(capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.bench_qr import print_qr
+    from tests.bench.qr import print_qr
 
     figures = bench_qr(quick=True)
     print_qr(figures)

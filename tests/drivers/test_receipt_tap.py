@@ -15,24 +15,20 @@ import pytest
 import zxingcpp
 from pydantic import ValidationError
 
-from drivers.escpos import parse, qr_native
-from drivers.receipt_tap import (
-    CounterStore,
-    Minting,
-    Printed,
-    ReceiptTap,
-    ReceiptTapSource,
-    TapSettings,
-)
-from gateway.config import ReceiptTapSourceConfig
+from drivers.receipt_tap.base import Minting, Printed, TapSettings
+from drivers.receipt_tap.counter import CounterStore
+from drivers.receipt_tap.escpos import parse, qr_native
+from drivers.receipt_tap.source import ReceiptTapSource
+from drivers.receipt_tap.tcp import ReceiptTap
+from gateway.app.sources import source_class
+from gateway.config.models import ReceiptTapSourceConfig
 from gateway.errors import SourceError
-from gateway.identity import Keyring
-from gateway.metrics import Metrics
+from gateway.identity.pseudonyms import Keyring
+from gateway.identity.tokens import verify_receipt_token
+from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, SourceContext
-from gateway.registry import source_class
-from gateway.tokens import verify_receipt_token
-from simulators import till
-from simulators.printer import PAPER_OUT, FakePrinter
+from simulators.devices import till
+from simulators.devices.printer import PAPER_OUT, FakePrinter
 from tests.drivers.test_escpos_commands import REFERENCE
 
 PREFIX = "HTTPS://R.EXAMPLE.COM/R/"
@@ -203,8 +199,8 @@ def test_printer_unreachable_closes_the_till_connection() -> None:
 def test_an_unreachable_printer_is_a_state_and_is_probed_until_it_answers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("drivers.receipt_tap.PROBE_MIN_S", 0.05)
-    monkeypatch.setattr("drivers.receipt_tap.PROBE_MAX_S", 0.2)
+    monkeypatch.setattr("drivers.receipt_tap.tcp.PROBE_MIN_S", 0.05)
+    monkeypatch.setattr("drivers.receipt_tap.tcp.PROBE_MAX_S", 0.2)
     states: list[tuple[str, str]] = []
 
     async def scenario() -> None:
@@ -447,7 +443,7 @@ def test_source_without_store_id_cannot_inject(tmp_path: Path, keyring: Keyring)
 
 
 def test_bench_tap_reports_figures_beside_the_reference(capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.bench_qr import bench_tap, print_tap, tap_streams
+    from tests.bench.qr import bench_tap, print_tap, tap_streams
 
     figures = bench_tap(quick=True, rounds=1)
     for key in ("tap_mb_per_s", "tap_reference_mb_per_s", "tap_inject_mb_per_s"):
@@ -481,7 +477,7 @@ def strip_injected(sent: bytes, printed: bytes, blocks: list[bytes]) -> None:
 
 
 def injected_blocks(printed: list[Printed]) -> list[bytes]:
-    """The bytes the tap writes for each token (native QR, as in drivers.receipt_tap)."""
+    """The bytes the tap writes for each token (native QR, as in drivers.receipt_tap.base)."""
     return [
         b"\n\x1ba\x01" + qr_native((PREFIX + p.receipt).encode(), module_size=4) + b"\n\x1ba\x00"
         for p in printed

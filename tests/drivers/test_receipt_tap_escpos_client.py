@@ -24,12 +24,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from drivers.escpos import parse
-from drivers.receipt_tap import CounterStore, Printed
-from gateway.identity import Keyring
-from gateway.metrics import Metrics
-from gateway.tokens import verify_receipt_token
-from simulators.serial_pty import SerialEnd
+from drivers.receipt_tap.base import Printed
+from drivers.receipt_tap.counter import CounterStore
+from drivers.receipt_tap.escpos import parse
+from gateway.identity.pseudonyms import Keyring
+from gateway.identity.tokens import verify_receipt_token
+from gateway.observe.metrics import Metrics
+from simulators.devices.serial_pty import SerialEnd
 from tests.drivers.test_receipt_tap import PREFIX, injected_blocks, rig, run, strip_injected
 from tests.drivers.test_receipt_tap_serial import rig as serial_rig
 from tests.drivers.test_receipt_tap_serial import wait_until

@@ -16,15 +16,17 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from drivers.escpos import parse
-from drivers.receipt_tap import CounterStore, Printed, ReceiptTapSource
-from gateway.config import ReceiptTapSourceConfig
-from gateway.health import HealthMonitor
-from gateway.identity import Keyring
-from gateway.metrics import Metrics
+from drivers.receipt_tap.base import Printed
+from drivers.receipt_tap.counter import CounterStore
+from drivers.receipt_tap.escpos import parse
+from drivers.receipt_tap.source import ReceiptTapSource
+from gateway.config.models import ReceiptTapSourceConfig
+from gateway.identity.pseudonyms import Keyring
+from gateway.observe.health import HealthMonitor
+from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, SourceContext
-from simulators import till
-from simulators.printer import FakePrinter
+from simulators.devices import till
+from simulators.devices.printer import FakePrinter
 from tests.drivers.test_receipt_tap import PREFIX, STORE, rig, run, tap_config
 
 SOURCE = "receipt-tap"

@@ -25,17 +25,19 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from drivers.escpos import parse
-from drivers.receipt_tap import CounterStore, Minting, Printed, ReceiptTapSource
-from drivers.receipt_tap_serial import SerialLine, SerialReceiptTap, SerialTapSettings
-from gateway.config import ReceiptTapSourceConfig
-from gateway.identity import Keyring
-from gateway.metrics import Metrics
+from drivers.receipt_tap.base import Minting, Printed
+from drivers.receipt_tap.counter import CounterStore
+from drivers.receipt_tap.escpos import parse
+from drivers.receipt_tap.serial_line import SerialLine, SerialReceiptTap, SerialTapSettings
+from drivers.receipt_tap.source import ReceiptTapSource
+from gateway.config.models import ReceiptTapSourceConfig
+from gateway.identity.pseudonyms import Keyring
+from gateway.identity.tokens import verify_receipt_token
+from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, SourceContext
-from gateway.tokens import verify_receipt_token
-from simulators import till
-from simulators.printer import PAPER_OUT, SerialPrinter
-from simulators.serial_pty import SerialEnd
+from simulators.devices import till
+from simulators.devices.printer import PAPER_OUT, SerialPrinter
+from simulators.devices.serial_pty import SerialEnd
 from tests.drivers.test_receipt_tap import decode_raster, some_job, split_injection
 
 PREFIX = "HTTPS://R.EXAMPLE.COM/R/"

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 import serial
 
-from drivers.backoff import Backoff
-from drivers.serial_cards import Debouncer, SerialCardSource
-from gateway.config import SerialCardSource as SerialCardConfig
-from gateway.identity import Keyring
-from gateway.metrics import Metrics
+from drivers.serial_cards.source import Debouncer, SerialCardSource
+from gateway.app.sources import build_source
+from gateway.backoff import Backoff
+from gateway.config.models import SerialCardSource as SerialCardConfig
+from gateway.identity.pseudonyms import Keyring
+from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, Source, SourceContext
-from gateway.registry import build_source
-from simulators.card_reader import CardReaderSim, bad_frame, rdm6300_frame, track2
+from simulators.devices.card_reader import CardReaderSim, bad_frame, rdm6300_frame, track2
 
 T0 = 1_795_000_000.0
 VECTOR_TAG = "13005D1DA5"

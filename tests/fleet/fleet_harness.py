@@ -6,7 +6,7 @@
 Why this is the code path of ``touchpoint-gateway run``, only packed differently:
 
 - each gateway gets its own folder with a ``gateway.toml``, a key file, a consent seed
-  and its own SQLite buffer, and is built exactly as ``gateway.cli.cmd_run`` builds it:
+  and its own SQLite buffer, and is built exactly as ``gateway.app.cli.cmd_run`` builds it:
   ``Gateway(load_config(path), config_path=path)`` then ``await gw.run()``.  So each one
   runs the real config validation, Outbox (own writer thread, WAL, ``synchronous=FULL``),
   consent gate, Forwarder, PahoPublisher (own paho network thread, own socket, jittered
@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config import load_config
-from gateway.daemon import Gateway
-from gateway.identity import Keyring, decode_key
-from gateway.logs import setup_logging
-from gateway.outbox import buffer_stats, connect
-from gateway.paths import write_secret
-from gateway.synthetic import card_number
-from simulators.broker import free_port
+from drivers.synthetic import card_number
+from gateway.app.daemon import Gateway
+from gateway.buffer.outbox import buffer_stats, connect
+from gateway.config.credentials import write_secret
+from gateway.config.models import load_config
+from gateway.identity.pseudonyms import Keyring, decode_key
+from gateway.observe.logs import setup_logging
+from simulators.infra.broker import free_port
 
 KEY_B64 = "Ok41XFEl/DeKy6pux3hFfJerdJWtAhOlimOtK81inSo="  # not the published vector key
 CARDS = 20

@@ -1,7 +1,7 @@
 """Per-device credentials and ACLs: ``firmware-config/mosquitto/`` on a real mosquitto.
 
 mosquitto runs ``mosquitto.example.conf`` (without TLS) and ``acl.example`` verbatim, with
-a password file; the gateways are the real daemon (``python -m gateway.cli run``).  A box
+a password file; the gateways are the real daemon (``python -m gateway run``).  A box
 provisioned for store A but configured as store B connects, yet every batch it publishes
 as B is refused with PUBACK 0x87 and the real forwarder moves it to dead letters, while a
 box publishing as itself is delivered.
@@ -29,9 +29,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.outbox import buffer_stats, connect
-from gateway.paths import write_secret
-from simulators.broker import find_mosquitto, free_port
+from gateway.buffer.outbox import buffer_stats, connect
+from gateway.config.credentials import write_secret
+from simulators.infra.broker import find_mosquitto, free_port
 from tests.fleet.fleet_harness import consented_subjects, write_gateway_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -290,7 +290,7 @@ def test_gateway_of_store_a_cannot_publish_as_store_b(
     ):
         with (cfg.parent / "gateway.log").open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "run", "--config", str(cfg)],
+                [sys.executable, "-m", "gateway", "run", "--config", str(cfg)],
                 cwd=ROOT,
                 stdout=log,
                 stderr=log,

@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from simulators.broker import Mosquitto
-from simulators.central import Central
+from simulators.central.service import Central
+from simulators.infra.broker import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 SLACK_S = 3.0  # connect + CONNACK + event-loop latency with the whole fleet on 2 cores

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from gateway.fleet import Fleet, judge, render_metrics, render_table
-from simulators.broker import Mosquitto, free_port
+from gateway.observe.fleet import Fleet, judge, render_metrics, render_table
+from simulators.infra.broker import Mosquitto, free_port
 from tests.fleet.fleet_harness import identity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +110,7 @@ def test_table_and_metrics_name_every_gateway() -> None:
 
 def _fleet_cli(port: int, *extra: str) -> tuple[int, dict[str, Any]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "fleet", "--port", str(port), "--json",
+        [sys.executable, "-m", "gateway", "fleet", "--port", str(port), "--json",
          "--wait", "2", *extra],
         capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
     )  # fmt: skip
@@ -120,7 +120,7 @@ def _fleet_cli(port: int, *extra: str) -> tuple[int, dict[str, Any]]:
 
 def test_unreachable_broker_exits_2() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "fleet", "--port", str(free_port())],
+        [sys.executable, "-m", "gateway", "fleet", "--port", str(free_port())],
         capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -186,7 +186,7 @@ def test_fleet_of_200_failures_show_within_a_minute(tmp_path: Path) -> None:
             shown_after_s = time.monotonic() - killed_at
             assert rc == 1
             table = subprocess.run(
-                [sys.executable, "-m", "gateway.cli", "fleet", "--port", str(broker.port),
+                [sys.executable, "-m", "gateway", "fleet", "--port", str(broker.port),
                  "--wait", "2", "--silent-after", "60"],
                 capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
             )  # fmt: skip
@@ -201,7 +201,7 @@ def test_fleet_of_200_failures_show_within_a_minute(tmp_path: Path) -> None:
 
             port = free_port()
             server = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "fleet", "--port", str(broker.port),
+                [sys.executable, "-m", "gateway", "fleet", "--port", str(broker.port),
                  "--serve", f"127.0.0.1:{port}", "--silent-after", "60"],
                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip

@@ -25,7 +25,7 @@ def pytest_report_header() -> str:
 @pytest.fixture(autouse=True)
 def _quiet_rejections() -> Iterator[None]:
     """Invalid pushes log a warning each; thousands of them would only fill the report."""
-    logger = logging.getLogger("gateway.consent_sync")
+    logger = logging.getLogger("gateway.consent.sync")
     level = logger.level
     logger.setLevel(logging.ERROR)
     yield

@@ -11,16 +11,16 @@ import base64
 import json
 import sys
 
-from drivers.escpos import qr_native, raster_image
-from simulators import till
-from simulators.ble_scenario import (
+from drivers.receipt_tap.escpos import qr_native, raster_image
+from simulators.devices import till
+from simulators.devices.ble_scenario import (
     encode_altbeacon,
     encode_eddystone_tlm,
     encode_eddystone_uid,
     encode_eddystone_url,
     encode_ibeacon,
 )
-from simulators.card_reader import bad_frame, ean_check_digit, encode, rdm6300_frame
+from simulators.devices.card_reader import bad_frame, ean_check_digit, encode, rdm6300_frame
 from tests.fuzz.targets import (
     CORPUS,
     RECEIPT_PREFIX,

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from drivers.ble_adverts import (
+from drivers.ble.adverts import (
     EDDYSTONE_UUID,
     AdvertResolver,
     AllowList,
@@ -43,7 +43,8 @@ from drivers.ble_adverts import (
     parse_advert,
     parse_raw_advert,
 )
-from drivers.card_frames import (
+from drivers.receipt_tap.escpos import MAX_HEADER, EscPosParser
+from drivers.serial_cards.frames import (
     RDM6300_BODY,
     SCANNER_MAX_LINE,
     TRACK2_MAX,
@@ -51,10 +52,10 @@ from drivers.card_frames import (
     Rejected,
     decoder_for,
 )
-from drivers.escpos import MAX_HEADER, EscPosParser
-from gateway.config import ConsentSyncConfig, load_config
-from gateway.consent import PURPOSES, ConsentRegistry, load_seed_file, parse_records
-from gateway.consent_sync import (
+from gateway.config.credentials import write_secret
+from gateway.config.models import ConsentSyncConfig, load_config
+from gateway.consent.registry import PURPOSES, ConsentRegistry, load_seed_file, parse_records
+from gateway.consent.sync import (
     CURSOR_KEY,
     MAX_CURSOR_CHARS,
     Applied,
@@ -67,10 +68,8 @@ from gateway.consent_sync import (
     valid_cursor,
 )
 from gateway.errors import ConfigError, RejectedInput, TokenError
-from gateway.identity import NAMESPACES, Keyring, canonicalise, decode_key
-from gateway.metrics import Metrics
-from gateway.paths import write_secret
-from gateway.tokens import (
+from gateway.identity.pseudonyms import NAMESPACES, Keyring, canonicalise, decode_key
+from gateway.identity.tokens import (
     KNOWN_PURPOSES,
     MAX_NONCE_CHARS,
     ReplaySet,
@@ -79,6 +78,7 @@ from gateway.tokens import (
     verify_app_token,
     verify_receipt_token,
 )
+from gateway.observe.metrics import Metrics
 from tests.fuzz.support import bounded
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,7 +129,7 @@ def sign_app_token(claims: bytes, private: Ed25519PrivateKey = FUZZ_PRIVATE) -> 
 
 
 def receipt_tag(key: bytes, key_id: bytes, payload: bytes) -> bytes:
-    """Contract §7's tag, written independently of gateway/tokens.py."""
+    """Contract §7's tag, written independently of gateway/identity/tokens.py."""
     derived = hmac.new(key, b"touchpoint receipt v1", hashlib.sha256).digest()
     return hmac.new(derived, key_id + b"." + payload, hashlib.sha256).digest()[:10]
 
@@ -594,49 +594,49 @@ class Target:
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("ble_raw", run_ble_raw, "drivers.ble_adverts.parse_ad / parse_raw_advert"),
-        Target("ble_fields", run_ble_fields, "drivers.ble_adverts.parse_advert, AdvertResolver"),
+        Target("ble_raw", run_ble_raw, "drivers.ble.adverts.parse_ad / parse_raw_advert"),
+        Target("ble_fields", run_ble_fields, "drivers.ble.adverts.parse_advert, AdvertResolver"),
         Target("card_rdm6300", functools.partial(run_card, "rdm6300"), "card_frames rdm6300"),
         Target("card_scanner", functools.partial(run_card, "scanner"), "card_frames scanner"),
         Target("card_magstripe", functools.partial(run_card, "magstripe"), "card_frames magstripe"),
-        Target("escpos", run_escpos, "drivers.escpos.EscPosParser"),
-        Target("app_token", run_app_token, "gateway.tokens.verify_app_token"),
-        Target("receipt_token", run_receipt_token, "gateway.tokens.verify_receipt_token"),
-        Target("qr", run_qr, "gateway.tokens.classify_qr"),
+        Target("escpos", run_escpos, "drivers.receipt_tap.escpos.EscPosParser"),
+        Target("app_token", run_app_token, "gateway.identity.tokens.verify_app_token"),
+        Target("receipt_token", run_receipt_token, "gateway.identity.tokens.verify_receipt_token"),
+        Target("qr", run_qr, "gateway.identity.tokens.classify_qr"),
         Target(
             "consent_push",
             run_consent_push,
-            "gateway.consent_sync.RegistryUpdater.on_push",
+            "gateway.consent.sync.RegistryUpdater.on_push",
         ),
         Target(
             "consent_api",
             run_consent_api,
-            "gateway.consent_sync.ConsentSync.poll_once / parse_response",
+            "gateway.consent.sync.ConsentSync.poll_once / parse_response",
         ),
         Target(
             "consent_cursor",
             run_consent_cursor,
-            "gateway.consent_sync.load_cursor / parse_response cursor",
+            "gateway.consent.sync.load_cursor / parse_response cursor",
         ),
         Target(
             "consent_subject",
             run_consent_subject,
-            "gateway.consent.parse_records subject / is_pseudonym",
+            "gateway.consent.registry.parse_records subject / is_pseudonym",
         ),
         Target(
             "consent_seed",
             run_consent_seed,
-            "gateway.consent.load_seed_file / parse_records",
+            "gateway.consent.registry.load_seed_file / parse_records",
         ),
         Target(
             "config_toml",
             run_config_toml,
-            "gateway.config.load_config / parse_config",
+            "gateway.config.models.load_config / parse_config",
         ),
         Target(
             "identity",
             run_identity,
-            "gateway.identity.canonicalise",
+            "gateway.identity.pseudonyms.canonicalise",
         ),
     )
 }

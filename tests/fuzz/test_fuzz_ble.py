@@ -14,14 +14,14 @@ import uuid
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers.ble_adverts import (
+from drivers.ble.adverts import (
     EDDYSTONE_UUID,
     AdvertResolver,
     AllowList,
     full_uuid16,
     parse_advert,
 )
-from simulators.ble_scenario import (
+from simulators.devices.ble_scenario import (
     encode_altbeacon,
     encode_eddystone_tlm,
     encode_eddystone_uid,

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers.card_frames import decoder_for
-from simulators.card_reader import bad_frame, ean_check_digit, encode
+from drivers.serial_cards.frames import decoder_for
+from simulators.devices.card_reader import bad_frame, ean_check_digit, encode
 from tests.fuzz.memory import PEAK_CAP, TIME_CAP_S, chunks, measure
 from tests.fuzz.support import bounded, fuzz_settings, mutated
 from tests.fuzz.targets import CARD_CAPS, run_card

@@ -19,8 +19,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.consent import parse_records
-from gateway.consent_sync import SyncProtocolError, parse_response
+from gateway.consent.registry import parse_records
+from gateway.consent.sync import SyncProtocolError, parse_response
 from tests.fuzz.support import bounded, fuzz_settings, json_values, mutated
 from tests.fuzz.targets import (
     TARGETS,

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers.escpos import DEFAULT_MAX_QR_BYTES, MAX_HEADER, EscPosParser, qr_native
-from simulators import till
+from drivers.receipt_tap.escpos import DEFAULT_MAX_QR_BYTES, MAX_HEADER, EscPosParser, qr_native
+from simulators.devices import till
 from tests.fuzz.memory import PEAK_CAP, TIME_CAP_S, chunks, measure
 from tests.fuzz.support import bounded, fuzz_settings, mutated
 from tests.fuzz.targets import run_escpos

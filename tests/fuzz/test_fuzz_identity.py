@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.identity import NAMESPACES
+from gateway.identity.pseudonyms import NAMESPACES
 from tests.fuzz.support import bounded, fuzz_settings, mutated_text
 from tests.fuzz.targets import TARGETS, VECTORS, check_canonical
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.consent_api import ConsentAPI
+from simulators.central.consent_api import ConsentAPI
 
 
 @pytest.fixture

@@ -7,14 +7,14 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.config import BufferConfig, ConsentSyncConfig
-from gateway.consent import ConsentRegistry
-from gateway.consent_sync import ConsentSync, RegistryUpdater
-from gateway.erasure import Eraser
-from gateway.events import EventEncoder
-from gateway.metrics import Metrics
-from gateway.outbox import Outbox, Pending
-from gateway.policy import ConsentPolicy, FootfallAggregator, HoldQueue
+from gateway.buffer.outbox import Outbox, Pending
+from gateway.config.models import BufferConfig, ConsentSyncConfig
+from gateway.consent.erasure import Eraser
+from gateway.consent.policy import ConsentPolicy, FootfallAggregator, HoldQueue
+from gateway.consent.registry import ConsentRegistry
+from gateway.consent.sync import ConsentSync, RegistryUpdater
+from gateway.contract.events import EventEncoder
+from gateway.observe.metrics import Metrics
 from gateway.ports import Reading
 
 REQUIRED = {

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.bench_ble import bench_ble, print_ble
+from tests.bench.ble import bench_ble, print_ble
 
 
 @pytest.mark.slow

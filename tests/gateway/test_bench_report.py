@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench_headline import fmt_number, headline_rows
-from gateway.bench_report import BEGIN, END, ReadmeBlockError, headline_table, replace_block
+from tests.bench.headline import fmt_number, headline_rows
+from tests.bench.report import BEGIN, END, ReadmeBlockError, headline_table, replace_block
 
 ROOT = Path(__file__).resolve().parents[2]
 

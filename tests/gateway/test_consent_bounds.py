@@ -1,6 +1,6 @@
 """Hostile and broken registry answers against the real poller over real HTTP (issue 14).
 
-The fake central's consent API (``simulators.consent_api``) serves them: a 100 MB body,
+The fake central's consent API (``simulators.central.consent_api``) serves them: a 100 MB body,
 a body trickled a byte at a time, a 70,000-character cursor, subjects outside the
 pseudonym grammar (a lone surrogate among them).  Each is cut or refused, counted and
 logged; the registry and the cursor stay as they were; nothing ends the poller.
@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from gateway.consent import is_pseudonym, parse_records
-from gateway.consent_sync import CURSOR_KEY, MAX_CURSOR_CHARS, ConsentSync, load_cursor
-from simulators.consent_api import ConsentAPI
+from gateway.consent.registry import is_pseudonym, parse_records
+from gateway.consent.sync import CURSOR_KEY, MAX_CURSOR_CHARS, ConsentSync, load_cursor
+from simulators.central.consent_api import ConsentAPI
 from tests.gateway.consent_helpers import STORE, Clock, Rig
 
 A, B = "k1:" + "A" * 22, "k1:" + "B" * 22

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.consent_sync import (
+from gateway.consent.sync import (
     CURSOR_KEY,
     ConsentSync,
     SyncAuthError,
@@ -27,9 +27,9 @@ from gateway.consent_sync import (
     tls_verify,
 )
 from gateway.errors import ConfigError
+from gateway.identity.tokens import classify_qr
 from gateway.ports import ConsentEvidence, Reading
-from gateway.tokens import classify_qr
-from simulators.consent_api import ConsentAPI
+from simulators.central.consent_api import ConsentAPI
 from tests.gateway.consent_helpers import STORE, Clock, Rig, card
 
 A, B, C = "k1:" + "A" * 22, "k1:" + "B" * 22, "k1:" + "C" * 22
@@ -307,7 +307,7 @@ def test_app_token_is_consent_evidence(
 ) -> None:
     """A valid token (contract vectors) is consent for app:<sub>, source token, for the
     configured time; a live registry record wins; a withdrawal always wins."""
-    from gateway.tokens import load_public_key
+    from gateway.identity.tokens import load_public_key
 
     async def run() -> None:
         tok = vectors["app_tokens"][0]
@@ -367,7 +367,7 @@ def test_app_token_is_consent_evidence(
 
 
 def test_tls_private_ca(tmp_path: Path) -> None:
-    from gateway.config import ConsentSyncConfig
+    from gateway.config.models import ConsentSyncConfig
 
     cfg = ConsentSyncConfig(base_url="https://c.example", token_file=tmp_path / "t")
     assert tls_verify(cfg) is True

@@ -15,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.clock import CLOCK_FLOOR
-from gateway.erasure import erase_offline, erase_rows, split_body
-from gateway.migrations import migrate
-from gateway.outbox import buffer_stats
+from gateway.buffer.migrations import migrate
+from gateway.buffer.outbox import buffer_stats
+from gateway.consent.erasure import erase_offline, erase_rows, split_body
+from gateway.identity.clock import CLOCK_FLOOR
+from gateway.identity.tokens import MAX_APP_TOKEN_LIFETIME_S
 from gateway.ports import Reading
-from gateway.tokens import MAX_APP_TOKEN_LIFETIME_S
 from tests.gateway.consent_helpers import Clock, Rig, card
 
 X = "k1:XXXXXXXXXXXXXXXXXXXXXX"  # the subject who withdraws
@@ -35,7 +35,7 @@ conn.execute("SELECT count(*) FROM chunks").fetchone()
 print("reading", flush=True)
 sys.stdin.read()
 """
-T_SET = 1_790_000_000.0  # a set wall clock (gateway.clock)
+T_SET = 1_790_000_000.0  # a set wall clock (gateway.identity.clock)
 
 
 def occurrences(path: Path, needle: str) -> int:

@@ -7,11 +7,11 @@ import json
 import time
 from pathlib import Path
 
-from gateway.config import BufferConfig, MqttConfig
-from gateway.forwarder import Forwarder
-from gateway.metrics import Metrics
-from gateway.outbox import Outbox, Pending
+from gateway.buffer.outbox import Outbox, Pending
+from gateway.config.models import BufferConfig, MqttConfig
+from gateway.observe.metrics import Metrics
 from gateway.ports import Verdict
+from gateway.uplink.forwarder import Forwarder
 from tests.fakes import FakePublisher
 
 
@@ -123,7 +123,7 @@ def _events(payloads: list[bytes]) -> list[dict[str, object]]:
 def test_abandoned_batches_are_read_again_from_the_outbox_without_the_erased(
     tmp_path: Path,
 ) -> None:
-    from gateway.erasure import erase_rows
+    from gateway.consent.erasure import erase_rows
 
     async def run() -> None:
         metrics = Metrics()

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from gateway.health import HealthMonitor, HealthRules, Histogram, serve_health
-from gateway.metrics import Metrics
+from gateway.observe.health import HealthMonitor, HealthRules, Histogram, serve_health
+from gateway.observe.metrics import Metrics
 from tests.fakes import FakePublisher
 
 
 @dataclass
 class GatewayLike:
-    """The attributes of gateway.daemon.Gateway that the endpoint reads."""
+    """The attributes of gateway.app.daemon.Gateway that the endpoint reads."""
 
     metrics: Metrics = field(default_factory=Metrics)
     last_stats: dict[str, Any] = field(default_factory=dict)

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import KeyringError, RejectedInput
-from gateway.identity import Keyring, canonicalise, decode_key
+from gateway.identity.pseudonyms import Keyring, canonicalise, decode_key
 
 
 def test_every_contract_pseudonym_vector(vectors: dict[str, Any], keyring: Keyring) -> None:

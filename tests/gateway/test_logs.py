@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.logs import RedactingFilter, redact, setup_logging
+from gateway.observe.logs import RedactingFilter, redact, setup_logging
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ def test_setup_logging_installs_the_filter(capsys: pytest.CaptureFixture[str]) -
 
 _LOGGING_PROGRAM = """
 import logging, sys
-from gateway.logs import capture_native_stderr, setup_logging
+from gateway.observe.logs import capture_native_stderr, setup_logging
 setup_logging("debug")
 {native}
 log = logging.getLogger("gateway.test")

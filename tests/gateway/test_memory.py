@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from gateway.memory import release_free_memory
+from gateway.app.memory import release_free_memory
 
 PROBE = """
-from gateway.memory import release_free_memory
+from gateway.app.memory import release_free_memory
 
 def rss_mib():
     for line in open("/proc/self/status"):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from gateway import __version__
-from gateway.migrations import MIGRATIONS, migrate
-from simulators.broker import Mosquitto
+from gateway.buffer.migrations import MIGRATIONS, migrate
+from simulators.infra.broker import Mosquitto
 from tests.system.harness import GatewayProc, synthetic
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def test_a_rollback_onto_newer_migrations_refuses_to_start(
 
     # check-config says so too: the package's postinst does not restart onto it
     check = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "check-config", str(gw.config)],
+        [sys.executable, "-m", "gateway", "check-config", str(gw.config)],
         capture_output=True, text=True, check=False, env=gw.env,
     )  # fmt: skip
     assert check.returncode == 1 and "9.9.9" in check.stdout, check.stdout + check.stderr

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.notify import Notifier, watchdog_interval
-from gateway.watchdog import ProgressWatch
+from gateway.app.notify import Notifier, watchdog_interval
+from gateway.app.watchdog import ProgressWatch
 
 
 class Receiver:

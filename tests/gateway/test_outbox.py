@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.config import BufferConfig
-from gateway.metrics import Metrics
-from gateway.outbox import Batch, BufferFull, Outbox, Pending
+from gateway.buffer.outbox import Batch, BufferFull, Outbox, Pending
+from gateway.config.models import BufferConfig
+from gateway.observe.metrics import Metrics
 
 OPS = st.lists(
     st.one_of(

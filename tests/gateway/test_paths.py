@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.paths import (
+from gateway.config.credentials import (
     CredentialPathError,
     credential_references,
     expand_credentials,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
-from gateway.paths import write_secret
-from simulators.broker import free_port
+from gateway.app.cli import main
+from gateway.config.credentials import write_secret
+from simulators.infra.broker import free_port
 from tests.pki import make_pki
 from tests.system.harness import GatewayProc, healthz
 
@@ -119,7 +119,7 @@ def test_mqtt_to_loopback_or_over_tls_passes(
 def test_the_daemon_refuses_to_start_on_plaintext(tmp_path: Path) -> None:
     cfg = config(tmp_path, sync='base_url = "http://identity.central.example"')
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "run", "--config", str(cfg)],
+        [sys.executable, "-m", "gateway", "run", "--config", str(cfg)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.events import EventEncoder
-from gateway.metrics import Metrics
-from gateway.policy import ConsentPolicy, FootfallAggregator
-from simulators.contract_schemas import contract_schemas
+from gateway.consent.policy import ConsentPolicy, FootfallAggregator, Outcome
+from gateway.contract.events import EventEncoder
+from gateway.observe.metrics import Metrics
+from simulators.central.contract_schemas import contract_schemas
 from tests.gateway.consent_helpers import Clock, Rig, card, enter
 
 A, B = "k1:" + "a" * 22, "k1:" + "b" * 22
@@ -168,7 +168,7 @@ def test_footfall_event_encodes_to_the_contract() -> None:
 
 
 def test_policy_needs_its_parts() -> None:
-    from gateway.consent import ConsentRegistry
+    from gateway.consent.registry import ConsentRegistry
 
     reg = ConsentRegistry({}, Metrics())
     with pytest.raises(ValueError, match="HoldQueue"):
@@ -176,8 +176,15 @@ def test_policy_needs_its_parts() -> None:
     with pytest.raises(ValueError, match="FootfallAggregator"):
         ConsentPolicy("aggregate", reg, Metrics())
     drop = ConsentPolicy("drop", reg, Metrics())
-    assert drop.denied(card(A, 0), 0) == "dropped"
+    outcome = drop.denied(card(A, 0), 0)
+    assert outcome is Outcome.DROPPED and outcome.dropped and outcome == "dropped"
     assert drop.on_consent([A], 0) == [] and drop.tick(0) == []
+
+
+def test_outcomes_are_values_that_say_whether_the_reading_is_gone() -> None:
+    gone = {o for o in Outcome if o.dropped}
+    assert gone == {Outcome.DROPPED, Outcome.DROPPED_WITHDRAWN, Outcome.DROPPED_HOLD_FULL}
+    assert not Outcome.HELD.dropped and not Outcome.AGGREGATED.dropped
 
 
 def test_decisions_are_counted_by_reason(tmp_path: Path) -> None:

@@ -8,9 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.bench_ble import bench_adverts
-from gateway.identity import Keyring
-from gateway.presence import (
+from drivers.ble.presence import (
     ENTER,
     EXIT,
     Decision,
@@ -18,6 +16,8 @@ from gateway.presence import (
     PresenceTracker,
     PseudonymCache,
 )
+from gateway.identity.pseudonyms import Keyring
+from tests.bench.ble import bench_adverts
 
 P = PresenceParams(
     enter_rssi=-70,

@@ -7,7 +7,7 @@ real time spent.
 
 from __future__ import annotations
 
-from gateway.presence import ENTER, EXIT, Decision, PresenceParams, PresenceTracker
+from drivers.ble.presence import ENTER, EXIT, Decision, PresenceParams, PresenceTracker
 
 P = PresenceParams(
     enter_rssi=-70, exit_rssi=-80, silence_s=10, min_dwell_s=5, window_s=5,

@@ -12,11 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Config, ReceiptTapSourceConfig, parse_config
-from gateway.errors import ConfigError
-from gateway.identity import Keyring
-from gateway.paths import expand_credentials_in
-from gateway.provision import (
+from gateway.app.provision import (
     UNIT_CREDENTIALS,
     add_parser,
     check_rows,
@@ -26,6 +22,10 @@ from gateway.provision import (
     read_store_row,
     read_store_rows,
 )
+from gateway.config.credentials import expand_credentials_in
+from gateway.config.models import Config, ReceiptTapSourceConfig, parse_config
+from gateway.errors import ConfigError
+from gateway.identity.pseudonyms import Keyring
 
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware-config"
 TEMPLATE = FIRMWARE / "store-template.toml"
@@ -311,7 +311,7 @@ def test_every_row_of_the_chain_csv_checks_offline_without_secrets(tmp_path: Pat
 
 
 def test_check_config_offline_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli import main
+    from gateway.app.cli import main
 
     assert main(["check-config", "--offline", "--template", str(TEMPLATE), "--csv", str(CSV)]) == 0
     out = capsys.readouterr().out

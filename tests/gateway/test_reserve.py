@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import Mosquitto
+from simulators.infra.broker import Mosquitto
 from tests.system.harness import GatewayProc, synthetic
 
 pytestmark = pytest.mark.slow

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from drivers.receipt_tap import CounterStore
-from gateway.cli import main
-from gateway.identity import ALLOW_TEST_KEY_VALUE, ALLOW_TEST_KEY_VAR
-from gateway.paths import write_secret
-from simulators.broker import free_port
+from drivers.receipt_tap.counter import CounterStore
+from gateway.app.cli import main
+from gateway.config.credentials import write_secret
+from gateway.identity.pseudonyms import ALLOW_TEST_KEY_VALUE, ALLOW_TEST_KEY_VAR
+from simulators.infra.broker import free_port
 from tests.pki import make_pki
 from tests.system.harness import GatewayProc, healthz, synthetic
 
@@ -112,7 +112,7 @@ def test_the_daemon_refuses_to_start_on_a_world_readable_key(tmp_path: Path) -> 
     cfg = write_config(tmp_path)
     (tmp_path / "k1.key").chmod(0o644)
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "run", "--config", str(cfg)],
+        [sys.executable, "-m", "gateway", "run", "--config", str(cfg)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.tls import certificate_not_after
+from gateway.uplink.tls import certificate_not_after
 from tests.pki import make_pki
 
 

@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.clock import CLOCK_FLOOR
 from gateway.errors import TokenError
-from gateway.identity import Keyring
-from gateway.tokens import (
+from gateway.identity.clock import CLOCK_FLOOR
+from gateway.identity.pseudonyms import Keyring
+from gateway.identity.tokens import (
     MAX_APP_TOKEN_LIFETIME_S,
     AppPublicKey,
     ReplaySet,
@@ -54,7 +54,7 @@ def vector_key(vectors: dict[str, Any]) -> AppPublicKey:
     return load_public_key(base64.b64decode(vectors["app_token_public_key_base64"]))
 
 
-T0 = 1_790_000_000  # 2026-09-21: tokens are judged only by a set clock (gateway.clock)
+T0 = 1_790_000_000  # 2026-09-21: tokens are judged only by a set clock (gateway.identity.clock)
 
 
 def claims(**over: Any) -> dict[str, Any]:

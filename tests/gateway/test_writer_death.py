@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from gateway.config import BufferConfig
-from gateway.consent import ConsentRegistry
-from gateway.health import HealthMonitor
-from gateway.metrics import Metrics
-from gateway.outbox import Outbox, Pending, WriterDied
+from gateway.buffer.outbox import Outbox, Pending, WriterDied
+from gateway.config.models import BufferConfig
+from gateway.consent.registry import ConsentRegistry
+from gateway.observe.health import HealthMonitor
+from gateway.observe.metrics import Metrics
 
 
 @dataclass

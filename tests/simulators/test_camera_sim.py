@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import zxingcpp
 
-from gateway.tokens import ReplaySet, load_public_key, verify_app_token
-from simulators.camera import (
+from gateway.identity.tokens import ReplaySet, load_public_key, verify_app_token
+from simulators.devices.camera import (
     BOUNDARY,
     CameraSim,
     Look,
@@ -183,7 +183,8 @@ def test_write_video_cli(tmp_path: Path) -> None:
     )
     out = tmp_path / "tiny.avi"
     proc = subprocess.run(
-        [sys.executable, "-m", "simulators.camera", str(scenario), "--write-video", str(out)],
+        [sys.executable, "-m", "simulators.devices.camera", str(scenario), "--write-video",
+         str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     lines = proc.stdout.splitlines()
@@ -204,7 +205,7 @@ def test_write_video_cli(tmp_path: Path) -> None:
 
 def test_server_cli_prints_url_and_key() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulators.camera", str(SCENARIOS / "camera-kiosk.toml")],
+        [sys.executable, "-m", "simulators.devices.camera", str(SCENARIOS / "camera-kiosk.toml")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from simulators.card_reader import (
+from simulators.devices.card_reader import (
     CardReaderSim,
     ScenarioError,
     load_scenario,
@@ -179,7 +179,7 @@ def test_cli_prints_the_pty_path_first_and_plays(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "simulators.card_reader",
+            "simulators.devices.card_reader",
             str(scenario),
             "--link",
             str(link),
@@ -209,7 +209,7 @@ def test_cli_prints_the_pty_path_first_and_plays(tmp_path: Path) -> None:
 
 def test_cli_has_help() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "simulators.card_reader", "--help"],
+        [sys.executable, "-m", "simulators.devices.card_reader", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -21,9 +21,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from simulators.broker import Mosquitto
-from simulators.central import Central
-from simulators.contract_schemas import ContractSchemas, Invalid, contract_schemas
+from simulators.central.contract_schemas import ContractSchemas, Invalid, contract_schemas
+from simulators.central.service import Central
+from simulators.infra.broker import Mosquitto
 from tests.gateway.test_contract_schemas import BAD_EVENTS, EXAMPLES, RECEIPT, REGISTRY, _mutate
 from tests.gateway.test_contract_schemas import batch as contract_batch
 
@@ -279,7 +279,7 @@ def test_cli_runs_until_sigterm_and_leaves_its_stats(
     broker: Mosquitto, publisher: Publisher, tmp_path: Path
 ) -> None:
     out, stats_path = tmp_path / "events.jsonl", tmp_path / "stats.json"
-    command = [sys.executable, "-m", "simulators.central", "--mqtt-host", "127.0.0.1"]
+    command = [sys.executable, "-m", "simulators.central.service", "--mqtt-host", "127.0.0.1"]
     command += ["--mqtt-port", str(broker.port), "--out", str(out), "--stats", str(stats_path)]
     with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None
@@ -303,7 +303,7 @@ def test_cli_runs_until_sigterm_and_leaves_its_stats(
 
 def test_cli_help_describes_every_option() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "simulators.central", "--help"],
+        [sys.executable, "-m", "simulators.central.service", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,

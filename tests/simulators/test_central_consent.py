@@ -19,13 +19,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.config import MqttConfig
-from gateway.forwarder import Forwarder
-from gateway.mqtt import PahoPublisher
-from simulators.broker import Mosquitto
-from simulators.central import Central
-from simulators.consent_api import ConsentAPI, load_script
-from simulators.contract_schemas import contract_schemas
+from gateway.config.models import MqttConfig
+from gateway.uplink.forwarder import Forwarder
+from gateway.uplink.mqtt import PahoPublisher
+from simulators.central.consent_api import ConsentAPI, load_script
+from simulators.central.contract_schemas import contract_schemas
+from simulators.central.service import Central
+from simulators.infra.broker import Mosquitto
 from tests.gateway.consent_helpers import STORE, Clock, Rig, card
 
 A, B, C = "k1:" + "A" * 22, "k1:" + "B" * 22, "k1:" + "C" * 22

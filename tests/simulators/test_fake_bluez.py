@@ -20,7 +20,7 @@ from bleak.backends.scanner import AdvertisementData
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from simulators.ble_scenario import (
+from simulators.devices.ble_scenario import (
     Scenario,
     build_timeline,
     encode_altbeacon,
@@ -31,7 +31,7 @@ from simulators.ble_scenario import (
     main,
     rssi_at,
 )
-from simulators.fake_bluez import DBusDaemon, FakeBlueZ
+from simulators.devices.fake_bluez import DBusDaemon, FakeBlueZ
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulators" / "scenarios"
 IBEACON_RAW = bytes.fromhex(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from simulators.netproxy import MqttFrames, NetProxy, packet_length
+from simulators.infra.netproxy import MqttFrames, NetProxy, packet_length
 
 PUBACK_1 = bytes([0x40, 0x02, 0x00, 0x01])
 PUBACK_2 = bytes([0x40, 0x02, 0x00, 0x02])

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from drivers.receipt_tap_serial import SerialLine, SerialReceiptTap, SerialTapSettings
-from gateway.metrics import Metrics
-from simulators import till
-from simulators.printer import STATUS_OK, SerialPrinter
-from simulators.serial_pty import SerialEnd
+from drivers.receipt_tap.serial_line import SerialLine, SerialReceiptTap, SerialTapSettings
+from gateway.observe.metrics import Metrics
+from simulators.devices import till
+from simulators.devices.printer import STATUS_OK, SerialPrinter
+from simulators.devices.serial_pty import SerialEnd
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,9 +105,11 @@ def stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
 
 def test_cli_till_and_printer_through_the_serial_tap(tmp_path: Path) -> None:
     till_link, printer_link = tmp_path / "till", tmp_path / "printer"
-    printer_proc = start("simulators.printer", "--serial", "pty", "--link", str(printer_link))
+    printer_proc = start(
+        "simulators.devices.printer", "--serial", "pty", "--link", str(printer_link)
+    )
     till_proc = start(
-        "simulators.till", "--serial", "pty", "--link", str(till_link),
+        "simulators.devices.till", "--serial", "pty", "--link", str(till_link),
         "--count", "3", "--qr", "https://shop.example/x",
     )  # fmt: skip
     metrics = Metrics()
@@ -136,7 +138,7 @@ def test_cli_till_and_printer_through_the_serial_tap(tmp_path: Path) -> None:
     assert not till_link.exists() and not printer_link.exists()
 
 
-@pytest.mark.parametrize("module", ["simulators.till", "simulators.printer"])
+@pytest.mark.parametrize("module", ["simulators.devices.till", "simulators.devices.printer"])
 def test_cli_help_names_the_serial_mode(module: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", module, "--help"],

@@ -2,9 +2,9 @@
 
     python -m tests.soak.soak_run --days 7 --out DIR [--minutes 10] [--report tests/soak]
 
-What runs: ``simulators.store_rig.StoreRig`` (mosquitto, the fake central with its consent
+What runs: ``simulators.rig.store.StoreRig`` (mosquitto, the fake central with its consent
 registry, the card reader on a pty, the fake BlueZ, the MJPEG kiosk camera, a printer and
-a till) and, in this process, the real ``gateway.daemon.Gateway`` with every source, the
+a till) and, in this process, the real ``gateway.app.daemon.Gateway`` with every source, the
 same object and ``run()`` coroutine ``touchpoint-gateway run`` uses.  Running it in-process
 lets its wall clock be injected (``FastClock``: one real second is ``rate`` simulated
 seconds) without a time-warp switch in the product; the price is that RSS, fds and
@@ -45,13 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drivers.camera import DEBOUNCE_MAX_ENTRIES as CAMERA_DEBOUNCE_MAX
-from drivers.serial_cards import DEBOUNCE_MAX_ENTRIES as CARD_DEBOUNCE_MAX
-from gateway.config import Config, load_config
-from gateway.daemon import Gateway
-from gateway.synthetic import card_number
-from gateway.tokens import ReplaySet
-from simulators.store_rig import SCENARIOS, RigLoad, StoreRig
+from drivers.camera.source import DEBOUNCE_MAX_ENTRIES as CAMERA_DEBOUNCE_MAX
+from drivers.serial_cards.source import DEBOUNCE_MAX_ENTRIES as CARD_DEBOUNCE_MAX
+from drivers.synthetic import card_number
+from gateway.app.daemon import Gateway
+from gateway.config.models import Config, load_config
+from gateway.identity.tokens import ReplaySet
+from simulators.rig.store import SCENARIOS, RigLoad, StoreRig
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def soak_config(rig: StoreRig, plan: SoakPlan) -> Path:
     )
     consent = f'[consent]\npolicy = "hold"\nhold_ttl_s = {plan.hold_ttl_s}\n\n[consent.sync]'
     text = _sub(text, r"^\[consent\.sync\]$", consent)
-    # BLE presence windows run on the monotonic clock (drivers/ble.py): they stay real.
+    # BLE presence windows run on the monotonic clock (drivers/ble/source.py): they stay real.
     text = _sub(text, r'^protocol = "rdm6300"$', f'protocol = "rdm6300"\ndebounce_s = {r}')
     text = _sub(text, r"^decode_fps = .*$", lambda m: f"{m[0]}\ndebounce_s = {r}")
     path = rig.work / "gateway-soak.toml"
@@ -202,7 +202,7 @@ def map_bounds(cfg: Config, gw: Gateway, population: int) -> dict[str, int]:
         "forwarder.in_flight": 2 * cfg.mqtt.inflight_window,
         "forwarder.queued": cfg.mqtt.inflight_window,
         "mqtt.pending": cfg.mqtt.inflight_window + 2,  # and the status messages
-        "outbox.tail_cache": 2000,  # gateway.outbox.Outbox._recent_max
+        "outbox.tail_cache": 2000,  # gateway.buffer.outbox.Outbox._recent_max
     }
     if gw.policy.hold is not None:
         bounds["policy.hold"] = gw.policy.hold.max_entries

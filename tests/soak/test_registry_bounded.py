@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sqlite3
 
-from gateway.consent import ConsentRegistry
-from gateway.metrics import Metrics
-from gateway.migrations import migrate
+from gateway.buffer.migrations import migrate
+from gateway.consent.registry import ConsentRegistry
+from gateway.observe.metrics import Metrics
 from gateway.ports import ConsentEvidence
 
 DAY = 86_400.0

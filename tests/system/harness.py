@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway.identity import Keyring, decode_key
-from gateway.paths import write_secret
-from simulators.central import Central
+from gateway.config.credentials import write_secret
+from gateway.identity.pseudonyms import Keyring, decode_key
+from simulators.central.service import Central
 
 # A tenant key for the tests, not the contract's published vector key (which a key file
-# may not hold: gateway.identity.PUBLISHED_TEST_KEYS).
+# may not hold: gateway.identity.pseudonyms.PUBLISHED_TEST_KEYS).
 KEY_B64 = "Ok41XFEl/DeKy6pux3hFfJerdJWtAhOlimOtK81inSo="
 STORE, DEVICE = "nl-ams-001", "gw-01"
 
@@ -111,7 +111,7 @@ summary_interval_s = 1
         self._log_mark = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config)],
+                [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
                 stdout=log,
                 stderr=log,
                 env={**self.env, "PYTHONUNBUFFERED": "1"},
@@ -194,7 +194,15 @@ summary_interval_s = 1
         """``status --json``: the buffer's figures, and ``daemon`` (its exit code is
         systemctl's: 0 healthy, 1 unhealthy, 3 not running, 4 no [health] to ask)."""
         out = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "status", "--config", str(self.config), "--json"],
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "status",
+                "--config",
+                str(self.config),
+                "--json",
+            ],
             check=False,
             capture_output=True,
             text=True,

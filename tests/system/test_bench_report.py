@@ -1,4 +1,4 @@
-"""``touchpoint-gateway bench`` runs the benchmarks as processes and writes one report."""
+"""``make bench`` runs the benchmarks as processes and writes one report."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def _bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "bench", *args],
+        [sys.executable, "-m", "tests.bench", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import Mosquitto, free_port
-from simulators.central import Central
-from simulators.netproxy import NetProxy
+from simulators.central.service import Central
+from simulators.infra.broker import Mosquitto, free_port
+from simulators.infra.netproxy import NetProxy
 from tests.system.harness import GatewayProc, assert_all_delivered, card_number, healthz, synthetic
 from tests.system.uplink import first_sent, wait_count
 
@@ -22,7 +22,7 @@ LIMITS = "max_packet_size 65536\nmax_inflight_messages 4"
 
 
 def consented() -> list[str]:
-    from gateway.identity import Keyring, decode_key
+    from gateway.identity.pseudonyms import Keyring, decode_key
     from tests.system.harness import KEY_B64
 
     ring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway.clock import clock_state
-from gateway.config import load_config
-from gateway.daemon import Gateway
-from gateway.outbox import buffer_stats, connect
-from simulators.broker import Mosquitto
-from simulators.central import Central
+from gateway.app.daemon import Gateway
+from gateway.buffer.outbox import buffer_stats, connect
+from gateway.config.models import load_config
+from gateway.identity.clock import clock_state
+from simulators.central.service import Central
+from simulators.infra.broker import Mosquitto
 from tests.fleet.fleet_harness import consented_subjects, write_gateway_dir
 
 pytestmark = pytest.mark.slow

@@ -18,10 +18,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.identity import Keyring, decode_key
-from gateway.paths import write_secret
-from simulators.broker import Mosquitto, free_port
-from simulators.consent_api import ConsentAPI
+from gateway.config.credentials import write_secret
+from gateway.identity.pseudonyms import Keyring, decode_key
+from simulators.central.consent_api import ConsentAPI
+from simulators.infra.broker import Mosquitto, free_port
 from tests.system.harness import (
     KEY_B64,
     STORE,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.identity import Keyring, decode_key
-from gateway.paths import write_secret
-from simulators.broker import Mosquitto, free_port
-from simulators.central import Central
-from simulators.consent_api import ConsentAPI
+from gateway.config.credentials import write_secret
+from gateway.identity.pseudonyms import Keyring, decode_key
+from simulators.central.consent_api import ConsentAPI
+from simulators.central.service import Central
+from simulators.infra.broker import Mosquitto, free_port
 from tests.system.harness import KEY_B64, STORE, GatewayProc, card_number, synthetic
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,7 @@ def test_demo_runs_the_daemon_against_the_simulators(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "gateway.cli",
-            "demo",
+            "simulators.rig.demo",
             "--seconds",
             "34",
             "--workdir",
@@ -53,7 +52,7 @@ def test_demo_runs_the_daemon_against_the_simulators(tmp_path: Path) -> None:
 
 def test_bench_pipeline_prints_its_figures_as_json() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "bench", "pipeline", "--quick", "--json"],
+        [sys.executable, "-m", "tests.bench", "pipeline", "--quick", "--json"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -18,8 +18,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from simulators.broker import Mosquitto
-from simulators.central import Central
+from simulators.central.service import Central
+from simulators.infra.broker import Mosquitto
 from tests.system.harness import STORE, GatewayProc
 
 pytestmark = pytest.mark.slow
@@ -117,7 +117,7 @@ def test_cards_flow_end_to_end_and_no_raw_number_leaks(
     taps = "".join(TAP.format(card=c) for c, n in TAPS.items() for _ in range(n))
     scenario = tmp_path / "scenario.toml"
     scenario.write_text(SCENARIO.format(taps=taps), encoding="utf-8")
-    from gateway.identity import Keyring, decode_key
+    from gateway.identity.pseudonyms import Keyring, decode_key
     from tests.system.harness import KEY_B64
 
     ring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")
@@ -137,7 +137,14 @@ reopen_max_s = 0.2
     gw.start()
     gw.wait_ready()
     sim = subprocess.Popen(
-        [sys.executable, "-m", "simulators.card_reader", str(scenario), "--link", str(link)],
+        [
+            sys.executable,
+            "-m",
+            "simulators.devices.card_reader",
+            str(scenario),
+            "--link",
+            str(link),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

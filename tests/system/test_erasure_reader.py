@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import free_port
-from simulators.consent_api import ConsentAPI
+from simulators.central.consent_api import ConsentAPI
+from simulators.infra.broker import free_port
 from tests.system.harness import STORE, healthz, synthetic
 from tests.system.test_consent_system import CONSENTED, LEAVER, TOKEN, count_in_files, gateway
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import Mosquitto
-from simulators.central import Central
+from simulators.central.service import Central
+from simulators.infra.broker import Mosquitto
 from tests.system.harness import (
     GatewayProc,
     assert_all_delivered,
@@ -43,7 +43,7 @@ def central(tmp_path: Path, pbroker: Mosquitto) -> Iterator[Central]:
 
 
 def make_gateway(tmp_path: Path, port: int, rate: float = 1500, **kw: str) -> GatewayProc:
-    from gateway.identity import Keyring, decode_key
+    from gateway.identity.pseudonyms import Keyring, decode_key
     from tests.system.harness import KEY_B64
 
     ring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")
@@ -128,7 +128,7 @@ def test_acl_denied_topic_goes_to_dead_letters(tmp_path: Path) -> None:
 
 
 def test_full_buffer_while_offline_applies_the_policy(tmp_path: Path) -> None:
-    from simulators.broker import free_port
+    from simulators.infra.broker import free_port
 
     gw = make_gateway(
         tmp_path,

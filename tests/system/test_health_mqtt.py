@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import Mosquitto, free_port
-from simulators.central import Central
+from simulators.central.service import Central
+from simulators.infra.broker import Mosquitto, free_port
 from tests.system.harness import DEVICE, STORE, GatewayProc, synthetic
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.identity import Keyring, decode_key
-from simulators.broker import Mosquitto, free_port
+from gateway.identity.pseudonyms import Keyring, decode_key
+from simulators.infra.broker import Mosquitto, free_port
 from tests.system.harness import KEY_B64, GatewayProc, card_number, synthetic
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def test_health_and_metrics_of_the_running_daemon(tmp_path: Path) -> None:
         assert forwarded and float(forwarded[0].split()[-1]) > 0
         assert "# TYPE touchpoint_readings_total counter" in metrics
         table = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "status", "--config", str(gw.config)],
+            [sys.executable, "-m", "gateway", "status", "--config", str(gw.config)],
             capture_output=True,
             text=True,
             check=True,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.paths import write_secret
-from simulators.broker import Mosquitto
+from gateway.config.credentials import write_secret
+from simulators.infra.broker import Mosquitto
 from tests.pki import make_pki
 from tests.system.harness import GatewayProc, card_number, synthetic
 
@@ -33,7 +33,7 @@ def pki(tmp_path: Path) -> dict[str, Path]:
 
 
 def consented() -> list[str]:
-    from gateway.identity import Keyring, decode_key
+    from gateway.identity.pseudonyms import Keyring, decode_key
     from tests.system.harness import KEY_B64
 
     ring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")
@@ -122,7 +122,7 @@ def test_mqtt_311(tmp_path: Path) -> None:
 
 
 def test_status_is_retained_online_and_offline_is_the_will(tmp_path: Path) -> None:
-    from simulators.central import Central
+    from simulators.central.service import Central
 
     with Mosquitto(tmp_path / "mq") as b:
         gw = GatewayProc(tmp_path / "gw", b.port, sources=synthetic(50), consented=consented())
@@ -142,9 +142,9 @@ def test_publisher_socket_has_nodelay(tmp_path: Path) -> None:
     import asyncio
     import socket
 
-    from gateway.config import MqttConfig
-    from gateway.metrics import Metrics
-    from gateway.mqtt import PahoPublisher
+    from gateway.config.models import MqttConfig
+    from gateway.observe.metrics import Metrics
+    from gateway.uplink.mqtt import PahoPublisher
 
     async def run(port: int) -> int:
         pub = PahoPublisher(
@@ -175,9 +175,9 @@ def test_publisher_subscription_delivers_on_the_loop_after_reconnects(tmp_path: 
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gateway.config import MqttConfig
-    from gateway.metrics import Metrics
-    from gateway.mqtt import PahoPublisher
+    from gateway.config.models import MqttConfig
+    from gateway.observe.metrics import Metrics
+    from gateway.uplink.mqtt import PahoPublisher
 
     async def run(broker: Mosquitto) -> list[tuple[bytes, bool]]:
         got: list[tuple[bytes, bool]] = []
@@ -253,7 +253,7 @@ def retained_status(port: int) -> dict[str, str]:
 def test_the_will_is_renewed_at_every_connect(tmp_path: Path) -> None:
     """After a reconnect, a kill -9 leaves a retained ``offline`` no older than the
     ``online`` it replaces: the will carries the time of the last connect."""
-    from simulators.netproxy import NetProxy
+    from simulators.infra.netproxy import NetProxy
     from tests.system.uplink import wait_count
 
     with Mosquitto(tmp_path / "mq") as b, NetProxy(b.port) as link:
@@ -282,7 +282,7 @@ def test_a_reload_picks_up_a_renewed_client_certificate(
 ) -> None:
     """The client certificate expires in a day (warned); IT renews it and reloads: the new
     expiry shows in /metrics and the daemon connects with the new certificate."""
-    from simulators.broker import free_port
+    from simulators.infra.broker import free_port
     from tests.pki import renew_client
     from tests.system.harness import metrics
 

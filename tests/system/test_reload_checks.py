@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.identity import Keyring, decode_key
-from simulators.broker import free_port
+from gateway.identity.pseudonyms import Keyring, decode_key
+from simulators.infra.broker import free_port
 from tests.system.harness import KEY_B64, GatewayProc, card_number, healthz, synthetic
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def test_a_reload_to_an_address_that_cannot_be_bound_is_refused(
     good = gw.config.read_text()
     gw.config.write_text(good.replace(f"127.0.0.1:{port}", listen))
     check = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "check-config", str(gw.config)],
+        [sys.executable, "-m", "gateway", "check-config", str(gw.config)],
         capture_output=True,
         text=True,
         check=False,

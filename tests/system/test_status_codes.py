@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.identity import Keyring, decode_key
-from simulators.broker import Mosquitto, free_port
+from gateway.identity.pseudonyms import Keyring, decode_key
+from simulators.infra.broker import Mosquitto, free_port
 from tests.system.harness import KEY_B64, GatewayProc, card_number, synthetic
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ RING = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")
 
 def status(gw: GatewayProc, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "status", "--config", str(gw.config), *extra],
+        [sys.executable, "-m", "gateway", "status", "--config", str(gw.config), *extra],
         capture_output=True,
         text=True,
         check=False,
@@ -56,7 +56,7 @@ def test_status_exit_codes_follow_systemctl(tmp_path: Path) -> None:
                 assert key.split()[-1] in json.dumps(live), key
         for reader in ("head -1", "true"):  # `true` leaves before a byte is written
             piped = subprocess.run(
-                f"{sys.executable} -m gateway.cli status --config {gw.config} --json | {reader}",
+                f"{sys.executable} -m gateway status --config {gw.config} --json | {reader}",
                 shell=True,
                 capture_output=True,
                 text=True,

@@ -1,6 +1,6 @@
 """Faults against the real daemon running every source of the simulated store.
 
-The store rig (``simulators.store_rig``) runs the broker, the fake central, the card
+The store rig (``simulators.rig.store``) runs the broker, the fake central, the card
 reader on a pty, the fake BlueZ, the kiosk camera, the printer and a till; the daemon runs
 as its own process on the rig's config.  Ground truth for delivery: seqs are assigned
 contiguously in commit order, so the events committed in a stream are exactly
@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from gateway.synthetic import card_number
-from simulators.broker import Mosquitto, free_port
-from simulators.store_rig import StoreRig
+from drivers.synthetic import card_number
+from simulators.infra.broker import Mosquitto, free_port
+from simulators.rig.store import StoreRig
 from tests.system.harness import (
     ConfigGatewayProc,
     GatewayProc,
@@ -151,7 +151,7 @@ def reaper() -> Iterator[list[GatewayProc]]:
 
 @pytest.fixture
 def loaded_rig(tmp_path: Path) -> Iterator[StoreRig]:
-    from simulators.store_rig import RigLoad
+    from simulators.rig.store import RigLoad
 
     load = RigLoad(synthetic_rate=200, till_interval_s=0.3)
     with StoreRig(tmp_path / "rig", load) as rig:
@@ -232,7 +232,7 @@ SOURCES = {
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[tuple[StoreRig, ConfigGatewayProc]]:
-    from simulators.store_rig import RigLoad
+    from simulators.rig.store import RigLoad
 
     with StoreRig(tmp_path / "rig", RigLoad(till_interval_s=1.0)) as rig:
         text = rig.config_text()
@@ -342,7 +342,7 @@ def counted(port: int, policy: str) -> float:
 
 
 def make_offline_gateway(tmp_path: Path, broker_port: int, policy: str, **kw: Any) -> GatewayProc:
-    from gateway.identity import Keyring, decode_key
+    from gateway.identity.pseudonyms import Keyring, decode_key
     from tests.system.harness import KEY_B64, synthetic
     from tests.system.harness import card_number as harness_card
 
@@ -539,8 +539,8 @@ def test_lossy_link_duplicates_but_never_loses(
     daemon must break it after ``puback_timeout_s``), and links cut half way through a
     batch: every committed event reaches the central, duplicates stay within the
     in-flight window per broken link."""
-    from simulators.central import Central
-    from simulators.netproxy import NetProxy
+    from simulators.central.service import Central
+    from simulators.infra.netproxy import NetProxy
 
     window, batch = 10, 200  # GatewayProc's inflight_window and batch_max_events
     with (

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from simulators.broker import free_port
-from simulators.camera import CameraSim, Look, sign_app_token
+from simulators.devices.camera import CameraSim, Look, sign_app_token
+from simulators.infra.broker import free_port
 from tests.system.harness import GatewayProc, metrics
 
 pytestmark = pytest.mark.slow

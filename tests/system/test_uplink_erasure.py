@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import Mosquitto
-from simulators.central import Central
-from simulators.consent_api import ConsentAPI
-from simulators.netproxy import NetProxy
+from simulators.central.consent_api import ConsentAPI
+from simulators.central.service import Central
+from simulators.infra.broker import Mosquitto
+from simulators.infra.netproxy import NetProxy
 from tests.system.harness import STORE
 from tests.system.test_consent_system import CONSENTED, LEAVER, STRANGERS, TOKEN, gateway
 from tests.system.uplink import first_sent, leaks, log_times, wait_count

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.identity import Keyring, decode_key
-from simulators.broker import free_port
+from gateway.identity.pseudonyms import Keyring, decode_key
+from simulators.infra.broker import free_port
 from tests.system.harness import KEY_B64, GatewayProc, card_number, synthetic
 
 pytestmark = pytest.mark.slow

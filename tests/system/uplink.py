@@ -8,7 +8,7 @@ import re
 import time
 from pathlib import Path
 
-from simulators.netproxy import NetProxy
+from simulators.infra.netproxy import NetProxy
 from tests.system.harness import GatewayProc
 
 Key = tuple[str, int]  # (stream, seq)

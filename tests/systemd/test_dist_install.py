@@ -33,8 +33,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from gateway.identity import Keyring
-from simulators.broker import Mosquitto
+from gateway.identity.pseudonyms import Keyring
+from simulators.infra.broker import Mosquitto
 from tests.system.harness import card_number
 
 pytestmark = pytest.mark.slow
@@ -416,7 +416,7 @@ def test_install_upgrade_rollback_remove(
     root.install(debs[old]["camera"])
     root.run("/usr/bin/python3", "-I", "-c",
              f"import sys; sys.path[:0] = ['{PREFIX}/lib', '{PREFIX}/lib-camera']; "
-             "import cv2, zxingcpp, pyzbar.pyzbar, gateway.cli")  # fmt: skip
+             "import cv2, zxingcpp, pyzbar.pyzbar, gateway.app.cli")  # fmt: skip
 
     say("remove both")
     root.run("apt-get", "remove", "-y", "touchpoint-gateway-camera", "touchpoint-gateway")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import BufferConfig
-from gateway.paths import credential_references
+from gateway.config.credentials import credential_references
+from gateway.config.models import BufferConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"

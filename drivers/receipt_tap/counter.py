@@ -1,0 +1,88 @@
+"""The receipt counters: one per (store, lane) in a small database of their own, each value
+reserved (committed and fsynced) before a token carrying it is printed, so none is printed twice."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from gateway.config.credentials import private_database
+from gateway.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+COUNTER_MAX = 0xFFFFFFFF
+_MIGRATIONS = (
+    (
+        "001_receipt_counter",
+        "CREATE TABLE receipt_counter ("
+        " store TEXT NOT NULL, lane INTEGER NOT NULL, last INTEGER NOT NULL,"
+        " PRIMARY KEY (store, lane))",
+    ),
+)
+
+
+class CounterStore:
+    """Receipt counters per (store, lane number) in SQLite; a reserved value is never reused.
+
+    ``reserve`` commits with ``synchronous=FULL`` (fsync) before it returns.  Blocking:
+    the tap calls it from its single worker thread, which owns the connection.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            private_database(self.path)  # 0600 whatever the umask
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        except (sqlite3.Error, OSError) as exc:
+            raise SourceError(f"{self.path}: cannot open the receipt counter store: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at REAL)")
+            done = {row[0] for row in db.execute("SELECT name FROM migrations")}
+            for name, sql in _MIGRATIONS:
+                if name not in done:
+                    db.execute(sql)
+                    db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+
+    def reserve(self, store: str, lane: int) -> int:
+        """The next counter for (store, lane), durably recorded as used (first is 1)."""
+        with self._transaction() as db:
+            row = db.execute(
+                "INSERT INTO receipt_counter VALUES (?, ?, 1)"
+                " ON CONFLICT (store, lane) DO UPDATE SET last = last + 1 RETURNING last",
+                (store, lane),
+            ).fetchone()
+            value = int(row[0])
+            if value > COUNTER_MAX:
+                raise OverflowError(f"receipt counter of lane {lane} is exhausted")
+        return value
+
+    def last(self, store: str, lane: int) -> int:
+        """The last reserved counter (0 if none)."""
+        row = self._db.execute(
+            "SELECT last FROM receipt_counter WHERE store = ? AND lane = ?", (store, lane)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self._db.close()
