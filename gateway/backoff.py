@@ -1,4 +1,8 @@
-"""Retry pacing and error wording shared by the drivers that reopen lost hardware."""
+"""The one retry pacing of the gateway, and the wording of device errors.
+
+Every retry loop uses ``Backoff``: the drivers reopening lost hardware, the source
+supervisor, the BLE recovery ladder, the consent poll, and the MQTT reconnect.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,29 @@ import random
 
 
 class Backoff:
-    """Jittered exponential delays from ``low`` up to ``high`` seconds.
+    """Exponential delays with jitter, from ``low`` up to ``high`` seconds.
 
-    Each delay is drawn from the upper half of the current step, so a fleet of gateways
-    that lost the same thing at once does not retry in step.
+    Attempt n waits a random time in [c/2, c], c = min(high, low * 2**n): a fleet of
+    gateways that lost the same thing at once (a broker restart, the central's outage)
+    does not retry in step, not even the first time, and no wait is shorter than half
+    the current step.  ``reset`` after a success starts again from ``low``.
     """
 
-    def __init__(self, low: float, high: float) -> None:
+    def __init__(self, low: float, high: float, *, rng: random.Random | None = None) -> None:
+        if low <= 0:
+            raise ValueError(f"a backoff needs a positive low bound, not {low}")
         self.low = low
         self.high = max(low, high)
-        self._attempt = 0
+        self.rng = rng or random.Random()
+        self.attempts = 0
 
     def reset(self) -> None:
-        self._attempt = 0
+        self.attempts = 0
 
     def next(self) -> float:
-        ceiling = min(self.high, self.low * 2 ** min(self._attempt, 32))
-        self._attempt += 1
-        return random.uniform(max(self.low, ceiling / 2), ceiling)
+        ceiling = min(self.high, self.low * 2 ** min(self.attempts, 32))
+        self.attempts += 1
+        return self.rng.uniform(ceiling / 2, ceiling)
 
 
 def device_error(exc: BaseException) -> str:

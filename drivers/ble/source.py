@@ -72,6 +72,7 @@ from dbus_fast.aio import MessageBus
 
 from drivers.ble.adverts import OURS, AdvertResolver, AllowList
 from drivers.ble.presence import Decision, PresenceParams, PresenceTracker, PseudonymCache
+from gateway.backoff import Backoff
 from gateway.observe.metrics import Cell
 from gateway.ports import Reading, SourceContext
 
@@ -473,7 +474,7 @@ class BleSource:
 
     async def _scan_loop(self) -> None:
         cfg = self.config
-        backoff = cfg.retry_min_s
+        backoff = Backoff(cfg.retry_min_s, cfg.retry_max_s)
         failures = strikes = 0
         try:
             while True:
@@ -482,8 +483,7 @@ class BleSource:
                     self.tracker.blind(now=self.monotonic())
                     self.ctx.set_state(state, detail)
                     await self._stop_scanner()
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, cfg.retry_max_s)
+                    await asyncio.sleep(backoff.next())
                     continue
                 self.ctx.set_state("connecting", f"starting scan on {cfg.adapter}")
                 mode = await self._scan_mode()
@@ -494,10 +494,10 @@ class BleSource:
                     if action == "reset" or (action == "retry" and failures >= 2):
                         await self._reset_adapter("starting the scan kept failing")
                         failures = 0
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, cfg.retry_max_s)
+                    await asyncio.sleep(backoff.next())
                     continue
-                failures, backoff = 0, cfg.retry_min_s
+                failures = 0
+                backoff.reset()
                 started = self._last_advert = self.monotonic()
                 self.tracker.resume(now=self.monotonic())
                 how = mode if mode == cfg.scanning_mode else f"active, as {self._no_passive}"

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import signal
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from gateway.app.memory import release_free_memory
 from gateway.app.notify import Notifier, watchdog_interval
 from gateway.app.sources import build_source
 from gateway.app.watchdog import ProgressWatch
+from gateway.backoff import Backoff
 from gateway.buffer.outbox import Outbox, Pending, WriterDied
 from gateway.config.models import Config, HealthConfig, load_checked_config, plaintext_links
 from gateway.consent.erasure import Eraser
@@ -216,7 +216,7 @@ class Gateway:
         self.sources[name] = source
         if isinstance(source, Forgets):  # erasure clears the source's memory of a subject
             self.eraser.hooks.append(source.forget)
-        delay = 0.5
+        backoff = Backoff(0.5, 60.0)
         while True:
             started = time.monotonic()
             try:
@@ -228,9 +228,8 @@ class Gateway:
                 self.metrics.error(f"source:{name}", str(exc))
                 self.metrics.inc("source_restarts_total", source=name)
             if time.monotonic() - started > 60:
-                delay = 0.5
-            await asyncio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, 60.0)
+                backoff.reset()  # it ran a good while: a new failure starts from the bottom
+            await asyncio.sleep(backoff.next())
 
     async def _housekeeping(self) -> None:
         last_expire = last_summary = time.monotonic()

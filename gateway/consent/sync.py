@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 
 from gateway import __version__
+from gateway.backoff import Backoff
 from gateway.buffer.outbox import Outbox
 from gateway.config.models import ConsentSyncConfig
 from gateway.consent.erasure import Eraser
@@ -303,6 +304,7 @@ class ConsentSync:
         self.outbox = updater.outbox
         self.metrics = updater.metrics
         self.transport = transport
+        self.backoff = Backoff(cfg.backoff.min_s, cfg.backoff.max_s)
         self.rng = rng or random.Random()
         self.sleep = sleep
         self.verify = tls_verify(cfg)
@@ -311,6 +313,15 @@ class ConsentSync:
         self.failures = 0
         self.last_ok_at: float | None = None
         self.last_error: str | None = None
+
+    @property
+    def rng(self) -> random.Random:
+        """The randomness of the poll interval's spread and of the backoff's jitter."""
+        return self._rng
+
+    @rng.setter
+    def rng(self, rng: random.Random) -> None:
+        self._rng = self.backoff.rng = rng
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -347,6 +358,7 @@ class ConsentSync:
             log.exception("consent sync: unexpected error")
             return self._failed(SyncError(f"unexpected {exc.__class__.__name__}: {exc}"))
         self.failures = 0
+        self.backoff.reset()
         self.last_error = None
         self.last_ok_at = time.time()
         self.metrics.set("consent_sync_up", 1)
@@ -358,9 +370,7 @@ class ConsentSync:
         self.last_error = str(exc)
         self.metrics.set("consent_sync_up", 0)
         self.metrics.error("consent_sync", str(exc))
-        b = self.cfg.backoff
-        cap = min(b.max_s, b.min_s * 2 ** min(self.failures - 1, 30))
-        delay = self.rng.uniform(b.min_s / 2, cap)
+        delay = self.backoff.next()
         n = len(self.updater.registry.records)
         if isinstance(exc, SyncAuthError):
             log.error(

@@ -27,9 +27,11 @@ event loop with ``call_soon_threadsafe``.  Designed around paho's known traps:
   broken link: the socket is shut, paho reconnects with backoff and the forwarder
   sends the batch again from the outbox (a duplicate at worst, which the central drops).
 
-Reconnects use exponential backoff with full jitter, so a fleet does not reconnect in
-lock-step after a broker restart.  The socket gets ``TCP_NODELAY``: QoS 1 throughput is
-bounded by window / round trip, and Nagle's algorithm adds a delay to every round.
+Reconnects are paced by the gateway's one ``Backoff`` (exponential, jittered from the first
+retry), so a fleet does not reconnect in lock-step after a broker restart: each delay is
+handed to paho through its public ``reconnect_delay_set`` just before paho waits.  The
+socket gets ``TCP_NODELAY``: QoS 1 throughput is bounded by window / round trip, and
+Nagle's algorithm adds a delay to every round.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import ssl
 import time
@@ -49,6 +50,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from gateway.backoff import Backoff
 from gateway.config.models import MqttConfig
 from gateway.errors import ConfigError
 from gateway.observe.metrics import Metrics
@@ -57,26 +59,8 @@ from gateway.ports import PACKET_TOO_LARGE, Verdict
 log = logging.getLogger(__name__)
 
 
-class _JitteredClient(mqtt.Client):
-    """paho's client with full-jitter exponential reconnect backoff."""
-
-    jitter_min = 0.5
-    jitter_max = 60.0
-
-    def _reconnect_wait(self) -> None:
-        attempt = getattr(self, "_tp_attempt", 0)
-        self._tp_attempt = attempt + 1
-        cap = min(self.jitter_max, self.jitter_min * (2**attempt))
-        delay = random.uniform(self.jitter_min / 2, cap)
-        deadline = time.monotonic() + delay
-        while not self._thread_terminate:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            time.sleep(min(remaining, 0.25))
-
-    def reset_backoff(self) -> None:
-        self._tp_attempt = 0
+class _Client(mqtt.Client):
+    """paho's client, whose reconnect forgets the last connection and renews the will."""
 
     def reconnect(self) -> MQTTErrorCode:
         """paho's reconnect, remembering why it failed (paho's callback is not told).
@@ -146,14 +130,16 @@ class PahoPublisher:
         self._topic_lens: dict[str, int] = {}
         v5 = cfg.protocol == "5"
         self._v5 = v5
-        client = _JitteredClient(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else True,
         )
-        client.jitter_min = cfg.reconnect_min_s
-        client.jitter_max = cfg.reconnect_max_s
+        # Our Backoff paces the reconnects: before each of paho's waits (a failed connect
+        # or a lost link, whose callbacks run just before it on paho's thread) its next
+        # jittered delay is set as paho's public reconnect delay, min = max.
+        self._backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
         client.connect_timeout = cfg.connect_timeout_s
         # Our window is the real bound; paho's is only a backstop above it.
         client.max_inflight_messages_set(cfg.inflight_window + 16)
@@ -322,13 +308,21 @@ class PahoPublisher:
         if not reason_code.is_failure:
             # Before paho's resend loop (it runs after this callback): send nothing again.
             client.drop_out_messages()
+            self._backoff.reset()
         limits = (
             getattr(properties, "MaximumPacketSize", None),
             getattr(properties, "ReceiveMaximum", None),
         )
         self._post(self._connected_changed, not reason_code.is_failure, str(reason_code), limits)
 
+    def _next_wait(self, client: mqtt.Client) -> None:
+        """On paho's thread, just before paho waits to reconnect: how long it waits."""
+        delay = self._backoff.next()
+        # Typed int, but seconds of any kind: paho adds it to time.monotonic() and sleeps.
+        client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+
     def _cb_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._next_wait(client)
         exc = self.client.last_connect_error
         self._post(self._connect_failed, _describe(exc))
 
@@ -340,6 +334,7 @@ class PahoPublisher:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        self._next_wait(client)
         self._post(self._connected_changed, False, str(reason_code))
 
     def _cb_publish(
@@ -364,7 +359,6 @@ class PahoPublisher:
             if not self._connected.is_set():
                 log.info("connected to broker %s:%d", self.cfg.host, self.cfg.port)
             self._limits(*limits)
-            self.client.reset_backoff()
             for topic in self._subscriptions:
                 self.client.subscribe(topic, qos=1)
             self._connected.set()

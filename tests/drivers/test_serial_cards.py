@@ -325,8 +325,16 @@ def test_debounce_memory_is_bounded() -> None:
 def test_backoff_grows_with_jitter_between_the_bounds() -> None:
     backoff = Backoff(0.5, 30.0)
     delays = [backoff.next() for _ in range(12)]
-    assert all(0.5 <= d <= 30.0 for d in delays)
-    assert delays[0] <= 0.5 + 1e-9
-    assert max(delays[-3:]) >= 15.0
+    assert all(0.25 <= d <= 30.0 for d in delays)
+    assert delays[0] <= 0.5
+    assert all(d >= 15.0 for d in delays[-3:]), "at the cap, no wait is under half of it"
     backoff.reset()
-    assert backoff.next() <= 0.5 + 1e-9
+    assert backoff.next() <= 0.5
+
+
+def test_backoff_is_jittered_from_the_first_retry() -> None:
+    """A fleet that lost its broker at once does not come back in step, not even once."""
+    firsts = {Backoff(1.0, 60.0).next() for _ in range(50)}
+    assert len(firsts) > 40 and all(0.5 <= d <= 1.0 for d in firsts)
+    with pytest.raises(ValueError, match="positive"):
+        Backoff(0, 1)
