@@ -3,27 +3,38 @@ reserved (committed and fsynced) before a token carrying it is printed, so none 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sqlite3
-import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from gateway.buffer.migrations import Migration, migrate
+from gateway.buffer.transaction import transaction
 from gateway.config.credentials import private_database
-from gateway.errors import SourceError
+from gateway.errors import SourceError, UnknownMigrations
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 log = logging.getLogger(__name__)
 
 COUNTER_MAX = 0xFFFFFFFF
-_MIGRATIONS = (
-    (
-        "001_receipt_counter",
-        "CREATE TABLE receipt_counter ("
+
+
+def _m001_receipt_counter(db: sqlite_utils.Database) -> None:
+    # IF NOT EXISTS: a database from before the shared mechanism has the table already
+    # (and its own ``migrations`` table, kept as it is so that version can still run).
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS receipt_counter ("
         " store TEXT NOT NULL, lane INTEGER NOT NULL, last INTEGER NOT NULL,"
-        " PRIMARY KEY (store, lane))",
-    ),
-)
+        " PRIMARY KEY (store, lane))"
+    )
+
+
+# (name, the migration, whether binaries without it can still use the database)
+COUNTER_MIGRATIONS: list[Migration] = [
+    ("001_receipt_counter", _m001_receipt_counter, True),
+]
 
 
 class CounterStore:
@@ -41,32 +52,13 @@ class CounterStore:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._migrate()
-        except (sqlite3.Error, OSError) as exc:
+            migrate(self._db, f"the receipt counters' database {self.path}", COUNTER_MIGRATIONS)
+        except (sqlite3.Error, OSError, UnknownMigrations) as exc:
             raise SourceError(f"{self.path}: cannot open the receipt counter store: {exc}") from exc
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    def _migrate(self) -> None:
-        with self._transaction() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at REAL)")
-            done = {row[0] for row in db.execute("SELECT name FROM migrations")}
-            for name, sql in _MIGRATIONS:
-                if name not in done:
-                    db.execute(sql)
-                    db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
 
     def reserve(self, store: str, lane: int) -> int:
         """The next counter for (store, lane), durably recorded as used (first is 1)."""
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             row = db.execute(
                 "INSERT INTO receipt_counter VALUES (?, ?, 1)"
                 " ON CONFLICT (store, lane) DO UPDATE SET last = last + 1 RETURNING last",

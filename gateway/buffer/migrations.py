@@ -1,4 +1,5 @@
-"""Named schema migrations for the buffer database, recorded in ``_migrations``.
+"""Named schema migrations, recorded in ``_migrations``: the buffer database's, and the one
+mechanism every database of the gateway uses (the receipt counters' too).
 
 Each migration runs once, in order, inside a transaction; sqlite-utils builds the tables
 so a technician can read the same schema with ``sqlite-utils tables buffer.db``.
@@ -23,10 +24,11 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from gateway import __version__
+from gateway.buffer.transaction import transaction
 from gateway.errors import UnknownMigrations
 
 if TYPE_CHECKING:
@@ -123,8 +125,14 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None], bool]] = [
 _COLUMNS = (("version", "TEXT"), ("older_can_read", "INTEGER"))
 
 
-def unknown_migrations(conn: sqlite3.Connection) -> list[tuple[str, str, bool]]:
-    """Recorded migrations this binary does not know: (name, version, older_can_read)."""
+Migration = tuple[str, "Callable[[sqlite_utils.Database], None]", bool]
+
+
+def unknown_migrations(
+    conn: sqlite3.Connection, migrations: Sequence[Migration] = ()
+) -> list[tuple[str, str, bool]]:
+    """Recorded migrations this binary does not know: (name, version, older_can_read).
+    ``migrations``: the database's list (the buffer's ``MIGRATIONS`` unless given)."""
     if (
         conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'"
@@ -135,16 +143,16 @@ def unknown_migrations(conn: sqlite3.Connection) -> list[tuple[str, str, bool]]:
     cols = {row[1] for row in conn.execute("PRAGMA table_info(_migrations)")}
     version = "version" if "version" in cols else "NULL"
     readable = "older_can_read" if "older_can_read" in cols else "NULL"
-    known = {name for name, *_ in MIGRATIONS}
+    known = {name for name, *_ in (migrations or MIGRATIONS)}
     query = f"SELECT name, {version}, {readable} FROM _migrations ORDER BY name"  # noqa: S608
     rows = conn.execute(query)
     return [(n, v or "an unknown version", bool(r)) for n, v, r in rows if n not in known]
 
 
-def check_known(conn: sqlite3.Connection, where: str) -> None:
+def check_known(conn: sqlite3.Connection, where: str, migrations: Sequence[Migration] = ()) -> None:
     """Raise ``UnknownMigrations`` when a migration this binary does not know, and that
     older binaries cannot read, is recorded; warn for readable ones."""
-    unknown = unknown_migrations(conn)
+    unknown = unknown_migrations(conn, migrations)
     blocking = [(n, v) for n, v, readable in unknown if not readable]
     if blocking:
         names = ", ".join(f"{n} (by {v})" for n, v in blocking)
@@ -163,10 +171,17 @@ def check_known(conn: sqlite3.Connection, where: str) -> None:
         )  # fmt: skip
 
 
-def migrate(conn: sqlite3.Connection, where: str = "the buffer database") -> list[str]:
+def migrate(
+    conn: sqlite3.Connection,
+    where: str = "the buffer database",
+    migrations: Sequence[Migration] = (),
+) -> list[str]:
     """Refuse a database with migrations this binary cannot read (``check_known``), then
-    apply the migrations not yet recorded; return the names applied."""
-    check_known(conn, where)
+    apply the migrations not yet recorded; return the names applied.  ``migrations``: the
+    database's own list (the buffer's ``MIGRATIONS`` unless given; the receipt counters'
+    database has its own)."""
+    migrations = migrations or MIGRATIONS
+    check_known(conn, where, migrations)
     conn.execute(
         "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL, "
         "version TEXT, older_can_read INTEGER)"
@@ -176,7 +191,7 @@ def migrate(conn: sqlite3.Connection, where: str = "the buffer database") -> lis
         if col not in cols:
             conn.execute(f"ALTER TABLE _migrations ADD COLUMN {col} {kind}")
     done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
-    pending = [(name, fn, ok) for name, fn, ok in MIGRATIONS if name not in done]
+    pending = [(name, fn, ok) for name, fn, ok in migrations if name not in done]
     if not pending:
         return []
     import sqlite_utils  # noqa: PLC0415 - see the module docstring
@@ -184,17 +199,12 @@ def migrate(conn: sqlite3.Connection, where: str = "the buffer database") -> lis
     db = sqlite_utils.Database(conn)
     applied = []
     for name, fn, older_can_read in pending:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             fn(db)
             conn.execute(
                 "INSERT INTO _migrations(name, applied_at, version, older_can_read)"
                 " VALUES (?, ?, ?, ?)",
                 (name, time.time(), __version__, int(older_can_read)),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         applied.append(name)
     return applied

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.buffer.outbox import ERASED_IN_WAL_KEY
+from gateway.buffer.transaction import transaction
 from gateway.consent.registry import ConsentRegistry
 from gateway.identity.clock import clock_is_set
 from gateway.identity.tokens import APP_CLOCK_SKEW_S, MAX_APP_TOKEN_LIFETIME_S
@@ -221,17 +222,11 @@ def erase_offline(db_path: Path, subjects: Sequence[str], now: float | None = No
     conn = sqlite3.connect(db_path, isolation_level=None, timeout=30)
     try:
         conn.execute("PRAGMA secure_delete = ON")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             out = erase_rows(conn, subjects, time.time() if now is None else now)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         if not checkpoint(conn):  # a reader: the daemon retries it at its next start
-            conn.execute("BEGIN IMMEDIATE")
-            mark_erased_in_wal(conn, time.time() if now is None else now)
-            conn.execute("COMMIT")
+            with transaction(conn):
+                mark_erased_in_wal(conn, time.time() if now is None else now)
             out.erased_in_wal = True
         return out
     finally:
