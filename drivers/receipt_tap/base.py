@@ -59,7 +59,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, Protocol, Self
+from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 
 from drivers.receipt_tap.counter import CounterStore
 from drivers.receipt_tap.escpos import EscPosParser, qr_native, qr_raster
@@ -116,6 +116,9 @@ class LaneSettings(Protocol):
     def mint_burst(self) -> int: ...
 
 
+S = TypeVar("S", bound=LaneSettings)
+
+
 class Sink(Protocol):
     """Where the tap writes printer bytes (an ``asyncio.StreamWriter`` is one)."""
 
@@ -161,16 +164,18 @@ class MintBucket:
         return False
 
 
-class TapBase:
+class TapBase(Generic[S]):
     """What every tap transport shares: counters, metrics and the token injection.
 
-    ``on_printed`` is called on the event loop after a token's bytes were handed to the
-    printer.  The counter store is only touched from one worker thread.
+    ``settings`` are the transport's own (``TapSettings``, ``SerialTapSettings``), each a
+    ``LaneSettings``.  ``on_printed`` is called on the event loop after a token's bytes
+    were handed to the printer.  The counter store is only touched from one worker thread.
+    A transport sets up its own parts in ``_setup``.
     """
 
     def __init__(  # noqa: PLR0917
         self,
-        settings: LaneSettings,
+        settings: S,
         minting: Minting | None = None,
         on_printed: Callable[[Printed], None] | None = None,
         metrics: Metrics | None = None,
@@ -181,7 +186,8 @@ class TapBase:
         if settings.inject != "off" and minting is None:
             raise ValueError("injection needs a keyring, a store id and a counter store")
         self._on_state = on_state
-        self.lane_settings = settings
+        self.settings: S = settings
+        self.lane_settings: LaneSettings = settings
         self.name = name
         self._minting = minting
         self._on_printed = on_printed
@@ -192,6 +198,10 @@ class TapBase:
         self._refusals_unlogged = 0
         self._refusal_logged_at = -REFUSAL_LOG_EVERY_S
         self._unsure_logged = False
+        self._setup()
+
+    def _setup(self) -> None:
+        """The transport's own parts (its ports, its server), once the shared ones exist."""
 
     @property
     def injecting(self) -> bool:
@@ -301,7 +311,7 @@ class JobForwarder:
     parser stays in step with the till, and dropped (counted); nothing is injected.
     """
 
-    def __init__(self, tap: TapBase) -> None:
+    def __init__(self, tap: TapBase[Any]) -> None:
         self.tap = tap
         self.parser = EscPosParser()
         self._held = b""

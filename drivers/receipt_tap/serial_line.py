@@ -41,16 +41,13 @@ import contextlib
 import logging
 import os
 import termios
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import serial
 
-from drivers.receipt_tap.base import JobForwarder, Minting, Printed, TapBase
+from drivers.receipt_tap.base import JobForwarder, TapBase
 from gateway.backoff import Backoff, device_error
-from gateway.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -246,25 +243,15 @@ class _PortSink:
             await self._port.send(data)
 
 
-class SerialReceiptTap(TapBase):
+class SerialReceiptTap(TapBase[SerialTapSettings]):
     """The serial tap.  ``async with SerialReceiptTap(...)`` runs it until closed.
 
     ``on_state(state, detail)`` hears ``ok`` when both ports are open and ``absent``
     (naming the side and why) when one is not.  One-shot, like ``ReceiptTap``.
     """
 
-    def __init__(  # noqa: PLR0917
-        self,
-        settings: SerialTapSettings,
-        minting: Minting | None = None,
-        on_printed: Callable[[Printed], None] | None = None,
-        metrics: Metrics | None = None,
-        name: str = "receipt-tap",
-        now: Callable[[], float] = time.time,
-        on_state: Callable[[str, str], None] | None = None,
-    ) -> None:
-        super().__init__(settings, minting, on_printed, metrics, name, now, on_state)
-        self.settings = settings
+    def _setup(self) -> None:
+        settings = self.settings
         self.till = SerialPort("till", settings.till_device, settings.line)
         self.printer = SerialPort("printer", settings.printer_device, settings.line)
         self._state: tuple[str, str] | None = None

@@ -8,49 +8,35 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import time
-from collections.abc import Callable
 
 from drivers.receipt_tap.base import (
     READ_CHUNK,
     JobForwarder,
-    Minting,
-    Printed,
     TapBase,
     TapSettings,
 )
 from gateway.backoff import Backoff, device_error
 from gateway.errors import SourceError
-from gateway.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 PROBE_MIN_S, PROBE_MAX_S = 1.0, 30.0  # an unreachable printer is probed this often
 
 
-class ReceiptTap(TapBase):
+class ReceiptTap(TapBase[TapSettings]):
     """The TCP tap.  ``async with ReceiptTap(...) as tap`` listens on ``tap.port``.
 
     One-shot: after ``close`` a new instance is needed.  ``on_printed`` is called on the
     event loop after a token's bytes were handed to the printer connection.
     """
 
-    def __init__(  # noqa: PLR0917
-        self,
-        settings: TapSettings,
-        minting: Minting | None = None,
-        on_printed: Callable[[Printed], None] | None = None,
-        metrics: Metrics | None = None,
-        name: str = "receipt-tap",
-        now: Callable[[], float] = time.time,
-        on_state: Callable[[str, str], None] | None = None,
-    ) -> None:
-        super().__init__(settings, minting, on_printed, metrics, name, now, on_state)
-        self.settings = settings
+    def _setup(self) -> None:
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None  # while the printer is unreachable
-        self._allowed = tuple(ipaddress.ip_network(n, strict=False) for n in settings.till_allow)
+        self._allowed = tuple(
+            ipaddress.ip_network(n, strict=False) for n in self.settings.till_allow
+        )
         self._printer_lock = asyncio.Lock()
         self.port = 0
 
