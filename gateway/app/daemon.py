@@ -26,7 +26,7 @@ from gateway.app.notify import Notifier, watchdog_interval
 from gateway.app.sources import build_source
 from gateway.app.watchdog import ProgressWatch
 from gateway.backoff import Backoff
-from gateway.buffer.outbox import Outbox, Pending, WriterDied
+from gateway.buffer.outbox import Outbox, Pending
 from gateway.config.models import Config, HealthConfig, load_checked_config, plaintext_links
 from gateway.consent.erasure import Eraser
 from gateway.consent.policy import ConsentPolicy
@@ -34,7 +34,7 @@ from gateway.consent.registry import ConsentRegistry, load_seed_file
 from gateway.consent.sync import ConsentSync, RegistryUpdater
 from gateway.consent.token_replay import TokenReplay
 from gateway.contract.events import EventEncoder, status_payload, topic_prefix
-from gateway.errors import GatewayError, SourceError
+from gateway.errors import GatewayError, SourceError, WriterDied
 from gateway.identity.clock import clock_is_set, clock_state
 from gateway.identity.pseudonyms import Keyring
 from gateway.observe.health import HealthMonitor, HealthRules, Histogram, serve_health

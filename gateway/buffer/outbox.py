@@ -48,7 +48,7 @@ from gateway.buffer.migrations import migrate
 from gateway.config.credentials import private_database
 from gateway.config.models import BufferConfig
 from gateway.contract.events import new_stream_id, with_seq
-from gateway.errors import BufferError_
+from gateway.errors import BufferError_, BufferFull, WriterDied
 from gateway.identity.clock import CLOCK_FLOOR
 from gateway.observe.metrics import Metrics
 
@@ -89,14 +89,6 @@ class Batch:
 
 # A stored chunk: (lo, hi, n, created (per event in memory, oldest from the database), body)
 Chunk = tuple[int, int, int, list[float] | float, str]
-
-
-class BufferFull(BufferError_):
-    """The buffer is full and the policy is ``drop_new``: the event was not stored."""
-
-
-class WriterDied(BufferError_):
-    """The writer thread ended on an unexpected exception: nothing more is written."""
 
 
 @dataclass(slots=True)

@@ -51,7 +51,14 @@ from gateway.config.models import ConsentSyncConfig
 from gateway.consent.erasure import Eraser
 from gateway.consent.policy import ConsentPolicy
 from gateway.consent.registry import ConsentRegistry, parse_records
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import (
+    ConfigError,
+    CursorExpired,
+    SyncAuthError,
+    SyncError,
+    SyncProtocolError,
+    SyncUnavailable,
+)
 from gateway.observe.metrics import Metrics
 from gateway.ports import ConsentEvidence, Reading
 
@@ -64,26 +71,6 @@ CURSOR_KEY = "consent_cursor"
 MAX_CURSOR_CHARS = 512
 CURSOR_RE = re.compile(r"[\x21-\x7e]+")
 MAX_PUSH_BYTES = 1024 * 1024  # a consent push larger than this is refused unread
-
-
-class SyncError(GatewayError):
-    """One registry poll failed; it is retried with backoff."""
-
-
-class SyncAuthError(SyncError):
-    """The registry refused the credentials: fix the token file; the registry is kept."""
-
-
-class SyncUnavailable(SyncError):
-    """The registry did not answer in time, or answered 5xx/429."""
-
-
-class SyncProtocolError(SyncError):
-    """The registry's answer breaks contract §5."""
-
-
-class CursorExpired(SyncError):
-    """HTTP 410: the cursor is too old; fetch a full snapshot."""
 
 
 @dataclass(frozen=True, slots=True)

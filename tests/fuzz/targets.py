@@ -61,13 +61,11 @@ from gateway.consent.sync import (
     Applied,
     ConsentSync,
     RegistryUpdater,
-    SyncError,
-    SyncProtocolError,
     load_cursor,
     parse_response,
     valid_cursor,
 )
-from gateway.errors import ConfigError, RejectedInput, TokenError
+from gateway.errors import ConfigError, RejectedInput, SyncError, SyncProtocolError, TokenError
 from gateway.identity.pseudonyms import NAMESPACES, Keyring, canonicalise, decode_key
 from gateway.identity.tokens import (
     KNOWN_PURPOSES,

@@ -20,7 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.consent.registry import parse_records
-from gateway.consent.sync import SyncProtocolError, parse_response
+from gateway.consent.sync import parse_response
+from gateway.errors import SyncProtocolError
 from tests.fuzz.support import bounded, fuzz_settings, json_values, mutated
 from tests.fuzz.targets import (
     TARGETS,

@@ -18,15 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.consent.sync import (
-    CURSOR_KEY,
-    ConsentSync,
-    SyncAuthError,
-    SyncUnavailable,
-    load_cursor,
-    tls_verify,
-)
-from gateway.errors import ConfigError
+from gateway.consent.sync import CURSOR_KEY, ConsentSync, load_cursor, tls_verify
+from gateway.errors import ConfigError, SyncAuthError, SyncUnavailable
 from gateway.identity.tokens import classify_qr
 from gateway.ports import ConsentEvidence, Reading
 from simulators.central.consent_api import ConsentAPI

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.buffer.outbox import Batch, BufferFull, Outbox, Pending
+from gateway.buffer.outbox import Batch, Outbox, Pending
 from gateway.config.models import BufferConfig
+from gateway.errors import BufferFull
 from gateway.observe.metrics import Metrics
 
 OPS = st.lists(
