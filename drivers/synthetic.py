@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from gateway.config.models import SyntheticSource as SyntheticConfig
+from gateway.config.models import SyntheticSourceConfig as SyntheticConfig
 from gateway.ports import Reading, SourceContext
 
 

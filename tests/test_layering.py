@@ -161,3 +161,24 @@ def test_no_import_cycles() -> None:
         if node not in state:
             visit(node)
     assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_config_models_and_drivers_do_not_share_class_names() -> None:
+    """A config model is ``...Config``; a driver's class is the thing itself: the two never
+    need an ``as`` to be told apart."""
+
+    def classes(package: str) -> set[str]:
+        return {
+            node.name
+            for path in modules(package).values()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.ClassDef)
+        }
+
+    config = {
+        node.name
+        for path in (ROOT / "gateway" / "config").glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ClassDef)
+    }
+    assert not config & classes("drivers"), sorted(config & classes("drivers"))

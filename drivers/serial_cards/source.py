@@ -35,7 +35,7 @@ import serial
 
 from drivers.serial_cards.frames import Card, Decoder, Rejected, decoder_for
 from gateway.backoff import Backoff, device_error
-from gateway.config.models import SerialCardSource as SerialCardConfig
+from gateway.config.models import SerialCardSourceConfig as SerialCardConfig
 from gateway.errors import RejectedInput
 from gateway.ports import Reading, SourceContext
 

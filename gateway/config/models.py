@@ -279,7 +279,7 @@ class ConsentConfig(Model):
     )
 
 
-class SerialCardSource(Model):
+class SerialCardSourceConfig(Model):
     kind: Literal["serial_card"] = Field(description="The source's kind")
     name: Annotated[
         str, Field(pattern=SOURCE_NAME_PATTERN, description="Unique name, in events and health")
@@ -303,7 +303,7 @@ class SerialCardSource(Model):
     reopen_max_s: float = Field(default=30.0, gt=0, description="Reopen delay cap")
 
 
-class SyntheticSource(Model):
+class SyntheticSourceConfig(Model):
     """In-process generator of card reads, for benchmarks and demos without hardware."""
 
     kind: Literal["synthetic"] = Field(description="The source's kind")
@@ -628,8 +628,8 @@ class CameraSourceConfig(Model):
 
 
 SourceConfig = Annotated[
-    SerialCardSource
-    | SyntheticSource
+    SerialCardSourceConfig
+    | SyntheticSourceConfig
     | BleSourceConfig
     | ReceiptTapSourceConfig
     | CameraSourceConfig,

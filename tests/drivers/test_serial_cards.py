@@ -20,7 +20,7 @@ import serial
 from drivers.serial_cards.source import Debouncer, SerialCardSource
 from gateway.app.sources import build_source
 from gateway.backoff import Backoff
-from gateway.config.models import SerialCardSource as SerialCardConfig
+from gateway.config.models import SerialCardSourceConfig as SerialCardConfig
 from gateway.identity.pseudonyms import Keyring
 from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, Source, SourceContext
