@@ -141,11 +141,13 @@ class _Story:
     def _count_leaver(self, conn: sqlite3.Connection) -> int:
         """The leaver's events in the buffer (chunks name their subjects)."""
         n = 0
-        for (body,) in conn.execute(
-            "SELECT body FROM chunks WHERE ' ' || subjects || ' ' LIKE ?",
-            (f"% {self.leaver} %",),
-        ):
-            n += sum(1 for text, _ in split_body(str(body)) if self.leaver in text)
+        for names, body in conn.execute("SELECT subjects, body FROM chunks WHERE subjects != ''"):
+            if self.leaver in str(names).split(" "):
+                n += sum(
+                    1
+                    for _, event in split_body(str(body))
+                    if isinstance(event, dict) and event.get("subject") == self.leaver
+                )
         return n
 
     def _withdraw_text(self) -> str:
