@@ -32,7 +32,8 @@ def _report(out: Path) -> dict[str, Any]:
 
 def test_quick_report_has_figures_references_goals_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "report"
-    done = _bench("--quick", "--only", "memory,pipeline", "--out", str(out))
+    # a hang guard: an emulated root takes minutes (each benchmark is limited to 900 s)
+    done = _bench("--quick", "--only", "memory,pipeline", "--out", str(out), timeout=1800)
     assert done.returncode == 0, done.stderr
     assert "[1/2] pipeline ..." in done.stderr and "[2/2] memory ..." in done.stderr
     report = _report(out)
