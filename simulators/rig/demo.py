@@ -26,8 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.app.daemon import Gateway
-from gateway.config.models import load_config
+from simulators.deps import GATEWAY, missing
+
+try:
+    from gateway.app.daemon import Gateway
+    from gateway.config.models import load_config
+except ModuleNotFoundError as exc:
+    raise missing(exc, "the store rig", GATEWAY) from exc
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 # Shoppers the central's registry has no consent for: their events are dropped.
