@@ -123,6 +123,22 @@ def test_fake_bluez_is_scanned_by_bleak(bus: DBusDaemon, fake_bluez: BlueZOnThre
     assert seen[:1] == [("C4:00:00:00:00:01", -61, {0x0059: b"\x01\x02"})]
 
 
+def test_fake_bluez_plays_a_scenario_to_bleak(fake_bluez: BlueZOnThread) -> None:
+    seen: set[str] = set()
+
+    def on_advert(device: BLEDevice, adv: AdvertisementData) -> None:
+        seen.add(device.address)
+
+    async def main() -> int:
+        async with BleakScanner(on_advert, bluez={"adapter": "hci0"}):
+            scenario = ROOT / "simulators/scenarios/ble-walkthrough.toml"
+            return await asyncio.to_thread(fake_bluez.play, scenario, speed=4.0)
+
+    steps = asyncio.run(main())
+    assert steps > 0
+    assert len(seen) >= 3  # the shoppers, the passer-by, the phones
+
+
 def test_camera_serves_what_it_shows(camera: CameraSim) -> None:
     camera.show(b"https://example.test/r/42")
     with urllib.request.urlopen(f"http://127.0.0.1:{camera.port}/frame.jpg", timeout=5) as r:
