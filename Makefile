@@ -39,10 +39,12 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml
+# The daemon with its dev extra, and the simulators (their own distribution, with the camera
+# extra and the pytest plugin's entry point), both editable.
+$(STAMP): pyproject.toml simulators/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' -e './simulators[camera]'
 	touch $(STAMP)
 
 install: system-deps $(STAMP)
@@ -72,7 +74,7 @@ bench-peer: install
 	@$(BIN)/python -c "import TheengsGateway" 2>/dev/null || { \
 	  echo "installing bench ble's peer (TheengsGateway; built from source: $(BENCH_PEER_APT))"; \
 	  { $(MAKE) --no-print-directory system-deps APT_PACKAGES="$(BENCH_PEER_APT)" && \
-	    $(BIN)/pip install -q -e '.[dev,bench-peer]'; } || \
+	    $(BIN)/pip install -q -e '.[dev,bench-peer]' -e './simulators[camera]'; } || \
 	  echo "bench: TheengsGateway could not be built; bench ble runs without its peer"; }
 
 # make demo and make test as a new user runs them: in a fresh Debian 12 root (mmdebstrap,

@@ -30,9 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.app.daemon import Gateway
-from gateway.config.models import load_config
-from gateway.consent.erasure import split_body
+from simulators.deps import GATEWAY, missing
+
+try:
+    from gateway.app.daemon import Gateway
+    from gateway.config.models import load_config
+    from gateway.consent.erasure import split_body
+except ModuleNotFoundError as exc:
+    raise missing(exc, "the store rig", GATEWAY) from exc
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 # Shoppers the central's registry has no consent for: their events are dropped.
