@@ -102,11 +102,15 @@ soak: install
 
 # The power-cut test's long profile (tests/powercut/; make test runs 12 cuts and a
 # 6-cut negative control).  Prints the figures; several minutes.
+# Its files (the daemon's log, the central's events, each cut's database with
+# POWERCUT_KEEP=1) stay in POWERCUT_OUT.
 POWERCUT_CUTS ?= 130
 POWERCUT_CONTROL_CUTS ?= 30
+POWERCUT_OUT ?= powercut-out
 powercut: install
 	POWERCUT_CUTS=$(POWERCUT_CUTS) POWERCUT_CONTROL_CUTS=$(POWERCUT_CONTROL_CUTS) \
-	  $(BIN)/python -m pytest -q -s -p no:cacheprovider --timeout=0 tests/powercut $(PYTEST_ARGS)
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider --timeout=0 \
+	  --basetemp=$(POWERCUT_OUT) tests/powercut $(PYTEST_ARGS)
 
 # The store box's packages: binary wheels for the target from the lock, no compiler.
 DIST_ARCH ?= amd64,arm64

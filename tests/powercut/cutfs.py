@@ -18,7 +18,8 @@ operation fails with EIO - then applies one of three losses to the backing direc
 
 - ``drop``: every unsynced sector and namespace operation is lost;
 - ``tear``: everything reaches the disk in order except the last write, which is torn
-  at a random sector boundary (its first k sectors new, the rest old);
+  at a random sector boundary (its first k sectors new, the rest old) unless it was
+  synced already;
 - ``subset``: a random subset of the dirty sectors and of the pending namespace
   operations (applied in order, each kept with probability 1/2, one whose precondition
   no longer holds is skipped) reaches the disk, and a random size between the synced
@@ -309,6 +310,8 @@ class CutFS(Operations):  # type: ignore[misc]
             self._commit_names(list(self.pending))
             node = self._node(path, fh)
             self._persist(node, dict(node.dirty), node.size, node.zero_from)
+            if self.last_write is not None and self.last_write.node is node:
+                self.last_write = None  # on the disk now: a cut cannot tear it
             return 0
 
     def fsyncdir(self, path: str, datasync: int, fh: int) -> int:

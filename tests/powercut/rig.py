@@ -18,6 +18,7 @@ After the final drain the central's seqs of each stream must be 1..max without a
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from random import Random
 from typing import Any
@@ -58,6 +60,17 @@ def why_not() -> str | None:
     return None
 
 
+# Every mount a test made: one whose test died before unmounting (a timeout) would leave a
+# dead FUSE mount ("Transport endpoint is not connected") in the tmp folder.
+_MOUNTED: list[CutFSMount] = []
+
+
+@atexit.register
+def _unmount_leftovers() -> None:
+    for m in _MOUNTED:
+        m.unmount()
+
+
 class CutFSMount:
     """A ``cutfs`` process on ``mountpoint`` over ``backing``, and its control socket."""
 
@@ -69,6 +82,7 @@ class CutFSMount:
         self.backing.mkdir(parents=True, exist_ok=True)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
+        _MOUNTED.append(self)
 
     def mount(self, timeout: float = 10) -> None:
         self.control.unlink(missing_ok=True)
@@ -187,7 +201,8 @@ class Cut:
     durable: int  # events in the synced state at the cut
     dirty_sectors: int
     kept_sectors: int
-    ready_s: float  # READY after the restart
+    ready_s: float  # READY after the restart, from the spawn (Python's start-up included)
+    ready_in_daemon_s: float = 0.0  # from the daemon's first log line (buffer open, recovery)
 
 
 @dataclass
@@ -195,6 +210,7 @@ class Outcome:
     cuts: list[Cut] = field(default_factory=list)
     committed: int = 0  # distinct events durable at some cut
     lost: list[Key] = field(default_factory=list)  # durable at a cut, not at the central as such
+    lost_at: dict[str, int] = field(default_factory=dict)  # the cut that first held them
     reused_in_buffer: list[Key] = field(default_factory=list)  # one key, two contents
     conflicts: int = 0  # the central's: a re-sent (stream, seq) with other content
     gaps: dict[str, list[int]] = field(default_factory=dict)
@@ -218,6 +234,7 @@ class Outcome:
             "inside_checkpoint": sum("buffer.db at" in c.where for c in self.cuts),
             "committed_events": self.committed,
             "lost": len(self.lost),
+            "lost_at": self.lost_at,
             "reused_in_buffer": len(self.reused_in_buffer),
             "conflicts": self.conflicts,
             "gaps": sum(len(g) for g in self.gaps.values()),
@@ -234,6 +251,12 @@ class Outcome:
             if self.running_s
             else 0,
             "ready_s_min_max": [round(ready[0], 2), round(ready[-1], 2)] if ready else None,
+            "ready_in_daemon_s_min_max": [
+                round(min(c.ready_in_daemon_s for c in self.cuts), 3),
+                round(max(c.ready_in_daemon_s for c in self.cuts), 3),
+            ]
+            if self.cuts
+            else None,
             "dirty_sectors_at_cuts_max": max((c.dirty_sectors for c in self.cuts), default=0),
             "fs_writes_wal_db_fsyncs": [self.wal_writes, self.db_writes, self.fsyncs],
         }
@@ -264,13 +287,17 @@ def run_power_cuts(
     rate: float,
     seed: int,
     env: dict[str, str] | None = None,
+    modes: tuple[str, ...] = MODES,
+    keep: bool = False,
 ) -> Outcome:
     """Run the daemon under load on a cutfs mount, cut it ``cuts`` times, drain, check.
 
-    Before each cut the daemon runs 0.3-1.2 s and until it has checkpointed once since
-    its restart (so the database file itself has content to lose); then the cut comes at
-    once (``random``), at the n-th write to the WAL, or at the n-th write to the database
-    file (a checkpoint).
+    Before each cut the daemon runs until it has checkpointed once since its restart (so
+    the database file itself has content to lose), then 0.3-1.2 s more; then the cut
+    comes at once (``random``), at the n-th write to the WAL, or at the n-th write to
+    the database file (a checkpoint).  Cut i is of kind ``KINDS[i % 3]`` and loss
+    ``modes[i // 3 % len(modes)]``, so 9 cuts cover every pair.  ``keep`` keeps each
+    cut's synced state, view and what the cut left (``cutNNN-*`` in ``root``).
     """
     rng = Random(seed)
     out = Outcome()
@@ -281,6 +308,7 @@ def run_power_cuts(
     gw = make_gateway(root / "gw", broker_port, fs.mountpoint / "buffer.db", rate)
     gw.env.update(env or {})
     committed: dict[Key, str] = {}
+    first_cut: dict[Key, int] = {}  # the cut whose synced state first held the event
     seen: dict[Key, str] = {}
     streams: set[str] = set()
     try:
@@ -290,11 +318,11 @@ def run_power_cuts(
         gw.wait_db()
         ready_at = time.monotonic()
         for i in range(cuts):
-            kind, mode = KINDS[i % 3], MODES[(i // 3) % 3]
-            time.sleep(rng.uniform(0.3, 1.2))  # under load first
+            kind, mode = KINDS[i % 3], modes[(i // 3) % len(modes)]
             deadline = time.monotonic() + 10
             while fs.ask(cmd="status")["db_writes"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
+            time.sleep(rng.uniform(0.3, 1.2))  # under load
             assert gw.proc is not None and gw.alive(), gw.log.read_text()[-3000:]
             pid = gw.proc.pid
             if kind != "random":
@@ -319,6 +347,7 @@ def run_power_cuts(
             fs.unmount()
             durable = buffered_events(snap)
             for key, digest in durable.events.items():
+                first_cut.setdefault(key, i)
                 if committed.setdefault(key, digest) != digest:
                     out.reused_in_buffer.append(key)
             for key, digest in buffered_events(view).events.items():
@@ -334,8 +363,9 @@ def run_power_cuts(
                 Cut(kind, mode, report["cut"]["where"], left.integrity, len(durable.events),
                     report["dirty_sectors"], report["kept_sectors"], ready_at - t0)
             )  # fmt: skip
-            for folder in (snap, view, root / f"cut{i:03d}-left"):
-                shutil.rmtree(folder)
+            if not keep:
+                for folder in (snap, view, root / f"cut{i:03d}-left"):
+                    shutil.rmtree(folder)
         time.sleep(1.0)
         out.running_s += time.monotonic() - ready_at
         assert gw.stop() == 0, gw.log.read_text()[-3000:]
@@ -347,9 +377,15 @@ def run_power_cuts(
             gw.kill9()
         fs.unmount()
         central.stop()
+    for c, took in zip(out.cuts, _startups(gw.log.read_text())[1:], strict=False):
+        c.ready_in_daemon_s = took
     got = central_events(root / "central.jsonl")
     out.committed = len(committed)
     out.lost = sorted(k for k, d in committed.items() if got.get(k) != d)
+    for key in out.lost:
+        c = out.cuts[first_cut[key]]
+        where = f"cut {first_cut[key]} ({c.kind}/{c.mode}, {c.where})"
+        out.lost_at[where] = out.lost_at.get(where, 0) + 1
     out.seen = len(seen)
     out.seen_lost = sum(got.get(k) != d for k, d in seen.items())
     out.conflicts = int(central.stats()["conflicts"])
@@ -362,6 +398,21 @@ def run_power_cuts(
         missing = sorted(set(range(1, max(seqs) + 1)) - seqs)
         if missing:
             out.gaps[stream] = missing
+    return out
+
+
+def _startups(log: str) -> list[float]:
+    """Seconds from each start's first log line (the CLI, config loaded) to READY."""
+    out: list[float] = []
+    first: datetime | None = None
+    for line in log.splitlines():
+        if "core dumps off" in line:
+            first = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        elif first is not None and "touchpoint-gateway " in line and " stream " in line:
+            out.append(
+                (datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") - first).total_seconds()
+            )
+            first = None
     return out
 
 
