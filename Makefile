@@ -101,7 +101,7 @@ soak: install
 	  --out $(SOAK_OUT) --report tests/soak
 
 # The power-cut test's long profile (tests/powercut/; make test runs 12 cuts and a
-# 6-cut negative control).  Prints the figures; several minutes.
+# 4-cut negative control).  Prints the figures; about 15 minutes.
 # Its files (the daemon's log, the central's events, each cut's database with
 # POWERCUT_KEEP=1) stay in POWERCUT_OUT.
 POWERCUT_CUTS ?= 130
