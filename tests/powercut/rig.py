@@ -34,7 +34,7 @@ from pathlib import Path
 from random import Random
 from typing import Any
 
-from simulators.central import Central
+from simulators.central.service import Central
 from tests.system.harness import GatewayProc, card_number, synthetic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -263,7 +263,7 @@ class Outcome:
 
 
 def make_gateway(workdir: Path, port: int, db: Path, rate: float) -> GatewayProc:
-    from gateway.identity import Keyring, decode_key
+    from gateway.identity.pseudonyms import Keyring, decode_key
     from tests.system.harness import KEY_B64
 
     ring = Keyring({"k1": decode_key(KEY_B64, "k")}, "k1")

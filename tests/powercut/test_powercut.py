@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.outbox import UNSAFE_SYNCHRONOUS_VAR
-from simulators.broker import Mosquitto
+from gateway.buffer.outbox import UNSAFE_SYNCHRONOUS_VAR
+from simulators.infra.broker import Mosquitto
 from tests.powercut.rig import run_power_cuts, why_not
 
 pytestmark = [pytest.mark.slow]
