@@ -261,6 +261,7 @@ def _benchmarks() -> dict[
     from gateway.bench_drain import bench_drain, print_drain
     from gateway.bench_memory import bench_memory, print_memory
     from gateway.bench_qr import bench_qr, print_qr
+    from gateway.bench_wear import bench_wear, print_wear
 
     return {
         "pipeline": (bench_pipeline, print_pipeline),
@@ -268,10 +269,11 @@ def _benchmarks() -> dict[
         "ble": (bench_ble, print_ble),
         "qr": (bench_qr, print_qr),
         "memory": (bench_memory, print_memory),
+        "wear": (bench_wear, print_wear),
     }
 
 
-BENCHMARKS = ("pipeline", "drain", "ble", "qr", "memory")  # the report's order
+BENCHMARKS = ("pipeline", "drain", "ble", "qr", "memory", "wear")  # the report's order
 
 
 def run_bench(which: str, *, as_json: bool, quick: bool) -> int:
