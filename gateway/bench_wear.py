@@ -197,7 +197,9 @@ def bench_wear(quick: bool = False, buffer: dict[str, Any] | None = None) -> dic
     buffer = dict(buffer or {})
     seconds = 20.0 if quick else 60.0
     idle_s = 30.0 if quick else 120.0
-    warmup_s = 3.0
+    # the WAL reaches its working size (wal_autocheckpoint) and is then overwritten in
+    # place: the warm-up lets it get there, so the run shows the steady state
+    warmup_s = 15.0 if quick else 30.0
     window_ms = window_of(buffer)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="tp-wear-", dir="/var/tmp") as d:

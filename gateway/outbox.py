@@ -60,6 +60,7 @@ EVICT_MIN_EVENTS = 100
 EVICT_LOG_INTERVAL_S = 60.0  # evictions are logged as a sum, at most this often
 WAL_RESERVE_MAX = 8 * 1024 * 1024  # free space kept for the WAL when the disk is small
 RECAP_INTERVAL_S = 1.0  # how often the cap follows the filesystem's free space
+WAL_WINDOW_PAGES = 64  # wal_autocheckpoint with a durability window
 SEQ_RESERVE_MIN = 10_000  # seqs reserved (durably) ahead of those handed out
 STAGE_MAX_BYTES = 16 * 1024 * 1024  # a larger stage is committed before its window ends
 # ``buffer.disk_reserve_bytes``: a file of zeros beside the buffer (``<buffer>.reserve``),
@@ -247,7 +248,13 @@ class Outbox:
             room = -1
         if room >= 0:
             reserve = min(WAL_RESERVE_MAX, room // 2)
-            conn.execute(f"PRAGMA wal_autocheckpoint = {max(16, reserve // 4 // self._page_size)}")
+            wal_pages = max(16, reserve // 4 // self._page_size)
+            if self.cfg.durability_window_ms > 0:
+                # few, large commits: a short WAL is overwritten in place from its start
+                # (no new blocks, no filesystem journal per commit); it checkpoints at most
+                # once per commit, and each checkpoint writes each changed page once
+                wal_pages = min(wal_pages, WAL_WINDOW_PAGES)
+            conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
             pages = min(pages, (room - reserve) // self._page_size)
         # max_page_count cannot be set below the current size; it then stays at the size.
         return int(conn.execute(f"PRAGMA max_page_count = {max(pages, current, 16)}").fetchone()[0])
@@ -819,9 +826,11 @@ class Outbox:
                     bookkeeping.append(("seq_reserved", str(reserved)))
                 if self._publish_at is not None:
                     bookkeeping.append(("last_publish_at", str(self._publish_at)))
-                conn.executemany(
-                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", bookkeeping
-                )
+                for key, value in bookkeeping:  # an UPDATE rewrites one page, not two
+                    if not conn.execute(
+                        "UPDATE meta SET value = ? WHERE key = ?", (value, key)
+                    ).rowcount:
+                        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, value))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback(conn)
