@@ -695,13 +695,13 @@ class Outbox:
         conn = self._conn
         appends = [c for c in group if c.kind == "append" and c.error is None]
         writes = [c for c in group if c.kind == "write" and c.ack is None]
+        if self._window_due is not None and time.monotonic() >= self._window_due:
+            self._flush_window()  # the window ended: before this group opens the next one
         appended = self._stage_appends(appends) if appends else 0
         for cmd in group:
             if cmd.kind == "write" and cmd.ack is not None:
                 self._stage_ack(cmd)
-        now = time.monotonic()
-        due = self._window_due is not None and now >= self._window_due
-        if writes or due or any(c.kind == "read" and c.flush for c in group):
+        if writes or any(c.kind == "read" and c.flush for c in group):
             self._flush_window(writes)
         self._remember([c for c in group if c.kind != "read"])
         for cmd in group:
