@@ -31,6 +31,7 @@ watches it and exits non-zero so systemd restarts it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
@@ -51,7 +52,18 @@ from gateway.events import new_stream_id, with_seq
 from gateway.metrics import Metrics
 from gateway.migrations import migrate
 from gateway.paths import private_database
-from gateway.stage import Ack, Marker, Row, encode_ack, encode_row, marker_path, parse, stage_path
+from gateway.stage import (
+    Ack,
+    Mark,
+    Marker,
+    Row,
+    encode_ack,
+    encode_mark,
+    encode_row,
+    marker_path,
+    parse,
+    stage_path,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,7 +73,11 @@ EVICT_LOG_INTERVAL_S = 60.0  # evictions are logged as a sum, at most this often
 WAL_RESERVE_MAX = 8 * 1024 * 1024  # free space kept for the WAL when the disk is small
 RECAP_INTERVAL_S = 1.0  # how often the cap follows the filesystem's free space
 WAL_WINDOW_PAGES = 64  # wal_autocheckpoint with a durability window
-SEQ_RESERVE_MIN = 10_000  # seqs reserved (durably) ahead of those handed out
+SEQ_RESERVE_MIN = 10_000
+# A window whose events were all delivered within it has nothing that needs the disk but
+# its bookkeeping (last_seq, last_publish_at): that is stored at most this often.  Until
+# then the stage keeps the window's rows and acks, so a crash still numbers on from them.
+BOOKKEEPING_INTERVAL_S = 5.0  # seqs reserved (durably) ahead of those handed out
 STAGE_MAX_BYTES = 16 * 1024 * 1024  # a larger stage is committed before its window ends
 # ``buffer.disk_reserve_bytes``: a file of zeros beside the buffer (``<buffer>.reserve``),
 # deleted the moment the disk is full, so that the full-buffer policy can still run:
@@ -174,12 +190,14 @@ class Outbox:
         self._window_s = cfg.durability_window_ms / 1000.0
         self._window_due: float | None = None  # when the staged rows must be committed
         self._staged: list[Row] = []  # rows written to the stage, not to the database
+        self._staged_at: list[float] = []  # when each was staged (monotonic)
         self._staged_events = 0
         self._deletes: list[tuple[int, int, int]] = []  # acked rows in the database: lo, hi, n
         self._db_hi = 0  # the highest seq inserted into the database
         self._db_last_seq = 0  # meta last_seq as stored
         self._reserved = 0  # meta seq_reserved as stored: no seq above it is handed out
         self._publish_at: float | None = None  # last_publish_at not yet stored
+        self._bookkeeping_due = 0.0  # monotonic: when bookkeeping alone is stored again
         self._stage_fd: int | None = None
         self._stage_size = 0
         self._marker: Marker | None = None
@@ -504,7 +522,7 @@ class Outbox:
             while True:
                 first = self._next()
                 if first is None:  # the durability window ended
-                    self._flush_window()
+                    self._flush_window(due_only=True)
                     continue
                 if first is _STOP:
                     self._flush_window(final=True)
@@ -696,7 +714,7 @@ class Outbox:
         appends = [c for c in group if c.kind == "append" and c.error is None]
         writes = [c for c in group if c.kind == "write" and c.ack is None]
         if self._window_due is not None and time.monotonic() >= self._window_due:
-            self._flush_window()  # the window ended: before this group opens the next one
+            self._flush_window(due_only=True)  # before this group opens the next window
         appended = self._stage_appends(appends) if appends else 0
         for cmd in group:
             if cmd.kind == "write" and cmd.ack is not None:
@@ -735,6 +753,7 @@ class Outbox:
             return appended
         rows = self._cut(appends)
         self._staged.extend(rows)
+        self._staged_at.extend([time.monotonic()] * len(rows))
         self._staged_events += n
         if self._window_due is None:
             self._window_due = time.monotonic() + self._window_s
@@ -749,13 +768,15 @@ class Outbox:
         lo, hi, when, count = cmd.ack
         self._stage_write(encode_ack(lo, hi))
         kept: list[Row] = []
+        kept_at: list[float] = []
         gone = 0
-        for row in self._staged:
+        for row, at in zip(self._staged, self._staged_at, strict=True):
             if lo <= row[0] <= hi:
                 gone += row[2]
             else:
                 kept.append(row)
-        self._staged = kept
+                kept_at.append(at)
+        self._staged, self._staged_at = kept, kept_at
         self._staged_events -= gone
         if lo <= self._db_hi:  # some of its rows are in the database
             self._deletes.append((lo, hi, count - gone))
@@ -782,10 +803,19 @@ class Outbox:
         return True
 
     def _flush_window(
-        self, writes: list[_Cmd] | None = None, *, reserve: int = 0, final: bool = False
+        self,
+        writes: list[_Cmd] | None = None,
+        *,
+        reserve: int = 0,
+        final: bool = False,
+        due_only: bool = False,
     ) -> bool:
         """Commit the window (rows still unacknowledged, deletes, bookkeeping that
-        changed, and ``writes``) in one transaction, fsynced; then empty the stage."""
+        changed, and ``writes``) in one transaction, fsynced; then empty the stage.
+
+        ``due_only`` (the window's timer): only rows staged a whole window ago go in;
+        younger rows stay staged until their own window ends (or they are delivered).
+        """
         if self._window_s <= 0 and not self._staged:
             return True
         writes = [c for c in writes or [] if c.error is None]
@@ -793,6 +823,12 @@ class Outbox:
         conn = self._conn
         last = self._next_seq - 1
         reserved = last if final else max(self._reserved, reserve)
+        due = len(self._staged)
+        if due_only:
+            due = bisect.bisect_right(self._staged_at, time.monotonic() - self._window_s + 0.001)
+        rows, keep, keep_at = self._staged[:due], self._staged[due:], self._staged_at[due:]
+        # rows kept staged are numbered above what the database says it holds
+        stored_last = keep[0][0] - 1 if keep else last
         if not (
             self._staged
             or self._deletes
@@ -804,13 +840,21 @@ class Outbox:
             self._window_due = None
             self._empty_stage()
             return True
+        if (
+            not (rows or self._deletes or writes or final)
+            and reserved == self._reserved
+            and time.monotonic() < self._bookkeeping_due
+        ):
+            # nothing undelivered is due: no transaction, no fsync
+            self._window_due = keep_at[0] + self._window_s if keep_at else None
+            return True
         for attempt in range(3):
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(
                     "INSERT INTO chunks(lo, hi, n, created, subjects, body)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    self._staged,
+                    rows,
                 )
                 conn.executemany(
                     "DELETE FROM chunks WHERE lo BETWEEN ? AND ?",
@@ -820,8 +864,8 @@ class Outbox:
                     if cmd.fn is not None:
                         cmd.result = cmd.fn(conn)
                 bookkeeping = []
-                if last != self._db_last_seq:
-                    bookkeeping.append(("last_seq", str(last)))
+                if stored_last != self._db_last_seq:
+                    bookkeeping.append(("last_seq", str(stored_last)))
                 if reserved != self._reserved:
                     bookkeeping.append(("seq_reserved", str(reserved)))
                 if self._publish_at is not None:
@@ -837,7 +881,7 @@ class Outbox:
                 if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL and attempt < 2:
                     self._when_full(conn, [], staged=self._staged_events)
                     if self.cfg.when_full == "drop_new":  # counted by _when_full
-                        self._staged, self._staged_events = [], 0
+                        self._staged, self._staged_at, self._staged_events = [], [], 0
                         self._forget()
                     continue
                 err = BufferError_(f"buffer write failed: {exc}")
@@ -850,13 +894,19 @@ class Outbox:
                 self._window_due = time.monotonic() + self._window_s
                 return False
             else:
-                if self._staged:
-                    self._db_hi = max(self._db_hi, self._staged[-1][1])
-                self._db_last_seq, self._reserved = last, reserved
-                self._staged, self._staged_events, self._deletes = [], 0, []
+                if rows:
+                    self._db_hi = max(self._db_hi, rows[-1][1])
+                self._db_last_seq, self._reserved = stored_last, reserved
+                self._staged, self._staged_at, self._deletes = keep, keep_at, []
+                self._staged_events = sum(r[2] for r in keep)
                 self._publish_at = None
-                self._window_due = None
+                self._window_due = keep_at[0] + self._window_s if keep_at else None
+                self._bookkeeping_due = time.monotonic() + BOOKKEEPING_INTERVAL_S
                 self._empty_stage()
+                if keep:  # still staged: written again to the emptied stage, and how far
+                    # numbering went (rows delivered meanwhile are not in it)
+                    kept = b"".join(encode_row(r) for r in keep)
+                    self._stage_write(kept + encode_mark(last))
                 self._write_ok(True)
                 self._check_room(conn)
                 if time.monotonic() >= self._recap_at:  # follow the filesystem's free space
@@ -911,25 +961,24 @@ class Outbox:
         complete = recorded is not None and whole >= recorded
         rows: dict[int, Row] = {}
         deletes: list[tuple[int, int]] = []
-        expect = last + 1
+        top = last  # the highest seq known to have been handed out
         for rec in records:
             if isinstance(rec, Ack):
                 for lo in [lo for lo in rows if rec.lo <= lo <= rec.hi]:
                     del rows[lo]
                 deletes.append((rec.lo, rec.hi))
-            elif rec[0] == expect:
+            elif isinstance(rec, Mark):
+                top = max(top, rec.seq)
+            elif rec[0] > last:  # else already in the database
                 rows[rec[0]] = rec
-                expect = rec[1] + 1
-            elif rec[0] > expect:
-                break  # a hole: what follows cannot be numbered from here
-        replayed = expect - 1
-        next_seq = replayed + 1
-        if not complete and self._reserved > replayed and (data or self._window_s > 0):
+                top = max(top, rec[1])
+        next_seq = top + 1
+        if not complete and self._reserved > top and (data or self._window_s > 0):
             next_seq = self._reserved + 1
             log.warning(
                 "the buffer stage was not whole after an unclean stop (a power cut?): "
                 "seqs %d-%d are skipped, never reused; %d staged events were recovered",
-                replayed + 1,
+                top + 1,
                 self._reserved,
                 sum(r[2] for r in rows.values()),
             )

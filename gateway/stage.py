@@ -20,7 +20,9 @@ jumps past ``seq_reserved``, the durable high-water mark written before any seq 
 it is handed out: a seq the broker may have seen is never reused for other content.
 
 Records (little-endian): ``R`` lo hi n created len(subjects) len(body) crc32 subjects
-body, or ``A`` lo hi crc32; the crc covers the fields before it and the strings.
+body, ``A`` lo hi crc32 (an ack), or ``M`` seq crc32 (every seq up to it was handed
+out); the crc covers the fields before it and the strings.  Rows younger than a window
+are kept staged across a commit: the stage is then written again with them and a mark.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ Row = tuple[int, int, int, float, str, str]
 
 _ROW = struct.Struct("<cqqidII")
 _ACK = struct.Struct("<cqq")
+_MARK = struct.Struct("<cq")
 _CRC = struct.Struct("<I")
 
 
@@ -53,15 +56,27 @@ def encode_ack(lo: int, hi: int) -> bytes:
     return head + _CRC.pack(zlib.crc32(head))
 
 
+def encode_mark(seq: int) -> bytes:
+    head = _MARK.pack(b"M", seq)
+    return head + _CRC.pack(zlib.crc32(head))
+
+
 @dataclass(frozen=True, slots=True)
 class Ack:
     lo: int
     hi: int
 
 
-def parse(data: bytes) -> tuple[list[Row | Ack], int]:
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Every seq up to ``seq`` was handed out (written after rows kept across a commit)."""
+
+    seq: int
+
+
+def parse(data: bytes) -> tuple[list[Row | Ack | Mark], int]:
     """The whole records at the start of ``data``, and how many bytes they take."""
-    out: list[Row | Ack] = []
+    out: list[Row | Ack | Mark] = []
     pos = 0
     while pos < len(data):
         kind = data[pos : pos + 1]
@@ -87,6 +102,13 @@ def parse(data: bytes) -> tuple[list[Row | Ack], int]:
             _k, lo, hi = _ACK.unpack_from(data, pos)
             out.append(Ack(lo, hi))
             pos += _ACK.size + 4
+        elif kind == b"M" and pos + _MARK.size + 4 <= len(data):
+            (crc,) = _CRC.unpack_from(data, pos + _MARK.size)
+            if crc != zlib.crc32(data[pos : pos + _MARK.size]):
+                break
+            _k, seq = _MARK.unpack_from(data, pos)
+            out.append(Mark(seq))
+            pos += _MARK.size + 4
         else:
             break
     return out, pos

@@ -194,3 +194,50 @@ def test_with_no_window_a_crash_is_replayed_as_before(tmp_path: Path) -> None:
     assert held == committed
     assert isinstance(committed, list) and nxt == committed[-1] + 1
     assert not stage_path(path).exists()
+
+
+CHILD_KEPT = r"""
+import asyncio, json, sys, time
+from pathlib import Path
+from gateway.config import BufferConfig
+from gateway.metrics import Metrics
+from gateway.outbox import Outbox, Pending
+
+path = Path(sys.argv[1])
+
+def events(k):
+    return [Pending(time.time(), "card.read", None, f'"i":{k * 10 + j}}}') for j in range(10)]
+
+async def main():
+    box = Outbox(BufferConfig(path=path, durability_window_ms=1000), Metrics(),
+                 chunk_events=10)
+    box.open()
+    a = await box.submit_many(events(0))
+    await asyncio.sleep(0.6)
+    b = await box.submit_many(events(1))
+    await asyncio.sleep(0.1)
+    c = await box.submit_many(events(2))
+    [batch] = await box.fetch(b[-1], 1, 10, 1 << 20)
+    await box.ack(batch)  # c delivered; b waits
+    await asyncio.sleep(0.5)  # a's window ends: a is stored, b is kept staged
+    print(json.dumps({"committed": a + b + c, "acked": len(c)}), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_rows_kept_staged_across_a_commit_survive_kill_9(tmp_path: Path) -> None:
+    """A window's timer stores only rows a whole window old; younger ones stay staged.
+    After kill -9 they come back, and numbering goes on past the delivered ones."""
+    path = tmp_path / "b.db"
+    child = subprocess.Popen([sys.executable, "-c", CHILD_KEPT, str(path)], stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    with child.stdout:
+        line = child.stdout.readline()
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+    committed = json.loads(line)["committed"]
+    held, nxt = reopen(path)
+    assert held == committed[:20], "a kept row was lost, or a delivered one came back"
+    assert nxt == committed[-1] + 1, "a delivered seq would be reused"
