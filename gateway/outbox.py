@@ -73,11 +73,12 @@ EVICT_LOG_INTERVAL_S = 60.0  # evictions are logged as a sum, at most this often
 WAL_RESERVE_MAX = 8 * 1024 * 1024  # free space kept for the WAL when the disk is small
 RECAP_INTERVAL_S = 1.0  # how often the cap follows the filesystem's free space
 WAL_WINDOW_PAGES = 64  # wal_autocheckpoint with a durability window
-SEQ_RESERVE_MIN = 10_000
+SEQ_RESERVE_MIN = 10_000  # seqs reserved (durably) ahead of those handed out
 # A window whose events were all delivered within it has nothing that needs the disk but
-# its bookkeeping (last_seq, last_publish_at): that is stored at most this often.  Until
+# its bookkeeping (last_seq, last_publish_at): that is stored at most this often (status
+# tools and tests read last_seq from the file and see it move within ~1.5 s).  Until
 # then the stage keeps the window's rows and acks, so a crash still numbers on from them.
-BOOKKEEPING_INTERVAL_S = 5.0  # seqs reserved (durably) ahead of those handed out
+BOOKKEEPING_INTERVAL_S = 1.0
 STAGE_MAX_BYTES = 16 * 1024 * 1024  # a larger stage is committed before its window ends
 # ``buffer.disk_reserve_bytes``: a file of zeros beside the buffer (``<buffer>.reserve``),
 # deleted the moment the disk is full, so that the full-buffer policy can still run:
