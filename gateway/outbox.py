@@ -1,14 +1,21 @@
 """The outbox: a SQLite buffer in WAL mode, owned by one writer thread.
 
 Every database operation is a command queued to that thread.  Writes queued while a
-commit runs are grouped into the next transaction (up to ``commit_max_events`` events or
-``commit_interval_ms``), committed with ``synchronous=FULL``, and only then are their
-futures resolved: an event is acknowledged to its source after it is durable.  Reads run
-after the commit, so nothing uncommitted is ever handed to the forwarder.
+commit runs are grouped (up to ``commit_max_events`` events or ``commit_interval_ms``).
 
-``seq`` is assigned here, in commit order; its high-water mark is stored in the same
-transaction, so a seq is never reused, even after the rows are deleted.  The stream id is
-created once with the database.
+With ``durability_window_ms`` 0, each group is a transaction committed with
+``synchronous=FULL`` before its futures resolve.  With a window (the default, 500 ms),
+each group of events is written to the stage (gateway/stage.py): in the OS from then on,
+so committed against any crash of the process, and its futures resolve.  Acks are staged
+too.  Events still undelivered a window after they were read go into the database in one
+``synchronous=FULL`` transaction with the acks and the bookkeeping; delivered ones never
+do.  A power cut loses at most the undelivered events of the last window.  Reads that
+need the database (a backlog fetch, erasure, consent) commit the staged rows first.
+
+``seq`` is assigned here, in commit order; ``last_seq`` is stored with the rows, and a
+high-water mark ``seq_reserved`` is fsynced before any seq above it is handed out, so a
+seq is never reused, even after the rows are deleted or a power cut took the stage.  The
+stream id is created once with the database.
 
 Events are stored in chunks: one row holds a run of consecutive events (at most a batch's
 worth of events and bytes), already encoded as the inside of a batch's ``events`` array.
