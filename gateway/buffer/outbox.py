@@ -1,14 +1,21 @@
 """The outbox: a SQLite buffer in WAL mode, owned by one writer thread.
 
 Every database operation is a command queued to that thread.  Writes queued while a
-commit runs are grouped into the next transaction (up to ``commit_max_events`` events or
-``commit_interval_ms``), committed with ``synchronous=FULL``, and only then are their
-futures resolved: an event is acknowledged to its source after it is durable.  Reads run
-after the commit, so nothing uncommitted is ever handed to the forwarder.
+commit runs are grouped (up to ``commit_max_events`` events or ``commit_interval_ms``).
 
-``seq`` is assigned here, in commit order; its high-water mark is stored in the same
-transaction, so a seq is never reused, even after the rows are deleted.  The stream id is
-created once with the database.
+With ``durability_window_ms`` 0, each group is a transaction committed with
+``synchronous=FULL`` before its futures resolve.  With a window (the default, 500 ms),
+each group of events is written to the stage (gateway/buffer/stage.py): in the OS from then on,
+so committed against any crash of the process, and its futures resolve.  Acks are staged
+too.  Events still undelivered a window after they were read go into the database in one
+``synchronous=FULL`` transaction with the acks and the bookkeeping; delivered ones never
+do.  A power cut loses at most the undelivered events of the last window.  Reads that
+need the database (a backlog fetch, erasure, consent) commit the staged rows first.
+
+``seq`` is assigned here, in commit order; ``last_seq`` is stored with the rows, and a
+high-water mark ``seq_reserved`` is fsynced before any seq above it is handed out, so a
+seq is never reused, even after the rows are deleted or a power cut took the stage.  The
+stream id is created once with the database.
 
 Events are stored in chunks: one row holds a run of consecutive events (at most a batch's
 worth of events and bytes), already encoded as the inside of a batch's ``events`` array.
@@ -31,6 +38,7 @@ watches it and exits non-zero so systemd restarts it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
@@ -45,6 +53,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.buffer.migrations import migrate
+from gateway.buffer.stage import (
+    Ack,
+    Mark,
+    Marker,
+    Row,
+    encode_ack,
+    encode_mark,
+    encode_row,
+    marker_path,
+    parse,
+    stage_path,
+)
 from gateway.config.credentials import private_database
 from gateway.config.models import BufferConfig
 from gateway.contract.events import new_stream_id, with_seq
@@ -59,6 +79,14 @@ EVICT_MIN_EVENTS = 100
 EVICT_LOG_INTERVAL_S = 60.0  # evictions are logged as a sum, at most this often
 WAL_RESERVE_MAX = 8 * 1024 * 1024  # free space kept for the WAL when the disk is small
 RECAP_INTERVAL_S = 1.0  # how often the cap follows the filesystem's free space
+WAL_WINDOW_PAGES = 64  # wal_autocheckpoint with a durability window
+SEQ_RESERVE_MIN = 10_000  # seqs reserved (durably) ahead of those handed out
+# A window whose events were all delivered within it has nothing that needs the disk but
+# its bookkeeping (last_seq, last_publish_at): that is stored at most this often (status
+# tools and tests read last_seq from the file and see it move within ~1.5 s).  Until
+# then the stage keeps the window's rows and acks, so a crash still numbers on from them.
+BOOKKEEPING_INTERVAL_S = 1.0
+STAGE_MAX_BYTES = 16 * 1024 * 1024  # a larger stage is committed before its window ends
 # ``buffer.disk_reserve_bytes``: a file of zeros beside the buffer (``<buffer>.reserve``),
 # deleted the moment the disk is full, so that the full-buffer policy can still run:
 # evicting rows is itself a write and needs room in the WAL.  Made again once the disk
@@ -99,6 +127,9 @@ class _Cmd:
     rows: list[Chunk] = field(default_factory=list)
     # A write that may delete rows not yet fetched (expiry, erasure) empties the tail cache.
     invalidates: bool = True
+    # an ack (lo, hi, when, events): staged with the window, needs no fsync of its own
+    ack: tuple[int, int, float, int] | None = None
+    flush: bool = True  # a read that needs the window's rows in the database first
     future: asyncio.Future[Any] | None = None
     result: Any = None
     error: BaseException | None = None
@@ -155,6 +186,23 @@ class Outbox:
         self._evicted_unlogged = 0
         self._evict_logged = False
         self._dead: WriterDied | None = None  # set by the writer thread as it dies
+        # Durability window (gateway/buffer/stage.py); writer thread only.
+        self._window_s = cfg.durability_window_ms / 1000.0
+        self._window_due: float | None = None  # when the staged rows must be committed
+        self._staged: list[Row] = []  # rows written to the stage, not to the database
+        self._staged_at: list[float] = []  # when each was staged (monotonic)
+        self._staged_events = 0
+        self._deletes: list[tuple[int, int, int]] = []  # acked rows in the database: lo, hi, n
+        self._db_hi = 0  # the highest seq inserted into the database
+        self._db_last_seq = 0  # meta last_seq as stored
+        self._reserved = 0  # meta seq_reserved as stored: no seq above it is handed out
+        self._publish_at: float | None = None  # last_publish_at not yet stored
+        self._bookkeeping_due = 0.0  # monotonic: when bookkeeping alone is stored again
+        self._stage_fd: int | None = None
+        self._stage_size = 0
+        self._marker: Marker | None = None
+        self._stage_max = min(STAGE_MAX_BYTES, cfg.max_bytes // 8)
+        self._near_full = False  # over half the cap: commit each group, as with no window
         self._failed: asyncio.Future[WriterDied] | None = None
 
     # -- lifecycle (blocking; call before the pipeline starts) ------------------------
@@ -183,6 +231,7 @@ class Outbox:
             else:
                 self.stream = str(row[0])
             self._next_seq = _last_seq(conn) + 1
+            self._recover(conn)
             self._cache_from = self._next_seq
         except (sqlite3.Error, OSError) as exc:
             raise BufferError_(f"{path}: cannot open the buffer database: {exc}") from exc
@@ -217,7 +266,13 @@ class Outbox:
             room = -1
         if room >= 0:
             reserve = min(WAL_RESERVE_MAX, room // 2)
-            conn.execute(f"PRAGMA wal_autocheckpoint = {max(16, reserve // 4 // self._page_size)}")
+            wal_pages = max(16, reserve // 4 // self._page_size)
+            if self.cfg.durability_window_ms > 0:
+                # few, large commits: a short WAL is overwritten in place from its start
+                # (no new blocks, no filesystem journal per commit); it checkpoints at most
+                # once per commit, and each checkpoint writes each changed page once
+                wal_pages = min(wal_pages, WAL_WINDOW_PAGES)
+            conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
             pages = min(pages, (room - reserve) // self._page_size)
         # max_page_count cannot be set below the current size; it then stays at the size.
         return int(conn.execute(f"PRAGMA max_page_count = {max(pages, current, 16)}").fetchone()[0])
@@ -237,6 +292,7 @@ class Outbox:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._close_stage()
 
     # -- API for the event loop ------------------------------------------------------
 
@@ -313,12 +369,15 @@ class Outbox:
         self._put(_Cmd("write", fn=fn, future=fut, invalidates=invalidates))
         return fut
 
-    def read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Run ``fn(conn)`` on the writer's connection after the pending commit."""
+    def read(
+        self, fn: Callable[[sqlite3.Connection], T], *, flush: bool = True
+    ) -> asyncio.Future[T]:
+        """Run ``fn(conn)`` on the writer's connection after the pending commit (and,
+        with ``flush``, after the durability window's rows are in the database)."""
         assert self._loop is not None
         self._flush_open()
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._put(_Cmd("read", fn=fn, future=fut))
+        self._put(_Cmd("read", fn=fn, future=fut, flush=flush))
         return fut
 
     def fetch(
@@ -329,7 +388,9 @@ class Outbox:
         Served from the writer's cache of recently committed rows when it holds every
         row after ``after`` (the live path); from the database otherwise (a backlog).
         """
-        return self.read(lambda c: self._fetch(c, after, max_batches, max_events, max_bytes))
+        return self.read(
+            lambda c: self._fetch(c, after, max_batches, max_events, max_bytes), flush=False
+        )
 
     def _fetch(
         self, c: sqlite3.Connection, after: int, max_batches: int, max_events: int, max_bytes: int
@@ -342,6 +403,8 @@ class Outbox:
             # again after a reconnect) must read the database
             self._cache_from = max(self._cache_from, after + 1)
             return _batches(iter(recent), max_batches, max_events, max_bytes)
+        if self._staged or self._deletes:  # a backlog read: the window's rows first
+            self._flush_window()
         rows = c.execute(
             "SELECT lo, hi, n, created, body FROM chunks WHERE lo > ? ORDER BY lo LIMIT ?",
             (after, max_batches * 20),
@@ -351,6 +414,13 @@ class Outbox:
     def ack(self, batch: Batch) -> asyncio.Future[int]:
         """Delete a delivered batch's rows and record the time of the last publish."""
         now = self.now()
+        if self._window_s > 0:  # staged: no transaction, no fsync of its own
+            assert self._loop is not None
+            self._flush_open()
+            fut: asyncio.Future[int] = self._loop.create_future()
+            ack = (batch.lo, batch.hi, now, batch.count)
+            self._put(_Cmd("write", future=fut, invalidates=False, ack=ack))
+            return fut
 
         def fn(c: sqlite3.Connection) -> int:
             n = c.execute("DELETE FROM chunks WHERE lo BETWEEN ? AND ?", (batch.lo, batch.hi))
@@ -404,7 +474,20 @@ class Outbox:
         return out
 
     def stats(self) -> asyncio.Future[dict[str, Any]]:
-        return self.read(lambda c: buffer_stats(c, self.now()))
+        return self.read(self._stats, flush=False)
+
+    def _stats(self, c: sqlite3.Connection) -> dict[str, Any]:
+        """Writer thread: the database's figures, with the window's not yet in it."""
+        now = self.now()
+        out = buffer_stats(c, now)
+        out["depth"] += self._staged_events - sum(d[2] for d in self._deletes)
+        out["last_seq"] = self._next_seq - 1
+        if self._publish_at is not None:
+            out["last_publish_at"] = self._publish_at
+        if self._staged:
+            age = now - min(r[3] for r in self._staged)
+            out["oldest_age_s"] = max(out["oldest_age_s"] or 0.0, age)
+        return out
 
     # -- writer thread ----------------------------------------------------------------
 
@@ -437,16 +520,31 @@ class Outbox:
         group: list[_Cmd] = []
         try:
             while True:
-                first = self._queue.get()
+                first = self._next()
+                if first is None:  # the durability window ended
+                    self._flush_window(due_only=True)
+                    continue
                 if first is _STOP:
+                    self._flush_window(final=True)
                     return
                 group, stop = self._collect(first)
                 self._execute(group)
                 group = []
                 if stop:
+                    self._flush_window(final=True)
                     return
         except BaseException as exc:  # the thread must not end unnoticed
             self._died(group, exc)
+
+    def _next(self) -> Any:
+        """The next command, or None when the durability window ends first."""
+        due = self._window_due
+        if due is None:
+            return self._queue.get()
+        try:
+            return self._queue.get(timeout=max(0.0, due - time.monotonic()))
+        except queue.Empty:
+            return None
 
     def _died(self, group: list[_Cmd], exc: BaseException) -> None:
         """Writer thread, dying: roll back, tell the loop, fail everything queued."""
@@ -497,6 +595,9 @@ class Outbox:
                     fut.exception()
 
     def _execute(self, group: list[_Cmd]) -> None:
+        if self._window_s > 0:
+            self._execute_windowed(group)
+            return
         assert self._conn is not None
         conn = self._conn
         writes = [c for c in group if c.kind != "read"]
@@ -558,9 +659,18 @@ class Outbox:
 
     def _insert(self, conn: sqlite3.Connection, appends: list[_Cmd]) -> int:
         """Assign seqs, cut the events into chunks and insert them.  Returns the count."""
+        start = self._next_seq
+        conn.executemany(
+            "INSERT INTO chunks(lo, hi, n, created, subjects, body) VALUES (?, ?, ?, ?, ?, ?)",
+            self._cut(appends),
+        )
+        return self._next_seq - start
+
+    def _cut(self, appends: list[_Cmd]) -> list[Row]:
+        """Assign seqs and cut the events into chunk rows (kept for the tail cache)."""
         seq = self._next_seq
         limit_n, limit_bytes = self.chunk_events, self.chunk_bytes
-        rows: list[tuple[int, int, int, float, str, str]] = []
+        rows: list[Row] = []
         chunks: list[Chunk] = []
         bodies: list[str] = []
         times: list[float] = []
@@ -590,14 +700,329 @@ class Outbox:
             cmd.result = list(range(first, seq))
         if bodies:
             cut()
-        conn.executemany(
-            "INSERT INTO chunks(lo, hi, n, created, subjects, body) VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-        )
         appends[0].rows = chunks
-        appended = seq - self._next_seq
         self._next_seq = seq
-        return appended
+        return rows
+
+    # -- durability window (gateway/buffer/stage.py) -----------------------------------------
+
+    def _execute_windowed(self, group: list[_Cmd]) -> None:
+        """Appends and acks go to the stage; the database only at the window's end, or
+        at once for a write or read that needs it (erasure, consent, status reads)."""
+        assert self._conn is not None
+        conn = self._conn
+        appends = [c for c in group if c.kind == "append" and c.error is None]
+        writes = [c for c in group if c.kind == "write" and c.ack is None]
+        if self._window_due is not None and time.monotonic() >= self._window_due:
+            self._flush_window(due_only=True)  # before this group opens the next window
+        appended = self._stage_appends(appends) if appends else 0
+        for cmd in group:
+            if cmd.kind == "write" and cmd.ack is not None:
+                self._stage_ack(cmd)
+        if writes or any(c.kind == "read" and c.flush for c in group):
+            self._flush_window(writes)
+        self._remember([c for c in group if c.kind != "read"])
+        for cmd in group:
+            if cmd.kind == "read" and cmd.fn is not None:
+                try:
+                    cmd.result = cmd.fn(conn)
+                except sqlite3.Error as exc:
+                    cmd.error = BufferError_(f"buffer read failed: {exc}")
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            self._loop.call_soon_threadsafe(self._resolve, group, appended)
+
+    def _stage_appends(self, appends: list[_Cmd]) -> int:
+        n = sum(len(c.events) for c in appends)
+        need = self._next_seq - 1 + n
+        if need > self._reserved:  # reserve seqs durably before any is handed out
+            ahead = max(SEQ_RESERVE_MIN, 4 * max(n, self._staged_events))
+            if not self._flush_window(reserve=need + ahead):
+                err = BufferError_("buffer write failed: cannot reserve seqs")
+                for cmd in appends:
+                    cmd.error = err
+                self._count_on_loop("events_dropped_total", n, reason="buffer_error")
+                return 0
+        if self._near_full:  # the full-buffer policy must see each group as it comes
+            if not self._flush_window():
+                return 0
+            assert self._conn is not None
+            appended = self._commit(self._conn, appends)
+            self._db_last_seq = self._db_hi = self._next_seq - 1
+            self._check_room(self._conn)
+            return appended
+        rows = self._cut(appends)
+        self._staged.extend(rows)
+        self._staged_at.extend([time.monotonic()] * len(rows))
+        self._staged_events += n
+        if self._window_due is None:
+            self._window_due = time.monotonic() + self._window_s
+        if not self._stage_write(b"".join(encode_row(r) for r in rows)):
+            self._flush_window()  # no stage: into the database at once, the durable way
+        elif self._stage_size > self._stage_max:
+            self._flush_window()
+        return n
+
+    def _stage_ack(self, cmd: _Cmd) -> None:
+        assert cmd.ack is not None
+        lo, hi, when, count = cmd.ack
+        self._stage_write(encode_ack(lo, hi))
+        kept: list[Row] = []
+        kept_at: list[float] = []
+        gone = 0
+        for row, at in zip(self._staged, self._staged_at, strict=True):
+            if lo <= row[0] <= hi:
+                gone += row[2]
+            else:
+                kept.append(row)
+                kept_at.append(at)
+        self._staged, self._staged_at = kept, kept_at
+        self._staged_events -= gone
+        if lo <= self._db_hi:  # some of its rows are in the database
+            self._deletes.append((lo, hi, count - gone))
+        self._publish_at = when
+        if self._window_due is None:
+            self._window_due = time.monotonic() + self._window_s
+        cmd.result = count
+
+    def _stage_write(self, data: bytes) -> bool:
+        """Append to the stage (the OS holds it from here on); False if that failed."""
+        if self._stage_fd is None:
+            return False
+        try:
+            view = memoryview(data)
+            while view:
+                done = os.write(self._stage_fd, view)
+                view = view[done:]
+                self._stage_size += done
+        except OSError as exc:
+            log.warning("buffer stage write failed (%s): committing to the database", exc)
+            return False
+        if self._marker is not None:
+            self._marker.set(self._stage_size)
+        return True
+
+    def _flush_window(
+        self,
+        writes: list[_Cmd] | None = None,
+        *,
+        reserve: int = 0,
+        final: bool = False,
+        due_only: bool = False,
+    ) -> bool:
+        """Commit the window (rows still unacknowledged, deletes, bookkeeping that
+        changed, and ``writes``) in one transaction, fsynced; then empty the stage.
+
+        ``due_only`` (the window's timer): only rows staged a whole window ago go in;
+        younger rows stay staged until their own window ends (or they are delivered).
+        """
+        if self._window_s <= 0 and not self._staged:
+            return True
+        writes = [c for c in writes or [] if c.error is None]
+        assert self._conn is not None
+        conn = self._conn
+        last = self._next_seq - 1
+        reserved = last if final else max(self._reserved, reserve)
+        due = len(self._staged)
+        if due_only:
+            due = bisect.bisect_right(self._staged_at, time.monotonic() - self._window_s + 0.001)
+        rows, keep, keep_at = self._staged[:due], self._staged[due:], self._staged_at[due:]
+        # rows kept staged are numbered above what the database says it holds
+        stored_last = keep[0][0] - 1 if keep else last
+        if not (
+            self._staged
+            or self._deletes
+            or writes
+            or last != self._db_last_seq
+            or reserved != self._reserved
+            or self._publish_at is not None
+        ):
+            self._window_due = None
+            self._empty_stage()
+            return True
+        if (
+            not (rows or self._deletes or writes or final)
+            and reserved == self._reserved
+            and time.monotonic() < self._bookkeeping_due
+        ):
+            # nothing undelivered is due: no transaction, no fsync
+            self._window_due = keep_at[0] + self._window_s if keep_at else None
+            return True
+        for attempt in range(3):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    "INSERT INTO chunks(lo, hi, n, created, subjects, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                conn.executemany(
+                    "DELETE FROM chunks WHERE lo BETWEEN ? AND ?",
+                    [(lo, hi) for lo, hi, _n in self._deletes],
+                )
+                for cmd in writes:
+                    if cmd.fn is not None:
+                        cmd.result = cmd.fn(conn)
+                bookkeeping = []
+                if stored_last != self._db_last_seq:
+                    bookkeeping.append(("last_seq", str(stored_last)))
+                if reserved != self._reserved:
+                    bookkeeping.append(("seq_reserved", str(reserved)))
+                if self._publish_at is not None:
+                    bookkeeping.append(("last_publish_at", str(self._publish_at)))
+                for key, value in bookkeeping:  # an UPDATE rewrites one page, not two
+                    if not conn.execute(
+                        "UPDATE meta SET value = ? WHERE key = ?", (value, key)
+                    ).rowcount:
+                        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, value))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback(conn)
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL and attempt < 2:
+                    self._when_full(conn, [], staged=self._staged_events)
+                    if self.cfg.when_full == "drop_new":  # counted by _when_full
+                        self._staged, self._staged_at, self._staged_events = [], [], 0
+                        self._forget()
+                    continue
+                err = BufferError_(f"buffer write failed: {exc}")
+                if self._last_write_ok:  # once per failure, not once per commit
+                    log.error("buffer write failed: %s", exc)
+                self._write_ok(False, str(err))
+                for cmd in writes:
+                    cmd.error = err
+                # the window's rows stay staged; the next window tries again
+                self._window_due = time.monotonic() + self._window_s
+                return False
+            else:
+                if rows:
+                    self._db_hi = max(self._db_hi, rows[-1][1])
+                self._db_last_seq, self._reserved = stored_last, reserved
+                self._staged, self._staged_at, self._deletes = keep, keep_at, []
+                self._staged_events = sum(r[2] for r in keep)
+                self._publish_at = None
+                self._window_due = keep_at[0] + self._window_s if keep_at else None
+                self._bookkeeping_due = time.monotonic() + BOOKKEEPING_INTERVAL_S
+                self._empty_stage()
+                if keep:  # still staged: written again to the emptied stage, and how far
+                    # numbering went (rows delivered meanwhile are not in it)
+                    kept = b"".join(encode_row(r) for r in keep)
+                    self._stage_write(kept + encode_mark(last))
+                self._write_ok(True)
+                self._check_room(conn)
+                if time.monotonic() >= self._recap_at:  # follow the filesystem's free space
+                    self._recap_at = time.monotonic() + RECAP_INTERVAL_S
+                    self._keep_reserve()
+                    with contextlib.suppress(sqlite3.Error):
+                        self._set_max_pages(conn)
+                return True
+        return False
+
+    def _check_room(self, conn: sqlite3.Connection) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            used, free, cap = (
+                int(conn.execute(f"PRAGMA {p}").fetchone()[0])
+                for p in ("page_count", "freelist_count", "max_page_count")
+            )
+            self._near_full = 2 * (used - free) > cap
+
+    def _empty_stage(self) -> None:
+        """The window is in the database: the stage starts again (marker first: a crash
+        between the two leaves a stage the replay skips as already stored)."""
+        if self._stage_fd is None or self._stage_size == 0:
+            return
+        if self._marker is not None:
+            self._marker.set(0)
+        try:
+            os.ftruncate(self._stage_fd, 0)
+            self._stage_size = 0
+        except OSError as exc:
+            log.warning("could not empty the buffer stage: %s", exc)
+
+    def _recover(self, conn: sqlite3.Connection) -> None:
+        """Open: replay what a crash or power cut left in the stage; start a fresh one.
+
+        A stage whose whole records reach the size its RAM marker records is complete
+        (the process died, the kernel kept everything): it is replayed and numbering
+        goes on from it.  Otherwise (a reboot or a power cut took unsynced pages) what
+        is whole is replayed and the next seq starts after ``seq_reserved``, so no seq
+        the broker may have seen is reused for other content.
+        """
+        path = Path(self.cfg.path)
+        stage = stage_path(path)
+        self._marker = Marker(marker_path(path), self.stream)
+        last = _last_seq(conn)
+        self._reserved = _meta_int(conn, "seq_reserved", last)
+        try:
+            data = stage.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        records, whole = parse(data)
+        recorded = self._marker.read()
+        complete = recorded is not None and whole >= recorded
+        rows: dict[int, Row] = {}
+        deletes: list[tuple[int, int]] = []
+        top = last  # the highest seq known to have been handed out
+        for rec in records:
+            if isinstance(rec, Ack):
+                for lo in [lo for lo in rows if rec.lo <= lo <= rec.hi]:
+                    del rows[lo]
+                deletes.append((rec.lo, rec.hi))
+            elif isinstance(rec, Mark):
+                top = max(top, rec.seq)
+            elif rec[0] > last:  # else already in the database
+                rows[rec[0]] = rec
+                top = max(top, rec[1])
+        next_seq = top + 1
+        if not complete and self._reserved > top and (data or self._window_s > 0):
+            next_seq = self._reserved + 1
+            log.warning(
+                "the buffer stage was not whole after an unclean stop (a power cut?): "
+                "seqs %d-%d are skipped, never reused; %d staged events were recovered",
+                top + 1,
+                self._reserved,
+                sum(r[2] for r in rows.values()),
+            )
+        reserved = self._reserved if self._window_s > 0 else next_seq - 1
+        if rows or deletes or next_seq - 1 != last or reserved != self._reserved:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO chunks(lo, hi, n, created, subjects, body) VALUES (?, ?, ?, ?, ?, ?)",
+                list(rows.values()),
+            )
+            conn.executemany("DELETE FROM chunks WHERE lo BETWEEN ? AND ?", deletes)
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                [("last_seq", str(next_seq - 1)), ("seq_reserved", str(reserved))],
+            )
+            conn.execute("COMMIT")
+            if rows:
+                log.info("replayed %d staged events after an unclean stop", len(rows))
+        self._reserved = reserved
+        self._next_seq = next_seq
+        self._db_last_seq = self._db_hi = next_seq - 1
+        self._check_room(conn)
+        if self._window_s <= 0:
+            stage.unlink(missing_ok=True)
+            self._marker.close(remove=True)
+            self._marker = None
+            return
+        self._marker.set(0)
+        fd = os.open(stage, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.ftruncate(fd, 0)
+        self._stage_fd, self._stage_size = fd, 0
+
+    def _close_stage(self) -> None:
+        """After the final window: a stage with nothing staged goes, with its marker."""
+        clean = not self._staged and not self._deletes
+        if self._stage_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._stage_fd)
+            self._stage_fd = None
+            if clean:
+                stage_path(Path(self.cfg.path)).unlink(missing_ok=True)
+        if self._marker is not None:
+            self._marker.close(remove=clean)
+            self._marker = None
 
     def _remember(self, writes: list[_Cmd]) -> None:
         """Keep committed rows in the tail cache; drop it after a deleting write."""
@@ -676,8 +1101,8 @@ class Outbox:
             self.cfg.when_full,
         )
 
-    def _when_full(self, conn: sqlite3.Connection, writes: list[_Cmd]) -> None:
-        incoming = sum(len(c.events) for c in writes if c.kind == "append")
+    def _when_full(self, conn: sqlite3.Connection, writes: list[_Cmd], staged: int = 0) -> None:
+        incoming = staged + sum(len(c.events) for c in writes if c.kind == "append")
         pages, cap = (
             int(conn.execute(f"PRAGMA {p}").fetchone()[0]) for p in ("page_count", "max_page_count")
         )
@@ -803,6 +1228,11 @@ def _synchronous() -> str:
 def _last_seq(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
     return int(row[0]) if row else 0
+
+
+def _meta_int(conn: sqlite3.Connection, key: str, default: int) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return int(row[0]) if row else default
 
 
 def _batches(

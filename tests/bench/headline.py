@@ -216,12 +216,34 @@ def _memory(f: dict[str, Any]) -> list[Row]:
     ]  # fmt: skip
 
 
+def _wear(f: dict[str, Any]) -> list[Row]:
+    b = "wear"
+    rows = []
+    for r in f["rates"]:
+        note = f"{r['flushes_per_s']} device flushes/s"
+        if r["rate_per_s"] == 0:
+            rows.append(
+                _row(b, "idle: bytes written to the device per hour", r["bytes_per_hour"],
+                     "B/h", goal=Goal("<=", 0, "0 B/h"), note=note)
+            )  # fmt: skip
+            continue
+        goal = r["goal_bytes_per_event"]
+        rows.append(
+            _row(b, f"bytes to the device per event at {r['rate_per_s']:,} events/s",
+                 r["bytes_per_event"], "B", reference=r["floor_bytes_per_event"],
+                 reference_label=f"floor at a {f['durability_window_ms']:g} ms window",
+                 goal=Goal("<=", goal, f"≤ {goal:,} B"), note=note)
+        )  # fmt: skip
+    return rows
+
+
 _EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "pipeline": _pipeline,
     "drain": _drain,
     "ble": _ble,
     "qr": _qr,
     "memory": _memory,
+    "wear": _wear,
 }
 
 

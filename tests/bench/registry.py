@@ -17,6 +17,7 @@ def _benchmarks() -> dict[
     from tests.bench.memory import bench_memory, print_memory
     from tests.bench.pipeline import bench_pipeline, print_pipeline
     from tests.bench.qr import bench_qr, print_qr
+    from tests.bench.wear import bench_wear, print_wear
 
     return {
         "pipeline": (bench_pipeline, print_pipeline),
@@ -24,10 +25,11 @@ def _benchmarks() -> dict[
         "ble": (bench_ble, print_ble),
         "qr": (bench_qr, print_qr),
         "memory": (bench_memory, print_memory),
+        "wear": (bench_wear, print_wear),
     }
 
 
-BENCHMARKS = ("pipeline", "drain", "ble", "qr", "memory")  # the report's order
+BENCHMARKS = ("pipeline", "drain", "ble", "qr", "memory", "wear")  # the report's order
 
 
 def run_bench(which: str, *, as_json: bool, quick: bool) -> int:

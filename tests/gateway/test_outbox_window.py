@@ -1,0 +1,243 @@
+"""The durability window (``buffer.durability_window_ms``, gateway/buffer/stage.py).
+
+Crashes are real: a child process runs the outbox, reports what it was told was
+committed and what it acknowledged, and is killed with SIGKILL.  A power cut is that,
+plus what a reboot takes: the page cache (the stage's unsynced bytes) and the RAM
+marker beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.buffer.outbox import Outbox, Pending
+from gateway.buffer.stage import marker_path, stage_path
+from gateway.config.models import BufferConfig
+from gateway.observe.metrics import Metrics
+
+CHILD = r"""
+import asyncio, json, sys, time
+from pathlib import Path
+from gateway.config.models import BufferConfig
+from gateway.observe.metrics import Metrics
+from gateway.buffer.outbox import Outbox, Pending
+
+path, n, acked = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+
+async def main():
+    box = Outbox(BufferConfig(path=path, durability_window_ms=10_000), Metrics(),
+                 chunk_events=10)
+    box.open()
+    seqs = []
+    for i in range(n // 10):
+        seqs += await box.submit_many(
+            [Pending(time.time(), "card.read", None, f'"i":{i * 10 + j}}}') for j in range(10)])
+    sent = 0
+    for batch in await box.fetch(0, 100, 10, 1 << 20):
+        if sent >= acked:
+            break
+        await box.ack(batch)
+        sent += batch.count
+    print(json.dumps({"committed": seqs, "acked": sent}), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def pending(i: int) -> Pending:
+    return Pending(time.time(), "card.read", None, f'"i":{i}}}')
+
+
+def crash(path: Path, n: int, acked: int = 0) -> dict[str, list[int] | int]:
+    """Run the outbox in a child, let it commit ``n`` events, then SIGKILL it."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), str(n), str(acked)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    with child.stdout:
+        line = child.stdout.readline()
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+    assert line, "the child died before it committed"
+    report: dict[str, list[int] | int] = json.loads(line)
+    return report
+
+
+def power_cut(path: Path, keep_stage_bytes: int = 0) -> None:
+    """What a reboot takes after the crash: unsynced stage bytes and the RAM marker."""
+    stage = stage_path(path)
+    with stage.open("r+b") as f:
+        f.truncate(keep_stage_bytes)
+    marker = marker_path(path)
+    if keep_stage_bytes == 0 and marker is not None:
+        marker.unlink(missing_ok=True)
+
+
+def reopen(path: Path, window_ms: float = 500.0) -> tuple[list[int], int]:
+    """Open the buffer again: (the seqs it holds, the seq the next event gets)."""
+
+    async def run() -> tuple[list[int], int]:
+        box = Outbox(BufferConfig(path=path, durability_window_ms=window_ms), Metrics())
+        box.open()
+        held: list[int] = []
+        after = 0
+        while batches := await box.fetch(after, 10, 1000, 1 << 22):
+            for b in batches:
+                held += list(range(b.lo, b.hi + 1))
+                after = b.hi
+        (nxt,) = await box.submit_many([pending(-1)])
+        box.close()
+        return held, nxt
+
+    return asyncio.run(run())
+
+
+def db_last_seq(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        conn.close()
+
+
+def test_the_window_is_a_setting_with_a_default() -> None:
+    assert BufferConfig(path=Path("b.db")).durability_window_ms == 500
+    assert BufferConfig(path=Path("b.db"), durability_window_ms=0).durability_window_ms == 0
+    with pytest.raises(ValidationError):
+        BufferConfig(path=Path("b.db"), durability_window_ms=-1)
+
+
+@pytest.mark.parametrize("window_ms", [0, 300])
+def test_events_reach_the_database_once_per_window(tmp_path: Path, window_ms: float) -> None:
+    """With a window the database gets the events when it ends, not per commit; with 0
+    every group commit is in the database when its future resolves."""
+    path = tmp_path / "b.db"
+
+    async def run() -> None:
+        box = Outbox(BufferConfig(path=path, durability_window_ms=window_ms), Metrics())
+        box.open()
+        seqs = await box.submit_many([pending(i) for i in range(5)])
+        stored_at_once = db_last_seq(path)
+        assert (await box.stats())["last_seq"] == seqs[-1]  # status counts the window
+        deadline = time.monotonic() + 10
+        while db_last_seq(path) < seqs[-1] and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert db_last_seq(path) == seqs[-1], "the window ended and nothing was stored"
+        box.close()
+        if window_ms:
+            assert stored_at_once == 0, "a window commits once, at its end"
+        else:
+            assert stored_at_once == seqs[-1]
+        assert not stage_path(path).exists(), "a clean close leaves no stage"
+
+    asyncio.run(run())
+
+
+def test_kill_9_loses_no_committed_event_and_skips_no_seq(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    report = crash(path, 200, acked=50)
+    committed, acked = report["committed"], report["acked"]
+    assert isinstance(committed, list) and isinstance(acked, int)
+    assert db_last_seq(path) == 0, "the window (10 s) had not ended: only the stage held them"
+    held, nxt = reopen(path)
+    assert held == committed[acked:], "an acknowledged event came back, or one was lost"
+    assert nxt == committed[-1] + 1, "numbering goes on without a gap after a crash"
+
+
+def test_a_power_cut_never_reuses_a_seq(tmp_path: Path) -> None:
+    """The stage went with the page cache: its events are the documented loss, and the
+    next seq is past every seq handed out (the broker may have seen them)."""
+    path = tmp_path / "b.db"
+    committed = crash(path, 200)["committed"]
+    assert isinstance(committed, list)
+    power_cut(path)
+    held, nxt = reopen(path)
+    assert held == []
+    assert nxt > committed[-1], f"seq {nxt} was handed out before the cut, for other content"
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+def test_a_stage_that_lost_pages_is_not_trusted(tmp_path: Path) -> None:
+    """Unsynced pages lost without a reboot (the marker survived): what is whole is
+    replayed, and numbering still jumps past every seq that may have been sent."""
+    path = tmp_path / "b.db"
+    committed = crash(path, 200)["committed"]
+    assert isinstance(committed, list)
+    power_cut(path, keep_stage_bytes=stage_path(path).stat().st_size // 2)
+    held, nxt = reopen(path)
+    assert held == committed[: len(held)] and 0 < len(held) < len(committed)
+    assert nxt > committed[-1]
+
+
+def test_with_no_window_a_crash_is_replayed_as_before(tmp_path: Path) -> None:
+    """A stage left by a crash is replayed even if the window was since set to 0."""
+    path = tmp_path / "b.db"
+    committed = crash(path, 100)["committed"]
+    held, nxt = reopen(path, window_ms=0)
+    assert held == committed
+    assert isinstance(committed, list) and nxt == committed[-1] + 1
+    assert not stage_path(path).exists()
+
+
+CHILD_KEPT = r"""
+import asyncio, json, sys, time
+from pathlib import Path
+from gateway.config.models import BufferConfig
+from gateway.observe.metrics import Metrics
+from gateway.buffer.outbox import Outbox, Pending
+
+path = Path(sys.argv[1])
+
+def events(k):
+    return [Pending(time.time(), "card.read", None, f'"i":{k * 10 + j}}}') for j in range(10)]
+
+async def main():
+    box = Outbox(BufferConfig(path=path, durability_window_ms=1000), Metrics(),
+                 chunk_events=10)
+    box.open()
+    a = await box.submit_many(events(0))
+    await asyncio.sleep(0.6)
+    b = await box.submit_many(events(1))
+    await asyncio.sleep(0.1)
+    c = await box.submit_many(events(2))
+    [batch] = await box.fetch(b[-1], 1, 10, 1 << 20)
+    await box.ack(batch)  # c delivered; b waits
+    await asyncio.sleep(0.5)  # a's window ends: a is stored, b is kept staged
+    print(json.dumps({"committed": a + b + c, "acked": len(c)}), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_rows_kept_staged_across_a_commit_survive_kill_9(tmp_path: Path) -> None:
+    """A window's timer stores only rows a whole window old; younger ones stay staged.
+    After kill -9 they come back, and numbering goes on past the delivered ones."""
+    path = tmp_path / "b.db"
+    child = subprocess.Popen([sys.executable, "-c", CHILD_KEPT, str(path)], stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    with child.stdout:
+        line = child.stdout.readline()
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+    committed = json.loads(line)["committed"]
+    held, nxt = reopen(path)
+    assert held == committed[:20], "a kept row was lost, or a delivered one came back"
+    assert nxt == committed[-1] + 1, "a delivered seq would be reused"
