@@ -259,6 +259,7 @@ def _benchmarks() -> dict[
 ]:
     from gateway.bench_ble import bench_ble, print_ble
     from gateway.bench_drain import bench_drain, print_drain
+    from gateway.bench_footprint import bench_footprint, print_footprint
     from gateway.bench_memory import bench_memory, print_memory
     from gateway.bench_qr import bench_qr, print_qr
 
@@ -268,10 +269,11 @@ def _benchmarks() -> dict[
         "ble": (bench_ble, print_ble),
         "qr": (bench_qr, print_qr),
         "memory": (bench_memory, print_memory),
+        "footprint": (bench_footprint, print_footprint),
     }
 
 
-BENCHMARKS = ("pipeline", "drain", "ble", "qr", "memory")  # the report's order
+BENCHMARKS = ("pipeline", "drain", "ble", "qr", "memory", "footprint")  # the report's order
 
 
 def run_bench(which: str, *, as_json: bool, quick: bool) -> int:

@@ -1,0 +1,75 @@
+"""``touchpoint-gateway bench footprint``: the package sizes, RSS and start -> READY of
+issue 17 in the one benchmark report, beside their goals (figures, not timed asserts)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.bench_footprint import without_camera
+from simulators.store_rig import StoreRig
+
+
+def test_the_store_config_without_the_camera_keeps_every_other_source(tmp_path: Path) -> None:
+    text = StoreRig(tmp_path).config_text()
+    kept = without_camera(text)
+    assert 'kind = "camera"' in text and 'kind = "camera"' not in kept
+    for kind in ("serial_card", "ble", "receipt_tap"):
+        assert f'kind = "{kind}"' in kept, kind
+    assert kept.count("[[sources]]") == text.count("[[sources]]") - 1
+    with pytest.raises(ValueError, match="camera"):
+        without_camera(kept)
+
+
+@pytest.mark.slow
+def test_quick_report_has_sizes_rss_and_ready_beside_goals(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "bench", "--quick", "--only", "footprint",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    result = report["benchmarks"]["footprint"]
+    assert result["status"] == "ok", result
+    f = result["figures"]
+    rows = {r["figure"]: r for r in report["headline"] if r["benchmark"] == "footprint"}
+
+    if shutil.which("dpkg-deb") is not None:
+        sizes = f["sizes"]
+        assert "size_error" not in sizes, sizes
+        assert sizes["arches"] == ["amd64"]  # the full profile adds arm64
+        amd64 = sizes["amd64"]
+        base = rows["installed size, base package (amd64, on disk with bytecode)"]
+        assert base["ours"] == amd64["base_mb"] and base["goal"] == "≤ 60 MB"
+        assert base["met"] == (amd64["base_mb"] <= 60)
+        both = rows["installed size, base + camera (amd64, on disk with bytecode)"]
+        assert both["ours"] == amd64["base_camera_mb"] > amd64["base_mb"]
+        assert both["goal"] == "≤ 300 MB" and both["met"] == (amd64["base_camera_mb"] <= 300)
+        # on disk (blocks, bytecode) is never less than dpkg's sum of file sizes
+        assert amd64["base_mb"] >= amd64["base_installed_size_mb"] > 1
+        assert "package's launcher" in f["daemon"]
+    else:
+        assert rows["installed size (packages not built)"]["note"].startswith("dpkg-deb")
+
+    rss = rows["packaged daemon RSS, every source but the camera at load (peak)"]
+    assert 10 < rss["ours"] == f["rss_peak_mib"]
+    assert 10 < rss["reference"] == f["reference_rss_peak_mib"]
+    assert rss["goal"] == "≤ 64 MiB" and rss["met"] == (rss["ours"] <= 64)
+    # every source but the camera really ran while RSS was sampled
+    assert f["silent_sources"] == [], f["events_by_source"]
+    assert f["camera_events"] == 0
+    ready = rows["start → READY, every source but the camera (median)"]
+    assert 0 < ready["ours"] == f["start_to_ready_s"] and len(f["start_to_ready_runs"]) == 3
+    assert 0 < ready["reference"] == f["reference_python_start_s"]
+    assert ready["goal"] == "≤ 0.5 s" and ready["met"] == (ready["ours"] <= 0.5)
+
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "| footprint | installed size, base package" in md or "size_error" in f["sizes"]
+    assert "| footprint | packaged daemon RSS" in md and "≤ 64 MiB" in md
