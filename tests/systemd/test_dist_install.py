@@ -18,7 +18,6 @@ import base64
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -80,41 +79,11 @@ def say(text: str) -> None:
 
 
 def host_mirrors(suite: str = SUITE) -> list[str]:
-    """``deb URI SUITE COMPONENTS`` lines for every *suite* entry in the host's apt sources."""
-    out: list[str] = []
-
-    def add(uri: str, suites: list[str], comps: list[str]) -> None:
-        for s in suites:
-            line = f"deb {uri} {s} {' '.join(comps)}"
-            if (s == suite or s.startswith(suite + "-")) and line not in out:
-                out.append(line)
-
-    lists = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]
-    for path in lists:
-        if not path.is_file():
-            continue
-        for raw in path.read_text(encoding="utf-8").splitlines():
-            words = re.sub(r"\[[^]]*\]", "", raw.split("#", 1)[0]).split()
-            if len(words) >= 4 and words[0] == "deb":
-                add(words[1], [words[2]], words[3:])
-    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
-        for stanza in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")):
-            fields: dict[str, str] = {}
-            key = ""
-            for raw in stanza.splitlines():
-                if raw.startswith("#"):
-                    continue
-                if raw[:1] in (" ", "\t") and key:
-                    fields[key] += " " + raw.strip()
-                elif ":" in raw:
-                    key, value = raw.split(":", 1)
-                    key = key.strip().lower()
-                    fields[key] = value.strip()
-            if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes") != "no":
-                for uri in fields.get("uris", "").split():
-                    add(uri, fields.get("suites", "").split(),
-                        fields.get("components", "main").split())  # fmt: skip
-    return out
+    """``deb URI SUITE COMPONENTS`` lines for every *suite* entry in the host's apt sources
+    (``.ci/apt-mirrors``, which .ci/fresh-root uses too)."""
+    done = subprocess.run([sys.executable, str(REPO / ".ci" / "apt-mirrors"), suite],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    return done.stdout.splitlines()
 
 
 def root_tarball(arch: str) -> Path:
