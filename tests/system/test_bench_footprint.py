@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.bench_footprint import without_camera
+from gateway.bench_headline import headline_rows
 from simulators.store_rig import StoreRig
 
 
@@ -24,6 +25,39 @@ def test_the_store_config_without_the_camera_keeps_every_other_source(tmp_path: 
     assert kept.count("[[sources]]") == text.count("[[sources]]") - 1
     with pytest.raises(ValueError, match="camera"):
         without_camera(kept)
+
+
+def _figures(**sizes: object) -> dict[str, object]:
+    return {
+        "sizes": sizes, "goal_base_mb": 60.0, "goal_base_camera_mb": 300.0,
+        "goal_rss_mib": 64.0, "goal_ready_s": 0.5, "rss_peak_mib": 64.1,
+        "reference_rss_peak_mib": 48.0, "start_to_ready_s": 0.5,
+        "start_to_ready_max_s": 0.7, "start_to_ready_runs": [0.4, 0.5, 0.7],
+        "start_to_ready_cpu_s": 0.3, "reference_python_start_s": 0.04,
+    }  # fmt: skip
+
+
+def test_headline_judges_each_figure_against_its_goal() -> None:
+    arm64 = {"base_mb": 61.0, "base_camera_mb": 299.9, "base_installed_size_mb": 27.0,
+             "base_camera_installed_size_mb": 200.0}  # fmt: skip
+    rows = headline_rows("footprint", _figures(arches=["arm64"], arm64=arm64))
+    met = {r.figure: (r.ours, r.goal, r.met) for r in rows}
+    assert met == {
+        "installed size, base package (arm64, on disk with bytecode)": (61.0, "≤ 60 MB", False),
+        "installed size, base + camera (arm64, on disk with bytecode)": (299.9, "≤ 300 MB", True),
+        "packaged daemon RSS, every source but the camera at load (peak)":
+            (64.1, "≤ 64 MiB", False),
+        "start → READY, every source but the camera (median)": (0.5, "≤ 0.5 s", True),
+    }  # fmt: skip
+    assert rows[0].note == "dpkg Installed-Size 27.0 MB"
+    assert rows[2].reference == 48.0 and rows[3].reference == 0.04
+
+
+def test_packages_that_could_not_be_built_are_a_row_that_says_why() -> None:
+    rows = headline_rows("footprint", _figures(size_error="dpkg-deb not found (apt-get ...)"))
+    assert rows[0].figure == "installed size (packages not built)" and rows[0].ours is None
+    assert rows[0].note == "dpkg-deb not found (apt-get ...)" and rows[0].met is None
+    assert len(rows) == 3
 
 
 @pytest.mark.slow
