@@ -3,9 +3,10 @@
 - installed size: the packages ``make dist`` builds (``systemd/debian/build.py``, this
   checkout), unpacked with ``dpkg-deb -x`` and byte-compiled as the postinst does, then
   measured on disk (blocks, each file once), beside dpkg's ``Installed-Size`` (file sizes
-  only, no bytecode).  The quick profile builds amd64 only (~40 s); the full profile
-  builds arm64 too (no emulation: sizes need no running);
-- RSS: the packaged daemon (the unpacked amd64 package's own launcher on Debian's
+  only, no bytecode).  The quick profile builds this machine's architecture only (~40 s
+  for amd64); the full profile builds amd64 and arm64 (no emulation: sizes need no
+  running);
+- RSS: the packaged daemon (this machine's unpacked package, its own launcher on Debian's
   ``/usr/bin/python3 -I`` where the box has it) on the simulated store with every source
   but the camera (``simulators.store_rig``: card reader on a pty, BLE against the fake
   BlueZ on a private D-Bus, the receipt tap, a synthetic source adding bulk card reads),
@@ -23,6 +24,7 @@ the sizes are reported as missing with the reason and the daemon runs from the c
 
 from __future__ import annotations
 
+import platform
 import shutil
 import socket
 import statistics
@@ -45,6 +47,7 @@ NAME = "touchpoint-gateway"
 BUILD = Path(__file__).resolve().parents[1] / "systemd" / "debian" / "build.py"
 BOX_PYTHON = Path("/usr/bin/python3")  # Debian's, what the package's launcher runs on
 NOT_CAMERA = ("till-2-card", "entrance-ble", "till-2-printer", "bulk-cards")
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), "")
 
 
 def box_python() -> str:
@@ -208,7 +211,8 @@ def run_sampled(
 
 
 def _sizes(arches: list[str], work: Path, python: str) -> tuple[dict[str, Any], Path | None]:
-    """Sizes per architecture, and the unpacked amd64 base tree (None if not built)."""
+    """Sizes per architecture, and the unpacked base tree for this machine (None if not
+    built)."""
     if shutil.which("dpkg-deb") is None:
         return {"size_error": "dpkg-deb not found (apt-get install dpkg)"}, None
     dist = work / "dist"
@@ -221,14 +225,14 @@ def _sizes(arches: list[str], work: Path, python: str) -> tuple[dict[str, Any], 
     figures: dict[str, Any] = {"build_s": round(time.monotonic() - t0, 1), "arches": arches}
     for arch in arches:
         figures[arch] = package_sizes(dist, arch, work / "unpacked", python)
-    tree = work / "unpacked" / "amd64-base"
-    return figures, tree if tree.is_dir() and "amd64" in arches else None
+    tree = work / "unpacked" / f"{HOST_ARCH}-base"
+    return figures, tree if HOST_ARCH in arches and tree.is_dir() else None
 
 
 def bench_footprint(quick: bool = False) -> dict[str, Any]:
     from simulators.store_rig import RigLoad, StoreRig
 
-    arches = ["amd64"] if quick else ["amd64", "arm64"]
+    arches = [HOST_ARCH or "amd64"] if quick else ["amd64", "arm64"]
     seconds, interval = (12.0, 0.5) if quick else (60.0, 1.0)
     ref_seconds = 4.0 if quick else 15.0
     starts = 3 if quick else 7
@@ -239,7 +243,7 @@ def bench_footprint(quick: bool = False) -> dict[str, Any]:
         sizes, tree = _sizes(arches, work, python)
         if tree is not None:
             argv = packaged_daemon(tree, python, work)
-            daemon = f"the amd64 package's launcher on {python} -I"
+            daemon = f"the {HOST_ARCH} package's launcher on {python} -I"
         else:
             argv = [sys.executable, "-m", "gateway.cli"]
             daemon = "this checkout (the package could not be built)"
