@@ -31,13 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="all",
-        choices=["all", "pipeline", "drain", "ble", "qr", "memory"],
+        choices=["all", "pipeline", "drain", "ble", "qr", "memory", "footprint"],
         help="all: every benchmark, one report (default); "
         "pipeline: events end to end beside bare SQLite + paho; "
         "drain: a buffered backlog beside plain paho, start-up to READY, RSS; "
         "ble: adverts/s and CPU per advert beside bare bleak and TheengsGateway; "
         "qr: frames/s and success per QR decoder beside OpenCV's detector; "
-        "memory: the daemon's RSS, fds and threads with every simulated source at load",
+        "memory: the daemon's RSS, fds and threads with every simulated source at load; "
+        "footprint: the packages' installed sizes, and the packaged daemon's RSS and "
+        "start-up to READY with every source but the camera",
     )
     s.add_argument(
         "--json",
