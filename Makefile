@@ -8,13 +8,15 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian / Raspberry Pi OS packages: the broker for tests and the demo, zbar for pyzbar,
 # dbus-daemon for the private bus the BLE simulator runs on, venv support, systemd's
 # analyzer for checking the unit files, and promtool (package prometheus) for linting
-# /metrics in a test, and mmdebstrap for the test that installs the packages into a fresh
-# Debian root.
-APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd prometheus mmdebstrap
+# /metrics in a test, mmdebstrap for the test that installs the packages into a fresh
+# Debian root, and libfuse2 for the power-cut test's FUSE filesystem (fusepy loads it with
+# ctypes; as root it mounts without fusermount).
+APT_PACKAGES := mosquitto libzbar0 dbus python3-venv python3-pip systemd prometheus mmdebstrap \
+	libfuse2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test install system-deps lint bench bench-peer fuzz soak clean help dist lock \
-	test-fresh-root test-arm64 test-arm64-package
+	test-fresh-root test-arm64 test-arm64-package powercut
 
 help:
 	@echo "make demo   run the daemon against simulated hardware (Ctrl-C stops it)"
@@ -24,6 +26,7 @@ help:
 	@echo "make bench  every benchmark, one report in $(BENCH_OUT)/ (md, json, plots); several minutes"
 	@echo "make fuzz   the long fuzz run (hypothesis deep profile + atheris)"
 	@echo "make soak   a simulated week of a busy store in ~10 min (SOAK_DAYS, SOAK_MINUTES)"
+	@echo "make powercut  the long power-cut profile (POWERCUT_CUTS=130 cuts; root, FUSE)"
 	@echo "make dist   Debian packages for amd64 and arm64 in dist/ (DIST_ARCH=amd64 for one)"
 	@echo "make lock   regenerate systemd/debian/requirements.lock (uv, every platform, hashes)"
 	@echo "make test-fresh-root  make demo and make test in a fresh Debian 12 root (mmdebstrap, root)"
@@ -39,10 +42,12 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml
+# The daemon with its dev extra, and the simulators (their own distribution, with the camera
+# extra and the pytest plugin's entry point), both editable.
+$(STAMP): pyproject.toml simulators/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' -e './simulators[camera]'
 	touch $(STAMP)
 
 install: system-deps $(STAMP)
@@ -72,7 +77,7 @@ bench-peer: install
 	@$(BIN)/python -c "import TheengsGateway" 2>/dev/null || { \
 	  echo "installing bench ble's peer (TheengsGateway; built from source: $(BENCH_PEER_APT))"; \
 	  { $(MAKE) --no-print-directory system-deps APT_PACKAGES="$(BENCH_PEER_APT)" && \
-	    $(BIN)/pip install -q -e '.[dev,bench-peer]'; } || \
+	    $(BIN)/pip install -q -e '.[dev,bench-peer]' -e './simulators[camera]'; } || \
 	  echo "bench: TheengsGateway could not be built; bench ble runs without its peer"; }
 
 # make demo and make test as a new user runs them: in a fresh Debian 12 root (mmdebstrap,
@@ -96,6 +101,18 @@ soak: install
 	rm -rf $(SOAK_OUT)/work
 	$(BIN)/python -m tests.soak.soak_run --days $(SOAK_DAYS) --minutes $(SOAK_MINUTES) \
 	  --out $(SOAK_OUT) --report tests/soak
+
+# The power-cut test's long profile (tests/powercut/; make test runs 12 cuts and a
+# 4-cut negative control).  Prints the figures; about 15 minutes.
+# Its files (the daemon's log, the central's events, each cut's database with
+# POWERCUT_KEEP=1) stay in POWERCUT_OUT.
+POWERCUT_CUTS ?= 130
+POWERCUT_CONTROL_CUTS ?= 30
+POWERCUT_OUT ?= powercut-out
+powercut: install
+	POWERCUT_CUTS=$(POWERCUT_CUTS) POWERCUT_CONTROL_CUTS=$(POWERCUT_CONTROL_CUTS) \
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider --timeout=0 \
+	  --basetemp=$(POWERCUT_OUT) tests/powercut $(PYTEST_ARGS)
 
 # The store box's packages: binary wheels for the target from the lock, no compiler.
 DIST_ARCH ?= amd64,arm64

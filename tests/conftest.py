@@ -1,10 +1,10 @@
-"""Shared fixtures: the contract vectors, a tenant keyring, a real mosquitto, a private
-system D-Bus for the fake BlueZ."""
+"""Shared fixtures: the contract vectors, a tenant keyring; the simulated store's fixtures
+(``broker``: a real mosquitto, ``bus``: a private system D-Bus for the fake BlueZ, and the
+rest) come from the simulators' pytest plugin, as an integrator gets them."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,11 @@ from gateway.identity.pseudonyms import (
     Keyring,
     decode_key,
 )
-from simulators.devices.fake_bluez import DBusDaemon
-from simulators.infra.broker import Mosquitto
+
+# touchpoint-simulators registers this plugin by entry point under this same name (make
+# install installs it), so pytest loads it once; naming it here also covers a checkout
+# where only the daemon is installed.
+pytest_plugins = ["simulators.pytest_plugin"]
 
 VECTORS_PATH = Path(__file__).resolve().parents[1] / "gateway" / "contract" / "vectors.json"
 
@@ -47,17 +50,3 @@ def key_file(tmp_path: Path, vectors: dict[str, Any], monkeypatch: pytest.Monkey
     path = tmp_path / "k1.key"
     write_secret(path, vectors["key_base64"] + "\n")
     return path
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path / "mosquitto") as b:
-        yield b
-
-
-@pytest.fixture
-def bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[DBusDaemon]:
-    """A private system D-Bus (its own dbus-daemon) for a fake BlueZ; bleak is pointed at it."""
-    with DBusDaemon() as d:
-        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", d.address)
-        yield d

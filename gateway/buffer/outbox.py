@@ -166,7 +166,7 @@ class Outbox:
             private_database(path)  # 0600 whatever the umask: it holds pseudonyms
             conn = connect(path)
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA synchronous = {_synchronous()}")
             conn.execute("PRAGMA secure_delete = ON")
             conn.execute(f"PRAGMA journal_size_limit = {16 * 1024 * 1024}")
             self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
@@ -782,6 +782,22 @@ class Outbox:
                     fut.exception()
             else:
                 fut.set_result(cmd.result)
+
+
+# Test only: the power-cut test's negative control (tests/powercut) runs the daemon with a
+# weaker ``synchronous`` to show that its checker sees the loss; never set in production.
+UNSAFE_SYNCHRONOUS_VAR = "TOUCHPOINT_TEST_UNSAFE_SYNCHRONOUS"
+
+
+def _synchronous() -> str:
+    """``FULL``, unless the test-only variable asks for ``NORMAL`` or ``OFF`` (logged)."""
+    weak = os.environ.get(UNSAFE_SYNCHRONOUS_VAR, "")
+    if weak in ("NORMAL", "OFF"):
+        log.warning(
+            "%s=%s: the buffer is NOT power-cut safe (test only)", UNSAFE_SYNCHRONOUS_VAR, weak
+        )
+        return weak
+    return "FULL"
 
 
 def _last_seq(conn: sqlite3.Connection) -> int:

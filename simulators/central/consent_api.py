@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 PURPOSES = ("analytics", "linking", "marketing")
+WHEN_FILE_POLL_S = 0.1  # how often a script step's ``when_file`` is looked for
 
 
 def rfc3339(at: float) -> str:
@@ -248,7 +249,11 @@ class ConsentAPI:
         """Replay steps in a thread: ``{"at_s": 1.5, "action": "grant", "subject": ...,
         "purposes": [...], "expires_in_s": 60, "push": true}``; actions ``grant``,
         ``withdraw``, ``expire``, ``expire_cursors``, ``fail`` (``status``, ``count``),
-        ``delay`` (``seconds``, ``count``), ``set_token`` (``token``)."""
+        ``delay`` (``seconds``, ``count``), ``set_token`` (``token``).
+
+        ``"when_file": PATH``: the step (and the steps after it) also waits, after its
+        ``at_s``, until PATH exists: another process (the demo) says when it is time,
+        however slow the box is."""
         start = time.monotonic()
         ordered = sorted(steps, key=lambda s: float(s.get("at_s", 0)))
 
@@ -257,6 +262,10 @@ class ConsentAPI:
                 wait = start + float(step.get("at_s", 0)) - time.monotonic()
                 if wait > 0 and self._stopping.wait(wait):
                     return
+                when = step.get("when_file")
+                while when is not None and not Path(when).exists():
+                    if self._stopping.wait(WHEN_FILE_POLL_S):
+                        return
                 self.apply_step(step, step.get("store", store))
 
         self._script = threading.Thread(target=run, name="consent-script", daemon=True)

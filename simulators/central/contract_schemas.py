@@ -17,13 +17,20 @@ from pathlib import Path
 from types import FunctionType
 from typing import Any, cast
 
-import fastjsonschema
-from fastjsonschema import JsonSchemaDefinitionException, JsonSchemaValueException
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import best_match
-from referencing import Registry, Resource
+from simulators.deps import missing
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "gateway" / "contract" / "schemas"
+try:
+    import fastjsonschema
+    from fastjsonschema import JsonSchemaDefinitionException, JsonSchemaValueException
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+    from referencing import Registry, Resource
+except ModuleNotFoundError as exc:
+    raise missing(exc, "the fake central") from exc
+
+# The contract's schemas: central/schemas is a symlink to gateway/contract/schemas, so a
+# checkout and an installed touchpoint-simulators (whose wheel carries the files) read the same.
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
 
 class Invalid(Exception):

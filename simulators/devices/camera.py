@@ -36,11 +36,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import cv2
-import numpy as np
-import qrcode
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from numpy.typing import NDArray
+from simulators.deps import CAMERA, missing
+
+try:
+    import cv2
+    import numpy as np
+    import qrcode
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from numpy.typing import NDArray
+except ModuleNotFoundError as exc:
+    raise missing(exc, "the kiosk camera", CAMERA) from exc
 
 log = logging.getLogger(__name__)
 

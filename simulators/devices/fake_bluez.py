@@ -37,8 +37,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
+from simulators.deps import missing
+
+try:
+    from dbus_fast import Message, MessageType, Variant
+    from dbus_fast.aio import MessageBus
+except ModuleNotFoundError as exc:
+    raise missing(exc, "the fake BlueZ") from exc
 
 log = logging.getLogger(__name__)
 

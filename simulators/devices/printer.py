@@ -239,7 +239,8 @@ async def _serve_serial(end: SerialEnd) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run a fake printer until interrupted."""
     parser = argparse.ArgumentParser(
-        description="Fake ESC/POS receipt printer: raw TCP (default) or a serial line."
+        prog="python -m simulators.devices.printer",
+        description="Fake ESC/POS receipt printer: raw TCP (default) or a serial line.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=9100, help="port to listen on (0: any)")

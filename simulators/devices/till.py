@@ -242,7 +242,8 @@ async def _run_serial(end: SerialEnd, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Send receipts to a printer (or a tap in front of one)."""
     parser = argparse.ArgumentParser(
-        description="Fake till: send ESC/POS receipts over TCP or down a serial line."
+        prog="python -m simulators.devices.till",
+        description="Fake till: send ESC/POS receipts over TCP or down a serial line.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="printer or tap address")
     parser.add_argument("--port", type=int, default=9100, help="printer or tap port")

@@ -1,5 +1,9 @@
 """A real mosquitto on a free loopback port, for tests, the demo and benchmarks.
 
+    python -m simulators.infra.broker [--port N] [--dir DIR] [--acl FILE]
+
+prints the port it listens on as its first stdout line and runs until Ctrl-C or SIGTERM.
+
     with Mosquitto(workdir) as broker:
         broker.port            # the port it listens on (127.0.0.1)
         broker.stop(); broker.start()    # restart on the same port
@@ -11,12 +15,17 @@ connect as ``anonymous`` and are held to it (``allow_anonymous true`` keeps test
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -138,3 +147,41 @@ class Mosquitto:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulators.infra.broker",
+        description="Run a mosquitto on 127.0.0.1 (anonymous clients allowed) for a simulated "
+        "store; the first stdout line is its port.  Ctrl-C or SIGTERM stops it.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
+    parser.add_argument(
+        "--dir", type=Path, help="its config, log and persistence here (default: a temp dir)"
+    )
+    parser.add_argument("--acl", type=Path, help="a mosquitto acl_file to hold clients to")
+    parser.add_argument(
+        "--persistence", action="store_true", help="keep retained and queued messages on disk"
+    )
+    args = parser.parse_args(argv)
+    acl = args.acl.read_text(encoding="utf-8") if args.acl else None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    with tempfile.TemporaryDirectory(prefix="tp-broker-") as tmp:
+        broker = Mosquitto(
+            args.dir or tmp, args.port or None, acl=acl, persistence=args.persistence
+        )
+        with broker:
+            print(broker.port, flush=True)
+            try:
+                while not stop.wait(0.5):
+                    if broker.proc is None or broker.proc.poll() is not None:
+                        print(f"mosquitto exited; see {broker.log_path}", file=sys.stderr)
+                        return 1
+            except KeyboardInterrupt:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,9 @@
 """A TCP proxy on loopback for network faults and latency, run in its own thread.
 
+    python -m simulators.infra.netproxy UPSTREAM_PORT [--port N] [--delay 0.01] [--mqtt ...]
+
+prints the port it listens on as its first stdout line and runs until Ctrl-C or SIGTERM.
+
     with NetProxy(upstream_port, delay_s=0.010) as proxy:   # +20 ms round trip
         proxy.port                 # connect here instead of upstream
         proxy.refuse()             # new connections are closed at once
@@ -30,10 +34,14 @@ again.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import signal
+import sys
 import threading
 import time
+from collections.abc import Sequence
 from types import TracebackType
 
 CONNECT, PUBLISH, PUBACK = 1, 3, 4
@@ -114,6 +122,7 @@ class NetProxy:
         upstream_host: str = "127.0.0.1",
         delay_s: float = 0.0,
         mqtt: bool = False,
+        port: int = 0,
     ) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.delay_s = delay_s
@@ -127,7 +136,7 @@ class NetProxy:
         self.pubacks_lost = 0
         self.pubacks_swallowed = 0
         self.publishes_cut = 0
-        self.port = 0
+        self.port = port
         self._accepting = True
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="netproxy", daemon=True)
@@ -142,7 +151,7 @@ class NetProxy:
         fut.result(5)
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def _inspect(self, upstream: bool, frames: MqttFrames, data: bytes) -> tuple[bytes, bool]:
@@ -305,3 +314,60 @@ class NetProxy:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulators.infra.netproxy",
+        description="A TCP proxy on 127.0.0.1 that adds latency and, with --mqtt, loses or "
+        "swallows PUBACKs and cuts PUBLISHes half way; the first stdout line is its port.  "
+        "Ctrl-C or SIGTERM stops it.",
+    )
+    parser.add_argument("upstream_port", type=int, help="the port to forward to (a broker's)")
+    parser.add_argument("--upstream-host", default="127.0.0.1", help="host to forward to")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
+    parser.add_argument(
+        "--delay", type=float, default=0.0, help="seconds added to each chunk, each direction"
+    )
+    parser.add_argument("--mqtt", action="store_true", help="cut the streams into MQTT packets")
+    parser.add_argument(
+        "--lose-pubacks", type=int, default=0, metavar="N",
+        help="with --mqtt: every Nth PUBACK is lost with its connection",
+    )  # fmt: skip
+    parser.add_argument(
+        "--swallow-pubacks", type=int, default=0, metavar="N",
+        help="with --mqtt: every Nth PUBACK is dropped, the connection lives on",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cut-mid-publish", type=int, default=0, metavar="N",
+        help="with --mqtt: every Nth PUBLISH from a client is cut half way",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    faults = (args.lose_pubacks, args.swallow_pubacks, args.cut_mid_publish)
+    if any(faults) and not args.mqtt:
+        parser.error("--lose-pubacks, --swallow-pubacks and --cut-mid-publish need --mqtt")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    proxy = NetProxy(
+        args.upstream_port,
+        upstream_host=args.upstream_host,
+        delay_s=args.delay,
+        mqtt=args.mqtt,
+        port=args.port,
+    )
+    with proxy:
+        if args.lose_pubacks:
+            proxy.lose_pubacks(args.lose_pubacks)
+        if args.swallow_pubacks:
+            proxy.swallow_pubacks(args.swallow_pubacks)
+        if args.cut_mid_publish:
+            proxy.cut_mid_publish(args.cut_mid_publish)
+        print(proxy.port, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stop.wait(0.5):
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,8 @@ The consent registry comes from the fake central over HTTP: some shoppers have c
 one never has.  Then the story: the broker goes down for a while (events buffer), a
 consented shopper withdraws meanwhile (the poll brings it: their buffered events are
 erased), and the broker comes back (the others' events flow, none of the leaver's).
+Each step waits for what it needs (``_Story``), not for a second of the clock, so a slow
+box tells the same story; ``--seconds N`` lets an unfinished story end first.
 """
 
 from __future__ import annotations
@@ -19,15 +21,23 @@ import asyncio
 import contextlib
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.app.daemon import Gateway
-from gateway.config.models import load_config
+from simulators.deps import GATEWAY, missing
+
+try:
+    from gateway.app.daemon import Gateway
+    from gateway.config.models import load_config
+    from gateway.consent.erasure import split_body
+except ModuleNotFoundError as exc:
+    raise missing(exc, "the store rig", GATEWAY) from exc
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 # Shoppers the central's registry has no consent for: their events are dropped.
@@ -35,8 +45,16 @@ NOT_CONSENTED = frozenset(
     {("rfid", "0A1B2C3D4E"), ("eddystone", "e157bd5df90aad1dc2fb:000000000001")}
 )
 LEAVER = ("ibeacon", "83256b74-78d0-43a4-8269-05f9dc8a44ba:16:32")  # consents, then withdraws
-OUTAGE = (12.0, 27.0)  # broker down between these seconds of the demo
+# The story is told by events, not the clock (a Pi or an emulated root is many times
+# slower): the broker goes down once events flow and the leaver has consent; the leaver
+# withdraws once their events are in the buffer; the broker comes back once the
+# withdrawal is applied (their buffered events erased).  On a fast box these seconds
+# pace it for a watcher: no step comes earlier.
+OUTAGE = (12.0, 27.0)  # broker down between these seconds of the demo, at the earliest
 WITHDRAW_AT = 18.0  # the iBeacon shopper withdraws, while the broker is down
+STORY_PATIENCE_S = 600.0  # --seconds N: past N, the story may take this long to end
+AFTER_STORY_S = 7.0  # --seconds N: the buffer drains this long after the story, at least
+CENTRAL_CATCH_UP_S = 30.0  # at the end: the central's figures catch up with forwarded
 
 
 class _Summary:
@@ -86,28 +104,124 @@ class _Summary:
             print(("\n" if self.tty else "") + self.line(), flush=True)
 
 
-async def _run(gw: Gateway, summary: _Summary, seconds: float | None, broker: Any) -> None:
+@dataclass
+class _Step:
+    not_before_s: float  # the pace on a fast box
+    happened: Callable[[], Awaitable[bool]]  # what the step waits for
+    text: Callable[[], str]
+    action: Callable[[], None] | None = None
+
+
+class _Story:
+    """The outage and withdrawal, each step when what it needs has happened."""
+
+    def __init__(self, gw: Gateway, broker: Any, trigger: Path) -> None:
+        self.gw = gw
+        self.broker = broker
+        self.trigger = trigger  # the fake central withdraws the leaver when it exists
+        self.leaver = gw.keyring.pseudonym(*LEAVER)
+        self.buffered = 0
+        self.erasures = 0.0
+        self.steps = [
+            _Step(OUTAGE[0], self._flowing,
+                  lambda: "the broker goes down: events stay in the buffer", broker.stop),
+            _Step(WITHDRAW_AT, self._leaver_buffered, self._withdraw_text, self._withdraw),
+            _Step(0.0, self._erased, self._erased_text),
+            _Step(OUTAGE[1], self._always,
+                  lambda: "the broker is back: the buffer drains, none of the leaver's",
+                  broker.start),
+        ]  # fmt: skip
+
+    async def _flowing(self) -> bool:
+        m = self.gw.metrics
+        return (
+            bool(m.get("mqtt_connected"))
+            and m.get("events_forwarded_total") > 0
+            and self.leaver in self.gw.consent.records
+        )
+
+    async def _leaver_buffered(self) -> bool:
+        self.buffered = await self.gw.outbox.read(self._count_leaver)
+        return self.buffered > 0
+
+    def _count_leaver(self, conn: sqlite3.Connection) -> int:
+        """The leaver's events in the buffer (chunks name their subjects)."""
+        n = 0
+        for names, body in conn.execute("SELECT subjects, body FROM chunks WHERE subjects != ''"):
+            if self.leaver in str(names).split(" "):
+                n += sum(
+                    1
+                    for _, event in split_body(str(body))
+                    if isinstance(event, dict) and event.get("subject") == self.leaver
+                )
+        return n
+
+    def _withdraw_text(self) -> str:
+        return (
+            f"the iBeacon shopper withdraws consent ({self.buffered} of their events "
+            "in the buffer); the poll brings it"
+        )
+
+    def _withdraw(self) -> None:
+        self.erasures = self.gw.metrics.get("erasures_total")
+        self.trigger.touch()
+
+    async def _erased(self) -> bool:
+        return (
+            self.leaver in self.gw.consent.withdrawn
+            and self.gw.metrics.get("erasures_total") > self.erasures
+            and await self.gw.outbox.read(self._count_leaver) == 0
+        )
+
+    def _erased_text(self) -> str:
+        erased = self.gw.metrics.get("erased_events_total")
+        return f"the withdrawal is applied: {erased:.0f} buffered events erased"
+
+    @staticmethod
+    async def _always() -> bool:
+        return True
+
+    async def advance(self, elapsed: float, summary: _Summary) -> None:
+        """Tell the next step if its time has come and what it needs has happened."""
+        if self.steps and elapsed >= self.steps[0].not_before_s and await self.steps[0].happened():
+            step = self.steps.pop(0)
+            summary.note(step.text())
+            if step.action is not None:
+                await asyncio.to_thread(step.action)
+
+
+async def _run(
+    gw: Gateway, summary: _Summary, seconds: float | None, broker: Any, trigger: Path
+) -> None:
     task = asyncio.create_task(gw.run())
     await gw.ready.wait()
     start = time.monotonic()
-    deadline = None if seconds is None else start + seconds
-    story: list[tuple[float, str, Callable[[], None] | None]] = [
-        (OUTAGE[0], "the broker goes down: events stay in the buffer", broker.stop),
-        (WITHDRAW_AT + 1, "the iBeacon shopper withdraws consent; the poll brings it", None),
-        (OUTAGE[1], "the broker is back: the buffer drains, none of the leaver's", broker.start),
-    ]
+    story = _Story(gw, broker, trigger)
+    ended: float | None = None  # when the story's last step was told
     while not task.done():
-        if story and time.monotonic() - start >= story[0][0]:
-            _, text, action = story.pop(0)
-            summary.note(text)
-            if action is not None:
-                await asyncio.to_thread(action)
+        await story.advance(time.monotonic() - start, summary)
+        if ended is None and not story.steps:
+            ended = time.monotonic()
         summary.show()
-        if deadline is not None and time.monotonic() >= deadline:
+        if seconds is not None and _done(start, seconds, ended, summary):
             gw.stop_event.set()
             break
         await asyncio.sleep(0.5)
     await task
+
+
+def _done(start: float, seconds: float, ended: float | None, summary: _Summary) -> bool:
+    """``--seconds`` are up: N seconds and the story told (and the buffer some time to
+    drain), or N seconds and STORY_PATIENCE_S more without it."""
+    now = time.monotonic()
+    if now < start + seconds:
+        return False
+    if ended is not None:
+        return now >= ended + AFTER_STORY_S
+    if now >= start + seconds + STORY_PATIENCE_S:
+        summary.note(f"stopped before the story ended ({STORY_PATIENCE_S:.0f}s past --seconds)")
+        return True
+    return False
 
 
 def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
@@ -121,14 +235,17 @@ def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
         work = workdir.resolve()
         work.mkdir(parents=True, exist_ok=True)
     print(f"demo: files in {work} (simulator output in sim-*.log)")
+    trigger = work / "withdraw-now"  # the story touches it when the leaver is buffered
+    trigger.unlink(missing_ok=True)
     rig = StoreRig(
         work,
         RigLoad(till_interval_s=4.0),
         consent_exclude=NOT_CONSENTED,
         consent_steps=[
-            {"at_s": WITHDRAW_AT, "action": "withdraw", "identity": LEAVER, "push": True}
+            {"at_s": 0, "when_file": str(trigger), "action": "withdraw", "identity": LEAVER,
+             "push": True}
         ],
-    )
+    )  # fmt: skip
     try:
         with rig:
             print(f"demo: mosquitto on 127.0.0.1:{rig.broker.port}")
@@ -150,9 +267,10 @@ def run_demo(*, seconds: float | None, workdir: Path | None) -> int:
             )
             summary = _Summary(gw, rig.central_stats)
             with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(_run(gw, summary, seconds, rig.broker))
+                asyncio.run(_run(gw, summary, seconds, rig.broker, trigger))
             forwarded = gw.metrics.get("events_forwarded_total")
-            deadline = time.monotonic() + 5  # the central writes its figures every ~0.5 s
+            # the central writes its figures every ~0.5 s (slower on a slow box)
+            deadline = time.monotonic() + CENTRAL_CATCH_UP_S
             while summary.central().get("accepted", 0) < forwarded and time.monotonic() < deadline:
                 time.sleep(0.2)
             summary.show(final=True)

@@ -45,8 +45,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from drivers.synthetic import card_number
-from gateway.identity.pseudonyms import Keyring
+from simulators.deps import GATEWAY, missing
+
+try:
+    from drivers.synthetic import card_number
+    from gateway.identity.pseudonyms import Keyring
+except ModuleNotFoundError as exc:
+    raise missing(exc, "the store rig", GATEWAY) from exc
 from simulators.devices.ble_scenario import Scenario, build_timeline
 from simulators.infra.broker import Mosquitto, free_port
 

@@ -102,6 +102,9 @@ def fetch(blocks: Sequence[str], arch: str, dest: Path) -> list[Path]:
 
 def own_wheel(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
+    # setuptools builds in the tree and packs all of build/lib: files a former build left
+    # there (a package since moved out of this wheel, like simulators/) would ship too.
+    shutil.rmtree(REPO / "build", ignore_errors=True)
     pip("wheel", "-q", "--no-deps", "-w", str(dest), str(REPO))
     (wheel,) = dest.glob("touchpoint_gateway-*.whl")
     return wheel

@@ -4,7 +4,9 @@ Every row carries the measured value, the reference measured in the same run (wh
 is one) and the goal from the issues, with ``met`` True / False, or None when the goal
 does not apply to this run (a quick run, a reference that could not run) or there is no
 goal.  Goals are applied to ``ours`` or to the ratio ours / reference, as each issue
-states them.
+states them.  Figures from an emulated run (``"emulated": true``, see
+``tests.bench.goals``) leave speed and footprint goals unjudged (``met`` None,
+``emulated`` True); goals emulation does not bend (``Goal.emulated_ok``) are judged.
 
     rows = headline_rows("pipeline", figures)   # figures: ``bench pipeline --json``
 """
@@ -14,7 +16,10 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
+
+from tests.bench.goals import NOT_JUDGED
 
 _OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
 FULL_DRAIN_EVENTS = 1_000_000
@@ -22,12 +27,17 @@ FULL_DRAIN_EVENTS = 1_000_000
 
 @dataclass(frozen=True)
 class Goal:
-    """``op`` ``value`` on ``on`` ("ours" or "ratio"); ``text`` as the issue says it."""
+    """``op`` ``value`` on ``on`` ("ours" or "ratio"); ``text`` as the issue says it.
+
+    ``emulated_ok``: emulation does not bend the figure (a success rate on a fixed
+    corpus), so the goal is judged in an emulated run too.
+    """
 
     op: str
     value: float
     text: str
     on: str = "ours"
+    emulated_ok: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class Row:
     goal: str = ""
     met: bool | None = None
     note: str = ""
+    emulated: bool = False  # the goal was not judged: an emulated run
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,20 +70,30 @@ def _row(
     goal: Goal | None = None,
     note: str = "",
     applies: bool = True,
+    emulated: bool = False,
 ) -> Row:
     met: bool | None = None
-    if goal is not None and applies:
+    unjudged = goal is not None and applies and emulated and not goal.emulated_ok
+    if unjudged:
+        note = f"{note}; {NOT_JUDGED}" if note else NOT_JUDGED
+    elif goal is not None and applies:
         judged = ours if goal.on == "ours" else ratio
         if judged is not None:
             met = _OPS[goal.op](judged, goal.value)
     return Row(
         benchmark, figure, ours, unit, reference, reference_label, ratio,
-        goal.text if goal else "", met, note,
+        goal.text if goal else "", met, note, unjudged,
     )  # fmt: skip
+
+
+def _rows_for(f: dict[str, Any]) -> Callable[..., Row]:
+    """``_row`` for one benchmark's figures: goals unjudged when they are emulated."""
+    return partial(_row, emulated=bool(f.get("emulated", False)))
 
 
 def _pipeline(f: dict[str, Any]) -> list[Row]:
     b = "pipeline"
+    _row = _rows_for(f)
     return [
         _row(b, "durable end-to-end events/s", f["events_per_s"], "events/s",
              reference=f["reference_events_per_s"], reference_label="bare SQLite + paho",
@@ -91,6 +112,7 @@ def _pipeline(f: dict[str, Any]) -> list[Row]:
 
 def _drain(f: dict[str, Any]) -> list[Row]:
     b = "drain"
+    _row = _rows_for(f)
     full = f["events"] == FULL_DRAIN_EVENTS
     return [
         _row(b, f"backlog drain of {f['events']:,} buffered events", f["drain_s"], "s",
@@ -107,6 +129,7 @@ def _drain(f: dict[str, Any]) -> list[Row]:
 
 def _ble(f: dict[str, Any]) -> list[Row]:
     b = "ble"
+    _row = _rows_for(f)
     rows = [
         _row(b, "parse + presence, one core", f["presence_adverts_per_s"], "adverts/s",
              goal=Goal(">=", 200_000, "≥ 200,000 adverts/s")),
@@ -130,6 +153,7 @@ def _ble(f: dict[str, Any]) -> list[Row]:
 
 def _qr(f: dict[str, Any]) -> list[Row]:
     b = "qr"
+    _row = _rows_for(f)
     default, ref_name = f["default_decoder"], f["reference_decoder"]
     ref = f["decoders"].get(ref_name, {}).get("1280x720", {})
     ref_success = f["success"].get(ref_name, {})
@@ -142,9 +166,9 @@ def _qr(f: dict[str, Any]) -> list[Row]:
              goal=Goal(">=", 120, "≥ 120 frames/s")),
     ]  # fmt: skip
     for cls, goal in (
-        ("upright", Goal(">=", 98, "≥ 98 %")),
-        ("rotated", Goal(">=", 98, "≥ 98 %")),
-        ("low_contrast", Goal(">=", 90, "≥ 90 %")),
+        ("upright", Goal(">=", 98, "≥ 98 %", emulated_ok=True)),
+        ("rotated", Goal(">=", 98, "≥ 98 %", emulated_ok=True)),
+        ("low_contrast", Goal(">=", 90, "≥ 90 %", emulated_ok=True)),
         ("glare_blur", None),
     ):
         ref_share = ref_success.get(cls)
@@ -174,6 +198,7 @@ def _qr(f: dict[str, Any]) -> list[Row]:
 
 def _memory(f: dict[str, Any]) -> list[Row]:
     b = "memory"
+    _row = _rows_for(f)
     return [
         _row(b, "daemon RSS, every source at load (peak)", f["rss_peak_mib"], "MiB",
              reference=f.get("reference_rss_peak_mib"),

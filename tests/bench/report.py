@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tests.bench.goals import EMULATED_ENV, NOT_JUDGED, emulated
 from tests.bench.headline import Row, fmt_number, headline_rows
 from tests.bench.machine import load_snapshot, machine, python_start_s, versions
 from tests.bench.registry import BENCHMARKS
@@ -110,6 +111,7 @@ def run_report(
         "report": 1,
         "started": started.isoformat(timespec="seconds"),
         "quick": quick,
+        "emulated": emulated(),  # goals are then not judged (tests.bench.goals)
         "benchmarks_selected": names,
         "machine": machine(),
         "versions": versions(),
@@ -174,6 +176,8 @@ def _plots(report: dict[str, Any], out: Path) -> tuple[list[str], str | None]:
 
 
 def _met(row: dict[str, Any]) -> str:
+    if row.get("emulated"):
+        return NOT_JUDGED
     return {True: "met", False: "**not met**", None: "—"}[row["met"]]
 
 
@@ -226,7 +230,9 @@ def _la(values: list[float]) -> str:
 
 def readme_block(report: dict[str, Any]) -> str:
     m = report["machine"]
-    kind = "quick run" if report["quick"] else "full run"
+    kind = ("quick run" if report["quick"] else "full run") + (
+        ", emulated: goals not judged" if report.get("emulated") else ""
+    )
     return (
         f"Latest report ({kind}, {report['started'][:10]}, `make bench`): "
         f"{m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB, Python {m['python']}; "
@@ -242,6 +248,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['finished']} (UTC). Every figure is beside a reference measured in the "
         "same run; on a shared machine the ratios hold, absolute figures do not.\n",
         f"Load: {load_line(report)}.\n",
+        *_emulated_line(report),
         "## Headline\n",
         headline_table(report),
         "## Machine\n",
@@ -268,6 +275,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["plots_error"]:
         parts.append(f"Plots: {report['plots_error']}\n")
     return "\n".join(parts)
+
+
+def _emulated_line(report: dict[str, Any]) -> list[str]:
+    if not report.get("emulated"):
+        return []
+    return [
+        f"Emulated run ({EMULATED_ENV}): every figure is measured and shown, speed and "
+        "footprint goals are not judged (an emulator's speed and memory are not the "
+        "code's).\n"
+    ]
 
 
 def _scalars(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:

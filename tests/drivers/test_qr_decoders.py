@@ -18,6 +18,7 @@ from drivers.camera.decoders import (
 )
 from gateway.errors import SourceError
 from simulators.devices.camera import Look, hostile_payload, qr_matrix, render_frame
+from tests.bench.goals import emulated
 from tests.bench.qr import CLASSES, bench_qr, corpus
 
 PAYLOAD = b"TPA1.eyJzdWIiOiJhcHAtdXNlci0xIn0.c2lnbmF0dXJlLXBsYWNlaG9sZGVyLXh4eHh4eHh4eHh4eA"
@@ -164,4 +165,25 @@ def test_bench_quick_all_decoders_and_goal(capsys: pytest.CaptureFixture[str]) -
     print_qr(figures)
     out = capsys.readouterr().out
     assert "opencv (ref)" in out and "pyzbar" in out
-    assert figures["goal_met"], out
+    if emulated():  # frames/s under qemu say nothing of the code; success rates still do
+        assert figures["goal_met"] is None, out
+        assert "not judged (emulated))" in out
+    else:
+        assert figures["goal_met"] is True, out
+
+
+def test_bench_under_emulation_prints_figures_and_leaves_the_speed_goal_unjudged(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.bench.qr import print_qr
+
+    monkeypatch.setenv("TOUCHPOINT_EMULATED", "1")
+    figures = bench_qr(quick=True, decoders=(DEFAULT_DECODER,), per_class=2, tap=False)
+    print_qr(figures)
+    out = capsys.readouterr().out
+    assert figures["emulated"] is True and figures["fps_1280x720"] > 0
+    assert figures["success_upright"] == 1.0  # still measured and judged
+    assert figures["goal_met"] is None and "not judged (emulated))" in out, out
+    monkeypatch.setenv("TOUCHPOINT_EMULATED", "0")
+    figures = bench_qr(quick=True, decoders=(DEFAULT_DECODER,), per_class=2, tap=False)
+    assert figures["emulated"] is False and figures["goal_met"] in (True, False)

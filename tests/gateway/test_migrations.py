@@ -38,12 +38,6 @@ def _dump(db: Path) -> list[str]:
         conn.close()
 
 
-@pytest.fixture
-def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
-    with Mosquitto(tmp_path / "mq") as b:
-        yield b
-
-
 def test_a_rollback_onto_newer_migrations_refuses_to_start(
     tmp_path: Path, broker: Mosquitto
 ) -> None:

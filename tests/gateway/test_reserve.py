@@ -3,7 +3,6 @@ whole, synced with its folder."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,6 @@ from simulators.infra.broker import Mosquitto
 from tests.system.harness import GatewayProc, synthetic
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path / "mq") as b:
-        yield b
 
 
 def test_a_reserve_a_power_cut_left_empty_is_made_again(tmp_path: Path, broker: Mosquitto) -> None:

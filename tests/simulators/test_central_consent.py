@@ -110,6 +110,27 @@ subject = "{A}"
         load_script(tmp_path / "bad.json")
 
 
+def test_a_script_step_with_when_file_waits_for_the_file(tmp_path: Path) -> None:
+    go = tmp_path / "withdraw-now"
+    steps = [
+        {"at_s": 0, "action": "grant", "subject": A, "purposes": ["linking"]},
+        {"at_s": 0, "action": "withdraw", "subject": A, "when_file": str(go)},
+    ]
+    with ConsentAPI(token="t0k") as api:
+        api.run_script(steps, STORE)
+        time.sleep(1.0)  # long past its at_s: still waiting for the file
+        assert api.current(STORE)[A]["purposes"] == ["linking"]
+        go.touch()
+        deadline = time.monotonic() + 5
+        while api.current(STORE)[A]["purposes"] != [] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert api.current(STORE)[A]["purposes"] == []
+    with ConsentAPI(token="t0k") as api:  # a file that never comes does not block stop()
+        api.run_script([{"action": "expire_cursors", "when_file": str(tmp_path / "never")}],
+                       STORE)  # fmt: skip
+    assert not (tmp_path / "never").exists()
+
+
 def test_push_reaches_the_gateway_through_the_real_publisher(
     tmp_path: Path, broker: Mosquitto
 ) -> None:

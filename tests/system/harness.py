@@ -128,7 +128,11 @@ summary_interval_s = 1
         raise TimeoutError(f"daemon did not log {text!r}; log:\n{self.log.read_text()[-3000:]}")
 
     def wait_ready(self) -> None:
+        """The daemon logged its ready line and, with ``[health]``, its endpoint listens (it
+        opens just after the ready line: a test that asked at once met a refused connection)."""
         self.wait_log("touchpoint-gateway ")
+        if self.health_port is not None:
+            self.wait_log("health endpoint on")
 
     def reload(self) -> None:
         """SIGHUP.  The log mark moves first, so ``wait_log`` and ``wait_ready`` see only

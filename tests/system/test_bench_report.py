@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests.bench.goals import emulated
+
 pytestmark = pytest.mark.slow
 
 
@@ -30,7 +32,8 @@ def _report(out: Path) -> dict[str, Any]:
 
 def test_quick_report_has_figures_references_goals_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "report"
-    done = _bench("--quick", "--only", "memory,pipeline", "--out", str(out))
+    # a hang guard: an emulated root takes minutes (each benchmark is limited to 900 s)
+    done = _bench("--quick", "--only", "memory,pipeline", "--out", str(out), timeout=1800)
     assert done.returncode == 0, done.stderr
     assert "[1/2] pipeline ..." in done.stderr and "[2/2] memory ..." in done.stderr
     report = _report(out)
@@ -46,12 +49,19 @@ def test_quick_report_has_figures_references_goals_and_plots(tmp_path: Path) -> 
     pipeline = report["benchmarks"]["pipeline"]["figures"]
     assert throughput["ours"] == pipeline["events_per_s"] > 0
     assert throughput["reference"] == pipeline["reference_events_per_s"] > 0
-    assert throughput["met"] == (pipeline["events_per_s"] >= 65_000)
     rss = rows["memory", "daemon RSS, every source at load (peak)"]
     memory = report["benchmarks"]["memory"]["figures"]
     assert 10 < rss["ours"] == memory["rss_peak_mib"]
     assert 10 < rss["reference"] == memory["reference_rss_peak_mib"]
-    assert rss["goal"] == "≤ 100 MiB" and rss["met"] == (rss["ours"] <= 100)
+    assert rss["goal"] == "≤ 100 MiB"
+    assert report["emulated"] is emulated()
+    if emulated():  # under qemu: figures shown, goals not judged (tests.bench.goals)
+        for row in (throughput, rss):
+            assert row["met"] is None and row["emulated"], row
+        assert "not judged (emulated)" in (out / "report.md").read_text(encoding="utf-8")
+    else:
+        assert throughput["met"] == (pipeline["events_per_s"] >= 65_000)
+        assert rss["met"] == (rss["ours"] <= 100)
     # every source of the simulated store really ran while memory was sampled
     assert memory["silent_sources"] == [], memory["events_by_source"]
     assert len(memory["samples"]) >= 10

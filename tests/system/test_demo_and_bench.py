@@ -26,9 +26,21 @@ def test_demo_runs_the_daemon_against_the_simulators(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=900,  # a hang guard: on a slow box the story ends first (STORY_PATIENCE_S)
         check=True,
     ).stdout
+    # the story, in its order, each step after what it needs (simulators.rig.demo._Story)
+    story = [
+        "demo: the broker goes down: events stay in the buffer",
+        "demo: the iBeacon shopper withdraws consent (",
+        "demo: the withdrawal is applied: ",
+        "demo: the broker is back: the buffer drains, none of the leaver's",
+    ]
+    at = [out.find(line) for line in story]
+    assert -1 not in at and at == sorted(at), out
+    assert "stopped before the story ended" not in out, out
+    buffered = re.search(r"withdraws consent \((\d+) of their events in the buffer\)", out)
+    assert buffered and int(buffered[1]) > 0, out
     last = [line for line in out.splitlines() if " forwarded " in line][-1]
     assert "demo: consent decisions: " in out and "consented" in out
     fields = dict(re.findall(r"([a-z()]+(?: accepted)?) (\d+)", last))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.slow
 VERSION = build.version()
 BASE_GOAL_MIB = 60
 CAMERA_GOAL_MIB = 300  # base + camera
+NOT_ON_A_BOX = tuple(f"/opt/touchpoint-gateway/{lib}/{pkg}" for lib in ("lib", "lib-camera")
+                     for pkg in ("simulators/", "tests/", "touchpoint_simulators"))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def test_packages_for_each_architecture(dist: Path, arch: str) -> None:
         "/usr/lib/tmpfiles.d/touchpoint-gateway.conf",
         "/lib/udev/rules.d/99-touchpoint-serial.rules",
         "/opt/touchpoint-gateway/share/touchpoint-gateway/firmware-config/gateway.example.toml",
-        "/opt/touchpoint-gateway/lib/gateway/cli.py",
+        "/opt/touchpoint-gateway/lib/gateway/app/cli.py",
         "/opt/touchpoint-gateway/lib/paho/mqtt/client.py",
     ):
         assert path in files, path
@@ -81,6 +84,19 @@ def test_packages_for_each_architecture(dist: Path, arch: str) -> None:
     cfiles = contents(camera)
     assert "/opt/touchpoint-gateway/lib-camera/cv2/__init__.py" in cfiles
     assert any(f.startswith("/opt/touchpoint-gateway/lib-camera/zxingcpp") for f in cfiles)
+    # no simulators and no tests on a store box: they are touchpoint-simulators' (and the
+    # checkout's), never the daemon's wheel
+    assert [f for f in files if f.startswith("/opt/touchpoint-gateway/lib/drivers/")]
+    for listing in (files, cfiles):
+        assert not [f for f in listing if f.startswith(NOT_ON_A_BOX)], arch
+
+
+def test_the_daemons_wheel_carries_no_simulators(tmp_path: Path) -> None:
+    """The wheel build.py packs (``pip wheel`` of the repository): gateway and drivers only."""
+    wheel = build.own_wheel(tmp_path)
+    with zipfile.ZipFile(wheel) as zf:
+        tops = {name.split("/")[0] for name in zf.namelist()}
+    assert tops == {"gateway", "drivers", f"touchpoint_gateway-{VERSION}.dist-info"}
 
 
 @pytest.mark.parametrize("arch", ["amd64", "arm64"])
