@@ -479,8 +479,9 @@ def fetch_test_tools(arch: str, dest: Path) -> Path:
 
 
 def run_fast_tests(root: Root, arch: str, work: Path) -> None:
-    """The fast tests against the installed package in the root: the test tree and the
-    test tools copied in, ``gateway``, ``drivers`` and ``simulators`` the package's own."""
+    """The fast tests against the installed package in the root: the test tree, the
+    simulators (touchpoint-simulators, not in the package) and the test tools copied in;
+    ``gateway`` and ``drivers`` are the package's own."""
     selection = os.environ.get("TOUCHPOINT_ARM64_TESTS", ARM64_FAST_TESTS)
     say(f"{arch}: fetching the test tools for the root: {', '.join(TEST_TOOLS)}")
     tools = fetch_test_tools(arch, work)
@@ -489,7 +490,9 @@ def run_fast_tests(root: Root, arch: str, work: Path) -> None:
     shutil.copy(REPO / "pyproject.toml", tp / "pyproject.toml")
     (tp / "conftest.py").write_text(EMULATED_CONFTEST, encoding="utf-8")
     shutil.copytree(tools, tp / "tools")
-    for name in ("gateway", "drivers", "simulators"):
+    shutil.copytree(REPO / "simulators", tp / "simulators",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))  # fmt: skip
+    for name in ("gateway", "drivers"):
         (tp / name).symlink_to(f"{PREFIX}/lib/{name}")
     (tp / "firmware-config").symlink_to(f"{PREFIX}/share/touchpoint-gateway/firmware-config")
     say(f"{arch}: pytest {selection} (in the root, under emulation)")
