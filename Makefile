@@ -130,7 +130,8 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 # The arm64 package installed into an arm64 Debian 12 root under qemu-user-static
-# (binfmt_misc): --version and check-config.  Needs root; slow; not part of `make test`.
+# (binfmt_misc): --version, check-config, then the fast tests against the installed
+# package (TOUCHPOINT_ARM64_TESTS picks others).  Needs root; slow; not part of `make test`.
 test-arm64-package: install
 	TOUCHPOINT_TEST_ARM64=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider \
 		tests/systemd/test_dist_install.py -k arm64

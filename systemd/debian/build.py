@@ -116,6 +116,24 @@ def install_target(wheels: Iterable[Path], target: Path, arch: str) -> None:
         *platform_args(arch), *map(str, wheels))  # fmt: skip
     for junk in ("bin",):  # console scripts made for the build's interpreter
         shutil.rmtree(target / junk, ignore_errors=True)
+    prune(target)
+
+
+# Installed by the lock but never run on a store box: pip (sqlite-utils requires it for its
+# `sqlite-utils install` command; 14 MB on disk with bytecode) and the libraries' own test
+# suites (numpy's is 17 MB).  The hashes were checked on the wheels; this trims the tree.
+PRUNE_TOP = ("pip",)
+PRUNE_DIRS = ("tests",)
+
+
+def prune(target: Path) -> None:
+    for name in PRUNE_TOP:
+        shutil.rmtree(target / name, ignore_errors=True)
+        for info in target.glob(f"{name}-*.dist-info"):
+            shutil.rmtree(info)
+    for tests in sorted(target.rglob("*"), reverse=True):
+        if tests.is_dir() and tests.name in PRUNE_DIRS:
+            shutil.rmtree(tests)
 
 
 LAUNCHER = f"""#!/usr/bin/python3 -I

@@ -31,14 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="all",
-        choices=["all", "pipeline", "drain", "ble", "qr", "memory", "wear"],
+        choices=["all", "pipeline", "drain", "ble", "qr", "memory", "wear", "footprint"],
         help="all: every benchmark, one report (default); "
         "pipeline: events end to end beside bare SQLite + paho; "
         "drain: a buffered backlog beside plain paho, start-up to READY, RSS; "
         "ble: adverts/s and CPU per advert beside bare bleak and TheengsGateway; "
         "qr: frames/s and success per QR decoder beside OpenCV's detector; "
         "memory: the daemon's RSS, fds and threads with every simulated source at load; "
-        "wear: bytes reaching a loop device's ext4 per event at 0-1,000 events/s (root)",
+        "wear: bytes reaching a loop device's ext4 per event at 0-1,000 events/s (root); "
+        "footprint: the packages' installed sizes, and the packaged daemon's RSS and "
+        "start-up to READY with every source but the camera",
     )
     s.add_argument(
         "--json",

@@ -237,6 +237,39 @@ def _wear(f: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _footprint(f: dict[str, Any]) -> list[Row]:
+    b = "footprint"
+    sizes = f["sizes"]
+    rows: list[Row] = []
+    if "size_error" in sizes:
+        rows.append(_row(b, "installed size (packages not built)", None, "MB",
+                         note=sizes["size_error"].splitlines()[0]))  # fmt: skip
+    for arch in sizes.get("arches", []):
+        s = sizes[arch]
+        rows += [
+            _row(b, f"installed size, base package ({arch}, on disk with bytecode)",
+                 s["base_mb"], "MB", goal=Goal("<=", f["goal_base_mb"], "≤ 60 MB"),
+                 note=f"dpkg Installed-Size {s['base_installed_size_mb']} MB"),
+            _row(b, f"installed size, base + camera ({arch}, on disk with bytecode)",
+                 s["base_camera_mb"], "MB",
+                 goal=Goal("<=", f["goal_base_camera_mb"], "≤ 300 MB"),
+                 note=f"dpkg Installed-Size {s['base_camera_installed_size_mb']} MB"),
+        ]  # fmt: skip
+    rows += [
+        _row(b, "packaged daemon RSS, every source but the camera at load (peak)",
+             f["rss_peak_mib"], "MiB", reference=f["reference_rss_peak_mib"],
+             reference_label="the same daemon with no sources",
+             goal=Goal("<=", f["goal_rss_mib"], "≤ 64 MiB")),
+        _row(b, "start → READY, every source but the camera (median)",
+             f["start_to_ready_s"], "s", reference=f["reference_python_start_s"],
+             reference_label="bare `python3 -I -c pass`",
+             goal=Goal("<=", f["goal_ready_s"], "≤ 0.5 s"),
+             note=f"max {f['start_to_ready_max_s']} s of {len(f['start_to_ready_runs'])}; "
+             f"CPU to READY {f['start_to_ready_cpu_s']} s"),
+    ]  # fmt: skip
+    return rows
+
+
 _EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "pipeline": _pipeline,
     "drain": _drain,
@@ -244,6 +277,7 @@ _EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "qr": _qr,
     "memory": _memory,
     "wear": _wear,
+    "footprint": _footprint,
 }
 
 

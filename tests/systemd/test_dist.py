@@ -128,3 +128,17 @@ def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
     for block in base + camera:
         assert "==" in block and "--hash=sha256:" in block, block.splitlines()[0]
     assert {b.split("==")[0] for b in camera} == set(build.CAMERA)
+
+
+def test_the_packages_carry_no_pip_and_no_test_suites(dist: Path) -> None:
+    """sqlite-utils requires pip for its `install` command, which a store box never runs
+    (14 MB on disk with bytecode); numpy's own test suite is 17 MB."""
+    for name in ("touchpoint-gateway", "touchpoint-gateway-camera"):
+        files = contents(dist / f"{name}_{VERSION}_arm64.deb")
+        assert not [f for f in files if "/lib/pip/" in f or "/lib/pip-" in f], name
+        tests = [f for f in files if "/tests/" in f]
+        assert not tests, tests[:5]
+    base = contents(dist / f"touchpoint-gateway_{VERSION}_arm64.deb")
+    assert "/opt/touchpoint-gateway/lib/sqlite_utils/db.py" in base
+    camera = contents(dist / f"touchpoint-gateway-camera_{VERSION}_arm64.deb")
+    assert "/opt/touchpoint-gateway/lib-camera/numpy/testing/__init__.py" in camera

@@ -18,7 +18,6 @@ import base64
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -80,41 +79,11 @@ def say(text: str) -> None:
 
 
 def host_mirrors(suite: str = SUITE) -> list[str]:
-    """``deb URI SUITE COMPONENTS`` lines for every *suite* entry in the host's apt sources."""
-    out: list[str] = []
-
-    def add(uri: str, suites: list[str], comps: list[str]) -> None:
-        for s in suites:
-            line = f"deb {uri} {s} {' '.join(comps)}"
-            if (s == suite or s.startswith(suite + "-")) and line not in out:
-                out.append(line)
-
-    lists = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]
-    for path in lists:
-        if not path.is_file():
-            continue
-        for raw in path.read_text(encoding="utf-8").splitlines():
-            words = re.sub(r"\[[^]]*\]", "", raw.split("#", 1)[0]).split()
-            if len(words) >= 4 and words[0] == "deb":
-                add(words[1], [words[2]], words[3:])
-    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
-        for stanza in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")):
-            fields: dict[str, str] = {}
-            key = ""
-            for raw in stanza.splitlines():
-                if raw.startswith("#"):
-                    continue
-                if raw[:1] in (" ", "\t") and key:
-                    fields[key] += " " + raw.strip()
-                elif ":" in raw:
-                    key, value = raw.split(":", 1)
-                    key = key.strip().lower()
-                    fields[key] = value.strip()
-            if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes") != "no":
-                for uri in fields.get("uris", "").split():
-                    add(uri, fields.get("suites", "").split(),
-                        fields.get("components", "main").split())  # fmt: skip
-    return out
+    """``deb URI SUITE COMPONENTS`` lines for every *suite* entry in the host's apt sources
+    (``.ci/apt-mirrors``, which .ci/fresh-root uses too)."""
+    done = subprocess.run([sys.executable, str(REPO / ".ci" / "apt-mirrors"), suite],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    return done.stdout.splitlines()
 
 
 def root_tarball(arch: str) -> Path:
@@ -155,9 +124,10 @@ class Root:
         return ["unshare", *flags, *([] if net else ["--net"]), "sh", "-c", mounts, "sh", *cmd]
 
     def run(self, *cmd: str, net: bool = False, check: bool = True,
-            env: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:  # fmt: skip
+            env: tuple[str, ...] = (), timeout: float = 600,
+            ) -> subprocess.CompletedProcess[str]:  # fmt: skip
         proc = subprocess.run(self.argv(list(cmd), net=net, env=env), capture_output=True,
-                              text=True, timeout=600, check=False)  # fmt: skip
+                              text=True, timeout=timeout, check=False)  # fmt: skip
         if check and proc.returncode != 0:
             raise AssertionError(f"{cmd} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -436,7 +406,8 @@ def test_arm64_package_installs_under_emulation(
     tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto
 ) -> None:
     """The arm64 package on an arm64 root (qemu-user-static through binfmt_misc):
-    installs offline, ``--version`` and ``check-config`` pass."""
+    installs offline, ``--version`` and ``check-config`` pass, and the fast tests pass
+    against the installed package (``run_fast_tests``)."""
     if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
         pytest.skip("qemu-aarch64 is not registered in binfmt_misc (qemu-user-static)")
     sys.path.insert(0, str(BUILD.parent))
@@ -460,5 +431,77 @@ def test_arm64_package_installs_under_emulation(
         check = check_config(root)
         assert check.returncode == 0, check.stdout + check.stderr
         say("arm64: --version and check-config pass")
+        run_fast_tests(root, "arm64", tmp_path_factory.mktemp("test-deps-arm64"))
     finally:
         shutil.rmtree(root.path, ignore_errors=True)
+
+
+# The fast tests run on the installed package under emulation: those that exercise each
+# native library of the base package on the target (pydantic-core: config; PyNaCl and
+# cffi: tokens; dbus-fast: bleak against the fake BlueZ on a private D-Bus; pyserial on a
+# pty; Debian's sqlite3: the outbox) and the wire formats (hypothesis).  The whole
+# not-slow suite (1,200 tests) takes hours under qemu-user on two cores;
+# TOUCHPOINT_ARM64_TESTS="tests -m 'not slow'" asks for it anyway.
+ARM64_FAST_TESTS = (
+    "tests/gateway/test_config.py tests/gateway/test_tokens.py tests/gateway/test_identity.py "
+    "tests/gateway/test_outbox.py tests/drivers/test_ble_adverts.py "
+    "tests/drivers/test_card_frames.py tests/drivers/test_serial_cards.py "
+    "tests/drivers/test_ble_driver.py::test_walkthrough_end_to_end "
+    "tests/drivers/test_ble_driver.py::test_address_rotation_and_two_zones -m 'not slow'"
+)
+# What the tests need beyond the package, at the dev venv's versions.
+TEST_TOOLS = ("pytest", "pytest-timeout", "hypothesis", "cryptography")
+# Emulation is ~10x slower: no hypothesis deadlines (the tests' own timeouts stay).
+EMULATED_CONFTEST = """from hypothesis import settings
+
+settings.register_profile("emulated", deadline=None)
+settings.load_profile("emulated")
+"""
+
+
+def fetch_test_tools(arch: str, dest: Path) -> Path:
+    """pytest and the test tools as binary wheels for *arch* (pip's platform options, no
+    compiler), laid out as a ``--target`` tree; the tree."""
+    import importlib.metadata
+
+    sys.path.insert(0, str(BUILD.parent))
+    try:
+        import build as dist_build
+    finally:
+        sys.path.remove(str(BUILD.parent))
+    pins = [f"{n}=={importlib.metadata.version(n)}" for n in TEST_TOOLS]
+    wheels = dest / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+                    *dist_build.platform_args(arch), "-d", str(wheels), *pins],
+                   check=True)  # fmt: skip
+    dist_build.install_target(sorted(wheels.glob("*.whl")), dest / "site", arch)
+    return dest / "site"
+
+
+def run_fast_tests(root: Root, arch: str, work: Path) -> None:
+    """The fast tests against the installed package in the root: the test tree, the
+    simulators (touchpoint-simulators, not in the package) and the test tools copied in;
+    ``gateway`` and ``drivers`` are the package's own."""
+    selection = os.environ.get("TOUCHPOINT_ARM64_TESTS", ARM64_FAST_TESTS)
+    say(f"{arch}: fetching the test tools for the root: {', '.join(TEST_TOOLS)}")
+    tools = fetch_test_tools(arch, work)
+    tp = root.file("/root/tp")
+    shutil.copytree(REPO / "tests", tp / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tp / "pyproject.toml")
+    (tp / "conftest.py").write_text(EMULATED_CONFTEST, encoding="utf-8")
+    shutil.copytree(tools, tp / "tools")
+    shutil.copytree(REPO / "simulators", tp / "simulators",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))  # fmt: skip
+    for name in ("gateway", "drivers"):
+        (tp / name).symlink_to(f"{PREFIX}/lib/{name}")
+    (tp / "firmware-config").symlink_to(f"{PREFIX}/share/touchpoint-gateway/firmware-config")
+    say(f"{arch}: pytest {selection} (in the root, under emulation)")
+    t = time.monotonic()
+    limit = float(os.environ.get("TOUCHPOINT_ARM64_TESTS_LIMIT", "900"))
+    done = root.sh(f"cd /root/tp && python3 -m pytest -q -p no:cacheprovider {selection}",
+                   net=True, check=False, timeout=limit,
+                   env=(f"PYTHONPATH=/root/tp/tools:{PREFIX}/lib",))  # fmt: skip
+    summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+    FIGURES[f"{arch} fast tests"] = f"{summary} ({time.monotonic() - t:.0f} s)"
+    say(f"{arch}: fast tests: {FIGURES[f'{arch} fast tests']}")
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
