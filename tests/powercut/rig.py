@@ -13,7 +13,12 @@ What counts as committed, and so must reach the central unchanged:
   before applying the loss: what an fsync the daemon completed put on the disk);
 - every event the central received (a (stream, seq) it holds must never come again with
   other content: ``conflicts``).
-After the final drain the central's seqs of each stream must be 1..max without a gap.
+After the final drain the central's seqs of each stream are 1..max without a gap when the
+buffer commits every group (``durability_window_ms = 0``).  With a durability window (the
+default, 500 ms) a cut may lose the undelivered events read in the last window, and the
+daemon, which cannot know after a cut which seqs the broker saw, resumes numbering past
+its fsynced high-water mark: the stream then has a gap there (seqs never delivered, never
+committed), which the checks above still hold to.
 """
 
 from __future__ import annotations
@@ -262,7 +267,9 @@ class Outcome:
         }
 
 
-def make_gateway(workdir: Path, port: int, db: Path, rate: float) -> GatewayProc:
+def make_gateway(
+    workdir: Path, port: int, db: Path, rate: float, window_ms: int | None = None
+) -> GatewayProc:
     from gateway.identity.pseudonyms import Keyring, decode_key
     from tests.system.harness import KEY_B64
 
@@ -275,7 +282,8 @@ def make_gateway(workdir: Path, port: int, db: Path, rate: float) -> GatewayProc
         consented=consented,
         buffer_path=db,
         # a small reserve: it is made (and synced) on the mount too, through FUSE writes
-        buffer_extra="disk_reserve_bytes = 262144",
+        buffer_extra="disk_reserve_bytes = 262144"
+        + ("" if window_ms is None else f"\ndurability_window_ms = {window_ms}"),
     )
 
 
@@ -289,6 +297,7 @@ def run_power_cuts(
     env: dict[str, str] | None = None,
     modes: tuple[str, ...] = MODES,
     keep: bool = False,
+    window_ms: int | None = None,
 ) -> Outcome:
     """Run the daemon under load on a cutfs mount, cut it ``cuts`` times, drain, check.
 
@@ -305,7 +314,7 @@ def run_power_cuts(
     central = Central("127.0.0.1", broker_port, out=root / "central.jsonl")
     central.start()
     assert central.wait_subscribed(10)
-    gw = make_gateway(root / "gw", broker_port, fs.mountpoint / "buffer.db", rate)
+    gw = make_gateway(root / "gw", broker_port, fs.mountpoint / "buffer.db", rate, window_ms)
     gw.env.update(env or {})
     committed: dict[Key, str] = {}
     first_cut: dict[Key, int] = {}  # the cut whose synced state first held the event
