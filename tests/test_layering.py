@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("gateway", "drivers", "simulators", "tests")
 FORBIDDEN_IN_DAEMON = (
     "simulators", "tests", "matplotlib", "cryptography", "bleak", "cv2", "numpy",
+    "httpx",  # imported at the first consent poll, after READY (start -> READY counts)
 )  # fmt: skip
 
 

@@ -40,9 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.backoff import Backoff
@@ -61,6 +59,12 @@ from gateway.errors import (
 )
 from gateway.observe.metrics import Metrics
 from gateway.ports import ConsentEvidence, Reading
+
+if TYPE_CHECKING:
+    # httpx is imported where a poll is made, not when the daemon starts: with the
+    # command-line client it loads when click is there, it cost ~50-150 ms of the start
+    # to READY, and the first poll runs after READY.
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +248,8 @@ def tls_verify(cfg: ConsentSyncConfig) -> ssl.SSLContext | bool:
 
 
 def _transport_error(exc: httpx.TransportError, timeout_s: float) -> SyncUnavailable:
+    import httpx  # noqa: PLC0415 - see the imports
+
     if isinstance(exc, httpx.TimeoutException):
         return SyncUnavailable(f"no answer within {timeout_s:g}s")
     cause: BaseException | None = exc.__cause__ or exc.__context__
@@ -311,6 +317,8 @@ class ConsentSync:
         self._rng = self.backoff.rng = rng
 
     def client(self) -> httpx.AsyncClient:
+        import httpx  # noqa: PLC0415 - see the imports
+
         return httpx.AsyncClient(
             verify=self.verify,
             timeout=httpx.Timeout(self.cfg.timeout_s),
@@ -433,6 +441,8 @@ class ConsentSync:
         return applied
 
     async def _fetch(self, client: httpx.AsyncClient, token: str) -> tuple[int, bytes | bytearray]:
+        import httpx  # noqa: PLC0415 - see the imports
+
         """One request within ``deadline_s``: (status, body of a 200, else b"").
 
         The body is streamed and cut at ``max_body_bytes``; a compressed answer is refused

@@ -211,7 +211,12 @@ async def test_hostile_payloads_are_survived(
     sim.show(_token(app_key), Look(module_px=4))
     readings += await _collect(source, bool, timeout=8)
     assert [r.attrs["kind"] for r in readings] == ["other", "other", "other", "app"]
-    assert ctx.metrics.total("readings_rejected_total") == 0
+    # A hold the player (a thread) keeps up for longer than the debounce window, as a box
+    # under load does, shows the same token again: that is refused as a replay, counted,
+    # and makes no second scan (the subjects above).  Nothing else may be refused.
+    rejected = ctx.metrics.total("readings_rejected_total")
+    replayed = ctx.metrics.total("readings_rejected_total", reason="replayed")
+    assert rejected == replayed, ctx.metrics.by_label("readings_rejected_total", "reason")
 
 
 @arun

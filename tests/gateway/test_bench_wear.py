@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.bench.headline import headline_rows
-from tests.bench.pipeline import BENCHMARKS
+from tests.bench.registry import BENCHMARKS
 from tests.bench.wear import floor_per_event, window_of
 
 
