@@ -68,8 +68,11 @@ def test_power_cuts_under_load_lose_no_committed_event(tmp_path: Path, pbroker: 
         )
     # With a durability window, seqs skipped after a cut show as gaps (rig.py's docstring):
     # never delivered and never committed, which `lost` and `conflicts` above hold to.
-    # the method reached where it should: cuts inside WAL writes and inside checkpoints
-    assert summary["inside_wal_write"] >= 1 and summary["inside_checkpoint"] >= 1, summary
+    # the method reached where it should: cuts inside WAL writes.  With a durability window
+    # SQLite is written once per window and checkpoints come seldom, so an armed checkpoint
+    # cut may fall back to a cut at once; cuts inside checkpoints are required where they
+    # are frequent, with every group committed (the test below).
+    assert summary["inside_wal_write"] >= 1, summary
     assert out.committed > 0 and out.delivered >= out.committed, summary
 
 
@@ -107,6 +110,7 @@ def test_with_every_group_committed_the_central_is_gapless(
     assert all(c.integrity == "ok" for c in out.cuts), out.cuts
     assert not out.lost and not out.reused_in_buffer and out.conflicts == 0, summary
     assert out.streams_in_buffer == 1, summary
+    assert summary["inside_wal_write"] >= 1 and summary["inside_checkpoint"] >= 1, summary
     assert not out.gaps, (
         f"the central's seqs have gaps: { {s: g[:5] for s, g in out.gaps.items()} }"
     )
