@@ -605,6 +605,10 @@ class Outbox:
         if writes:
             appended = self._commit(conn, writes)
             self._remember(writes)
+        self._read_and_resolve(conn, group, appended)
+
+    def _read_and_resolve(self, conn: sqlite3.Connection, group: list[_Cmd], appended: int) -> None:
+        """After a group's writes: run its reads, then hand the results to the loop."""
         for cmd in group:
             if cmd.kind == "read" and cmd.fn is not None:
                 try:
@@ -722,15 +726,7 @@ class Outbox:
         if writes or any(c.kind == "read" and c.flush for c in group):
             self._flush_window(writes)
         self._remember([c for c in group if c.kind != "read"])
-        for cmd in group:
-            if cmd.kind == "read" and cmd.fn is not None:
-                try:
-                    cmd.result = cmd.fn(conn)
-                except sqlite3.Error as exc:
-                    cmd.error = BufferError_(f"buffer read failed: {exc}")
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
-            self._loop.call_soon_threadsafe(self._resolve, group, appended)
+        self._read_and_resolve(conn, group, appended)
 
     def _stage_appends(self, appends: list[_Cmd]) -> int:
         n = sum(len(c.events) for c in appends)
