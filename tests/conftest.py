@@ -5,6 +5,7 @@ rest) come from the simulators' pytest plugin, as an integrator gets them."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,23 @@ from gateway.identity.pseudonyms import (
 # install installs it), so pytest loads it once; naming it here also covers a checkout
 # where only the daemon is installed.
 pytest_plugins = ["simulators.pytest_plugin"]
+
+# .ci/fresh-root sets this in its root: tests marked `host` (FUSE mounts, Debian roots of
+# their own) need the machine itself, and .ci/run runs them there (`pytest -m host`).
+FRESH_ROOT_VAR = "TOUCHPOINT_FRESH_ROOT"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get(FRESH_ROOT_VAR):
+        return
+    skip = pytest.mark.skip(
+        reason="needs the host (marker `host`): inside .ci/fresh-root's root; .ci/run runs it "
+        "on the host"
+    )
+    for item in items:
+        if item.get_closest_marker("host") is not None:
+            item.add_marker(skip)
+
 
 VECTORS_PATH = Path(__file__).resolve().parents[1] / "gateway" / "contract" / "vectors.json"
 

@@ -19,7 +19,10 @@ import pytest
 from tests.powercut.rig import CutFSMount, why_not
 
 _WHY_NOT = why_not()
-pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=f"power cuts: {_WHY_NOT}")
+pytestmark = [
+    pytest.mark.host,
+    pytest.mark.skipif(_WHY_NOT is not None, reason=f"power cuts: {_WHY_NOT}"),
+]
 
 S = 512
 

@@ -19,7 +19,7 @@ from gateway.buffer.outbox import UNSAFE_SYNCHRONOUS_VAR
 from simulators.infra.broker import Mosquitto
 from tests.powercut.rig import run_power_cuts, why_not
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.host]
 
 _WHY_NOT = why_not()
 needs_fuse = pytest.mark.skipif(_WHY_NOT is not None, reason=f"power cuts: {_WHY_NOT}")
