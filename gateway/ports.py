@@ -82,10 +82,13 @@ class SourceContext:
 
 @runtime_checkable
 class Source(Protocol):
-    """A configured input.  ``readings`` runs until cancelled.
+    """A configured input.  ``readings`` runs until cancelled, and then ends promptly.
 
-    It raises SourceError when its device is lost; the supervisor restarts it with backoff.
-    Anything else it raises ends the daemon (a bug, for systemd to restart).
+    A device that goes away is either reported with ``SourceContext.set_state`` (``absent``
+    or ``error``) while the source reopens it with backoff itself, as every driver does, or
+    raised as SourceError, and the supervisor restarts the source with backoff.  Anything
+    else it raises ends the daemon (a bug, for systemd to restart).  One contract suite
+    holds every implementation to this: tests/drivers/test_source_contract.py.
     """
 
     name: str

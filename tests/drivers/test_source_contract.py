@@ -1,8 +1,8 @@
 """One contract suite for the Source port, run over every implementation: each real driver on
 its simulator (serial cards on a pty, BLE through the real bleak against the fake BlueZ on a
-private D-Bus, the camera on the MJPEG simulator, the receipt tap on loopback TCP between the
-fake till and printer) and the in-process synthetic source, each built as the daemon builds
-it (``gateway.app.sources.build_source`` from its config model).
+private D-Bus, the camera on the MJPEG simulator, the receipt tap between the fake till and
+printer on loopback TCP and on two pty pairs) and the in-process synthetic source, each built
+as the daemon builds it (``gateway.app.sources.build_source`` from its config model).
 
 What the daemon relies on, and nothing else: the port is the only way in (``Source``, and the
 optional ``Forgets`` and ``ReportsMemory`` through isinstance).  A rig per implementation
@@ -10,7 +10,9 @@ says how its simulator shows an identity and loses the device; every assertion n
 
 Device loss: a source may raise SourceError (the supervisor restarts it) or report the loss
 in its context's state (``absent``/``error``) and retry by itself, as every driver here
-does; anything else it raises, or silence, breaks the contract.
+does; anything else it raises, or silence, breaks the contract.  The core's unit tests have
+no in-process fake Source of their own (tests/fakes.py holds only the Publisher's); the
+synthetic source is the in-process one.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from gateway.ports import EVENT_TYPES, Forgets, Reading, ReportsMemory, Source, 
 from simulators.devices import till
 from simulators.devices.ble_scenario import encode_eddystone_uid
 from simulators.devices.camera import Look, public_key_b64, sign_app_token
-from simulators.devices.printer import FakePrinter
+from simulators.devices.printer import FakePrinter, SerialPrinter
+from simulators.devices.serial_pty import SerialEnd
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +69,7 @@ LEAK_GRACE_S = 3.0  # threads and fds of the source are gone within this after i
 class Rig:
     """How one implementation is configured, shown an identity and made to lose its device."""
 
-    kind = ""
+    impl = ""  # the implementation's name in every failing assertion
     raw: tuple[str, ...] = ()  # what the simulator sent that identifies someone
     fixtures: tuple[str, ...] = ()
     loses_device = True
@@ -106,7 +109,7 @@ class Rig:
 
 
 class SerialRig(Rig):
-    kind = "serial_card"
+    impl = "serial_card"
     fixtures = ("card_reader",)
     TAG = "13005D1DA5"
     raw = (TAG, str(int(TAG[2:], 16)))  # the tag, and the number printed on the card
@@ -134,7 +137,7 @@ class SerialRig(Rig):
 
 
 class BleRig(Rig):
-    kind = "ble"
+    impl = "ble"
     fixtures = ("fake_bluez",)
     NAMESPACE, INSTANCE = "e157bd5df90aad1dc2fb", "000000000001"
     ADDRESS = "C4:00:00:00:00:0B"
@@ -185,7 +188,7 @@ class BleRig(Rig):
 
 
 class CameraRig(Rig):
-    kind = "camera"
+    impl = "camera"
     fixtures = ("camera",)
     SUB = "shopper-42"
     forgets_a_new_sighting = True
@@ -237,7 +240,7 @@ class ReceiptTapRig(Rig):
     """The till prints through the tap to the fake printer, both on the test's loop (a lost
     printer is one this rig stops, so it runs its own rather than the fixture's)."""
 
-    kind = "receipt_tap"
+    impl = "receipt_tap-tcp"
     LOYALTY = "2600000000042"  # a loyalty number printed on the receipt: never in a reading
     raw = (LOYALTY,)
     has_subject = False
@@ -283,11 +286,57 @@ class ReceiptTapRig(Rig):
         await self.present(source)  # the next job finds the printer gone
 
 
+class SerialReceiptTapRig(Rig):
+    """The tap on two serial lines (pty pairs): the fake till on one, the fake printer on the
+    other, opened through links as udev links are on a box; a lost printer is unplugged."""
+
+    impl = "receipt_tap-serial"
+    LOYALTY = ReceiptTapRig.LOYALTY
+    raw = (LOYALTY,)
+    has_subject = False
+
+    def __init__(self, request: pytest.FixtureRequest, tmp_path: Path, keyring: Keyring) -> None:
+        super().__init__(request, tmp_path, keyring)
+        self.stack = contextlib.AsyncExitStack()
+
+    async def start(self) -> None:
+        self.till = self.stack.enter_context(SerialEnd.pty(self.tmp_path / "till"))
+        printer_end = self.stack.enter_context(SerialEnd.pty(self.tmp_path / "printer"))
+        self.printer = await self.stack.enter_async_context(SerialPrinter(printer_end))
+
+    async def stop(self) -> None:
+        await self.stack.aclose()
+
+    def config(self) -> ReceiptTapSourceConfig:
+        return ReceiptTapSourceConfig.model_validate({
+            "kind": "receipt_tap",
+            "name": "till-3-printer",
+            "lane": "till-3",
+            "lane_number": 3,
+            "transport": "serial",
+            "till_device": self.tmp_path / "till",
+            "printer_device": self.tmp_path / "printer",
+            "baudrate": 115200,
+            "inject": "native",
+            "url_prefix": "HTTPS://R.EXAMPLE.COM/R/",
+            "counter_path": self.tmp_path / "counters.db",
+            "reopen_min_s": 0.02,
+            "reopen_max_s": 0.1,
+        })  # fmt: skip
+
+    async def present(self, source: Source) -> None:
+        job = till.receipt(("SHOP", f"LOYALTY {self.LOYALTY}", "TOTAL 2.50"))
+        await till.send_serial_job(self.till, job)
+
+    async def lose(self, source: Source) -> None:
+        self.printer.end.unplug()
+
+
 # ------------------------------------------------------------------------------ synthetic
 
 
 class SyntheticRig(Rig):
-    kind = "synthetic"
+    impl = "synthetic"
     loses_device = False  # no device to lose
 
     def __init__(self, request: pytest.FixtureRequest, tmp_path: Path, keyring: Keyring) -> None:
@@ -303,7 +352,8 @@ RIGS: dict[str, type[Rig]] = {
     "serial_card": SerialRig,
     "ble": BleRig,
     "camera": CameraRig,
-    "receipt_tap": ReceiptTapRig,
+    "receipt_tap-tcp": ReceiptTapRig,
+    "receipt_tap-serial": SerialReceiptTapRig,
     "synthetic": SyntheticRig,
 }
 
@@ -408,7 +458,9 @@ def check_private(impl: str, rig: Rig, reading: Reading, ctx: SourceContext) -> 
 
 @pytest.fixture(params=list(RIGS))
 def rig(request: pytest.FixtureRequest, tmp_path: Path, keyring: Keyring) -> Rig:
-    return RIGS[request.param](request, tmp_path, keyring)
+    made = RIGS[request.param](request, tmp_path, keyring)
+    assert made.impl == request.param
+    return made
 
 
 def run(impl: str, rig: Rig, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -433,7 +485,7 @@ def run(impl: str, rig: Rig, body: Callable[[], Coroutine[Any, Any, None]]) -> N
 
 
 def test_every_source_keeps_the_port_contract(rig: Rig) -> None:
-    run(rig.kind, rig, lambda: contract(rig.kind, rig))
+    run(rig.impl, rig, lambda: contract(rig.impl, rig))
 
 
 async def contract(impl: str, rig: Rig) -> None:
@@ -485,7 +537,7 @@ async def contract(impl: str, rig: Rig) -> None:
 
 
 def test_losing_the_device_is_a_source_error_or_a_reported_state(rig: Rig) -> None:
-    impl = rig.kind
+    impl = rig.impl
     if not rig.loses_device:
         pytest.skip(f"{impl} has no device to lose")
 
