@@ -217,6 +217,7 @@ class Outbox:
         # Declared skipped seq ranges (lo, hi) not yet confirmed sent: read at open, then
         # changed only on the loop (``skipped_sent``).
         self._skipped: list[tuple[int, int]] = []
+        self._test_wal_pages = _test_wal_pages()  # the power-cut rig's checkpoints, or None
 
     # -- lifecycle (blocking; call before the pipeline starts) ------------------------
 
@@ -285,7 +286,7 @@ class Outbox:
                 # (no new blocks, no filesystem journal per commit); it checkpoints at most
                 # once per commit, and each checkpoint writes each changed page once
                 wal_pages = min(wal_pages, WAL_WINDOW_PAGES)
-            conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {self._test_wal_pages or wal_pages}")
             pages = min(pages, (room - reserve) // self._page_size)
         # max_page_count cannot be set below the current size; it then stays at the size.
         return int(conn.execute(f"PRAGMA max_page_count = {max(pages, current, 16)}").fetchone()[0])
@@ -1278,6 +1279,21 @@ def _synchronous() -> str:
         )
         return weak
     return "FULL"
+
+
+# Test only (the power-cut rig): checkpoint after any commit whose WAL has this many pages,
+# so that cuts inside checkpoints are likely with the durability window too.
+TEST_WAL_AUTOCHECKPOINT_VAR = "TOUCHPOINT_TEST_WAL_AUTOCHECKPOINT"
+
+
+def _test_wal_pages() -> int | None:
+    value = os.environ.get(TEST_WAL_AUTOCHECKPOINT_VAR, "")
+    if not value.isdigit() or int(value) < 1:
+        return None
+    log.warning(
+        "%s=%s: WAL checkpoints far more often (test only)", TEST_WAL_AUTOCHECKPOINT_VAR, value
+    )
+    return int(value)
 
 
 def _last_seq(conn: sqlite3.Connection) -> int:

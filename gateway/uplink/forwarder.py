@@ -20,7 +20,7 @@ as a batch of their own, with no events and ``skipped`` (contract README, "Deliv
 semantics"), sent first after each connect while the outbox holds a declaration, whatever
 the traffic, so a quiet box declares too.  The outbox forgets the ranges only when such a
 batch got a success PUBACK; an abandoned one is sent again after the reconnect, a refused
-one a minute later.
+one a minute later (``DECLARE_RETRY_S``).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class Forwarder:
             if self._should_declare():
                 self._declare(prefix)
                 continue
-            while not queued:
+            while not queued and not self._should_declare():
                 self.outbox.new_data.clear()
                 after, generation = self._cursor, self._generation
                 batches = await self.outbox.fetch(
@@ -163,8 +163,8 @@ class Forwarder:
                     self._cursor = batches[-1].hi
                     break
                 await self.outbox.new_data.wait()
-            if self._resend or not self.publisher.connected:
-                continue
+            if self._resend or not self.publisher.connected or not queued:
+                continue  # (no batch: a declaration is due, sent above)
             await self._send(prefix, queued.popleft())
 
     async def _slot(self) -> None:
@@ -218,8 +218,15 @@ class Forwarder:
         if verdict.ok:
             log.info("declared %d skipped seq range(s) to the central: %s", len(ranges), ranges)
             await self.outbox.skipped_sent(ranges)
-        elif not verdict.abandoned:
+            return
+        # the loop may wait for new events: wake it to send the declaration again, once
+        # connected again (abandoned) or after DECLARE_RETRY_S (refused)
+        wake = self.outbox.new_data.set
+        if verdict.abandoned:
+            wake()
+        else:
             self._declare_at = time.monotonic() + DECLARE_RETRY_S
+            asyncio.get_running_loop().call_later(DECLARE_RETRY_S, wake)
             log.error(
                 "broker refused the declaration of skipped seqs %s: %s (reason code %d); "
                 "sent again in %.0f s",

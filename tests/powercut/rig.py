@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 KINDS = ("random", "wal", "checkpoint")
 MODES = ("drop", "tear", "subset")
 Key = tuple[str, int]  # (stream, seq)
+RESERVE_BYTES = 262144  # buffer.disk_reserve_bytes: checked after every cut and restart
 
 
 def why_not() -> str | None:
@@ -211,6 +212,8 @@ class Cut:
     kept_sectors: int
     ready_s: float  # READY after the restart, from the spawn (Python's start-up included)
     ready_in_daemon_s: float = 0.0  # from the daemon's first log line (buffer open, recovery)
+    reserve_left: int = -1  # bytes of buffer.db.reserve the cut left (-1: no file)
+    reserve_after: int = -1  # ...and once the daemon is READY again (must be RESERVE_BYTES)
 
 
 @dataclass
@@ -274,6 +277,8 @@ class Outcome:
             ]
             if self.cuts
             else None,
+            "reserve_left_short": sum(c.reserve_left < RESERVE_BYTES for c in self.cuts),
+            "reserve_after_restart": sorted({c.reserve_after for c in self.cuts}),
             "dirty_sectors_at_cuts_max": max((c.dirty_sectors for c in self.cuts), default=0),
             "fs_writes_wal_db_fsyncs": [self.wal_writes, self.db_writes, self.fsyncs],
         }
@@ -294,7 +299,7 @@ def make_gateway(
         consented=consented,
         buffer_path=db,
         # a small reserve: it is made (and synced) on the mount too, through FUSE writes
-        buffer_extra="disk_reserve_bytes = 262144"
+        buffer_extra=f"disk_reserve_bytes = {RESERVE_BYTES}"
         + ("" if window_ms is None else f"\ndurability_window_ms = {window_ms}"),
     )
 
@@ -375,6 +380,7 @@ def run_power_cuts(
                 seen.setdefault(key, digest)
             left = buffered_events(copy_buffer(fs.backing, root / f"cut{i:03d}-left"))
             streams.update(s for s in (durable.stream, left.stream) if s)
+            reserve_left = _size(fs.backing / "buffer.db.reserve")
             fs.mount()
             t0 = time.monotonic()
             gw.start()
@@ -382,7 +388,9 @@ def run_power_cuts(
             ready_at = time.monotonic()
             out.cuts.append(
                 Cut(kind, mode, report["cut"]["where"], left.integrity, len(durable.events),
-                    report["dirty_sectors"], report["kept_sectors"], ready_at - t0)
+                    report["dirty_sectors"], report["kept_sectors"], ready_at - t0,
+                    reserve_left=reserve_left,
+                    reserve_after=_size(fs.mountpoint / "buffer.db.reserve"))
             )  # fmt: skip
             if not keep:
                 for folder in (snap, view, root / f"cut{i:03d}-left"):
@@ -435,6 +443,13 @@ def run_power_cuts(
         if missing:
             out.gaps[stream] = missing
     return out
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
 
 
 def _wait_declared(db: Path, timeout: float = 10) -> list[tuple[int, int]]:
