@@ -15,12 +15,14 @@ It subscribes with QoS 1 to ``touchpoint/v1/+/+/events`` and ``.../status``, val
 every message (schema, topic store/device equal to the payload's, strictly increasing
 ``seq`` within a batch, events not retained), dedupes events on the idempotency key
 (store, device, stream, seq) and appends each newly accepted event as one JSON line to
-``out``. A batch with no events and ``skipped`` (seq ranges the gateway declares will
-never be sent, after a power cut) is recorded per stream: ``skipped(stream)``, and
-``gaps()`` is the consumer's rule, the seqs neither received nor declared. A duplicate whose content differs from the first copy is also counted as a
-conflict (a re-sent event must be identical). Lines already in ``out`` are read back on
-start, so dedupe survives a restart. Events and status are subscribed with Retain As
-Published, so ``retained`` in a status record says whether the gateway set the flag.
+``out``. A duplicate whose content differs from the first copy is also counted as a
+conflict (a re-sent event must be identical). A batch with no events and ``skipped``
+(seq ranges the gateway declares will never be sent, after a power cut) is recorded per
+stream: ``skipped(stream)``; ``gaps()`` is the consumer's rule, the seqs neither received
+nor declared. Lines already in ``out`` are read back on start, so dedupe survives a
+restart (declarations are kept in memory only). Events and status are subscribed with
+Retain As Published, so ``retained`` in a status record says whether the gateway set the
+flag.
 Garbage is counted by reason in ``stats()["invalid"]``, never raised. paho's callbacks
 only enqueue; one worker thread validates, writes and keeps the stats file fresh.
 
