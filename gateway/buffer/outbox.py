@@ -15,7 +15,10 @@ need the database (a backlog fetch, erasure, consent) commit the staged rows fir
 ``seq`` is assigned here, in commit order; ``last_seq`` is stored with the rows, and a
 high-water mark ``seq_reserved`` is fsynced before any seq above it is handed out, so a
 seq is never reused, even after the rows are deleted or a power cut took the stage.  The
-stream id is created once with the database.
+stream id is created once with the database.  The seqs a cut skips (from the last one known
+to be handed out to ``seq_reserved``) are stored as a declaration (meta ``skipped_seqs``,
+in the recovery's transaction) that the forwarder sends to the central (the batch's
+``skipped``, contract README "Delivery semantics") and removes once a PUBACK confirms it.
 
 Events are stored in chunks: one row holds a run of consecutive events (at most a batch's
 worth of events and bytes), already encoded as the inside of a batch's ``events`` array.
@@ -40,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -81,6 +85,12 @@ WAL_RESERVE_MAX = 8 * 1024 * 1024  # free space kept for the WAL when the disk i
 RECAP_INTERVAL_S = 1.0  # how often the cap follows the filesystem's free space
 WAL_WINDOW_PAGES = 64  # wal_autocheckpoint with a durability window
 SEQ_RESERVE_MIN = 10_000  # seqs reserved (durably) ahead of those handed out
+# Declared skipped seq ranges not yet confirmed by a PUBACK (meta SKIPPED_KEY, JSON): at
+# most this many, the oldest dropped (logged) beyond it, so a box cut again and again
+# while offline keeps a bounded list (64 ranges: under 3 KB in one batch).  Ranges are
+# never merged: the seqs between two ranges were handed out and may still be sent.
+SKIPPED_KEY = "skipped_seqs"
+SKIPPED_MAX = 64
 # A window whose events were all delivered within it has nothing that needs the disk but
 # its bookkeeping (last_seq, last_publish_at): that is stored at most this often (status
 # tools and tests read last_seq from the file and see it move within ~1.5 s).  Until
@@ -204,6 +214,10 @@ class Outbox:
         self._stage_max = min(STAGE_MAX_BYTES, cfg.max_bytes // 8)
         self._near_full = False  # over half the cap: commit each group, as with no window
         self._failed: asyncio.Future[WriterDied] | None = None
+        # Declared skipped seq ranges (lo, hi) not yet confirmed sent: read at open, then
+        # changed only on the loop (``skipped_sent``).
+        self._skipped: list[tuple[int, int]] = []
+        self._test_wal_pages = _test_wal_pages()  # the power-cut rig's checkpoints, or None
 
     # -- lifecycle (blocking; call before the pipeline starts) ------------------------
 
@@ -272,7 +286,7 @@ class Outbox:
                 # (no new blocks, no filesystem journal per commit); it checkpoints at most
                 # once per commit, and each checkpoint writes each changed page once
                 wal_pages = min(wal_pages, WAL_WINDOW_PAGES)
-            conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {self._test_wal_pages or wal_pages}")
             pages = min(pages, (room - reserve) // self._page_size)
         # max_page_count cannot be set below the current size; it then stays at the size.
         return int(conn.execute(f"PRAGMA max_page_count = {max(pages, current, 16)}").fetchone()[0])
@@ -379,6 +393,29 @@ class Outbox:
         fut: asyncio.Future[T] = self._loop.create_future()
         self._put(_Cmd("read", fn=fn, future=fut, flush=flush))
         return fut
+
+    @property
+    def skipped(self) -> list[tuple[int, int]]:
+        """Seq ranges (lo, hi, inclusive) of this stream a power cut skipped: never sent,
+        to be declared to the central until a PUBACK confirms a batch that carried them."""
+        return list(self._skipped)
+
+    def skipped_sent(self, ranges: list[tuple[int, int]]) -> asyncio.Future[None]:
+        """A batch declaring ``ranges`` got a success PUBACK: forget them (stored)."""
+        done = set(ranges)
+        self._skipped = [r for r in self._skipped if r not in done]
+
+        def fn(c: sqlite3.Connection) -> None:
+            kept = [r for r in _skipped(c) if r not in done]
+            if kept:
+                c.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    (SKIPPED_KEY, json.dumps(kept)),
+                )
+            else:
+                c.execute("DELETE FROM meta WHERE key = ?", (SKIPPED_KEY,))
+
+        return self.write(fn, invalidates=False)
 
     def fetch(
         self, after: int, max_batches: int, max_events: int, max_bytes: int
@@ -969,17 +1006,34 @@ class Outbox:
                 rows[rec[0]] = rec
                 top = max(top, rec[1])
         next_seq = top + 1
+        skipped = _skipped(conn)
+        declared = list(skipped)
         if not complete and self._reserved > top and (data or self._window_s > 0):
             next_seq = self._reserved + 1
             log.warning(
                 "the buffer stage was not whole after an unclean stop (a power cut?): "
-                "seqs %d-%d are skipped, never reused; %d staged events were recovered",
+                "seqs %d-%d are skipped, never reused, and declared to the central; "
+                "%d staged events were recovered",
                 top + 1,
                 self._reserved,
                 sum(r[2] for r in rows.values()),
             )
+            skipped.append((top + 1, self._reserved))
+            if len(skipped) > SKIPPED_MAX:
+                dropped = skipped[: len(skipped) - SKIPPED_MAX]
+                del skipped[: len(dropped)]
+                log.warning(
+                    "more than %d skipped seq ranges wait to be declared (cut again and "
+                    "again while offline?): the oldest %d (seqs %d-%d) are dropped and will "
+                    "show to the central as missing",
+                    SKIPPED_MAX,
+                    len(dropped),
+                    dropped[0][0],
+                    dropped[-1][1],
+                )
         reserved = self._reserved if self._window_s > 0 else next_seq - 1
-        if rows or deletes or next_seq - 1 != last or reserved != self._reserved:
+        changed = skipped != declared
+        if rows or deletes or next_seq - 1 != last or reserved != self._reserved or changed:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(
                 "INSERT INTO chunks(lo, hi, n, created, subjects, body) VALUES (?, ?, ?, ?, ?, ?)",
@@ -990,10 +1044,16 @@ class Outbox:
                 "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                 [("last_seq", str(next_seq - 1)), ("seq_reserved", str(reserved))],
             )
+            if changed:  # with last_seq: a seq past the skip is never handed out undeclared
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    (SKIPPED_KEY, json.dumps(skipped)),
+                )
             conn.execute("COMMIT")
             if rows:
                 log.info("replayed %d staged events after an unclean stop", len(rows))
         self._reserved = reserved
+        self._skipped = skipped
         self._next_seq = next_seq
         self._db_last_seq = self._db_hi = next_seq - 1
         self._check_room(conn)
@@ -1221,9 +1281,36 @@ def _synchronous() -> str:
     return "FULL"
 
 
+# Test only (the power-cut rig): checkpoint after any commit whose WAL has this many pages,
+# so that cuts inside checkpoints are likely with the durability window too.
+TEST_WAL_AUTOCHECKPOINT_VAR = "TOUCHPOINT_TEST_WAL_AUTOCHECKPOINT"
+
+
+def _test_wal_pages() -> int | None:
+    value = os.environ.get(TEST_WAL_AUTOCHECKPOINT_VAR, "")
+    if not value.isdigit() or int(value) < 1:
+        return None
+    log.warning(
+        "%s=%s: WAL checkpoints far more often (test only)", TEST_WAL_AUTOCHECKPOINT_VAR, value
+    )
+    return int(value)
+
+
 def _last_seq(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
     return int(row[0]) if row else 0
+
+
+def _skipped(conn: sqlite3.Connection) -> list[tuple[int, int]]:
+    """The declared skipped ranges not yet confirmed sent (meta ``SKIPPED_KEY``)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (SKIPPED_KEY,)).fetchone()
+    if row is None:
+        return []
+    try:
+        return [(int(lo), int(hi)) for lo, hi in json.loads(row[0])]
+    except (ValueError, TypeError):
+        log.error("meta %s is not a list of seq ranges; ignored: %.80r", SKIPPED_KEY, row[0])
+        return []
 
 
 def _meta_int(conn: sqlite3.Connection, key: str, default: int) -> int:

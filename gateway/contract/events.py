@@ -118,6 +118,13 @@ def batch_payload(prefix: bytes, bodies: Iterable[str]) -> bytes:
     return prefix + ",".join(bodies).encode() + b"]}"
 
 
+def skipped_payload(prefix: bytes, ranges: Iterable[tuple[int, int]]) -> bytes:
+    """A batch with no events declaring seq ranges (lo, hi, inclusive) of the stream that
+    will never be sent (skipped after a power cut): ``"events":[],"skipped":[[lo,hi],…]``."""
+    skipped = ",".join(f"[{int(lo)},{int(hi)}]" for lo, hi in ranges)
+    return prefix + f'],"skipped":[{skipped}]}}'.encode()
+
+
 def status_payload(state: str, at: float, version: str) -> bytes:
     return _dumps({"v": 1, "state": state, "ts": rfc3339(at), "version": version}).encode()
 

@@ -14,6 +14,13 @@ Batches fit the broker: at most ``batch_max_events`` events and ``batch_max_byte
 bytes, and no larger than the broker's announced Maximum Packet Size.  A stored chunk
 larger than that (stored under larger limits, or for a broker with a larger maximum) is
 sent in parts; its rows go when every part is acknowledged.
+
+Seqs a power cut skipped (``Outbox.skipped``, declared at the restart) go to the central
+as a batch of their own, with no events and ``skipped`` (contract README, "Delivery
+semantics"), sent first after each connect while the outbox holds a declaration, whatever
+the traffic, so a quiet box declares too.  The outbox forgets the ranges only when such a
+batch got a success PUBACK; an abandoned one is sent again after the reconnect, a refused
+one a minute later (``DECLARE_RETRY_S``).
 """
 
 from __future__ import annotations
@@ -28,13 +35,14 @@ from dataclasses import dataclass, field
 from gateway.buffer.outbox import Batch, Outbox
 from gateway.config.models import MqttConfig
 from gateway.consent.erasure import split_body
-from gateway.contract.events import batch_payload, batch_prefix
+from gateway.contract.events import batch_payload, batch_prefix, skipped_payload
 from gateway.observe.metrics import Metrics
 from gateway.ports import PACKET_TOO_LARGE, Publisher, Verdict
 
 log = logging.getLogger(__name__)
 
 ENVELOPE = 128  # bytes of a batch around its events (store, device, stream)
+DECLARE_RETRY_S = 60.0  # a refused declaration of skipped seqs is sent again after this
 
 
 async def _abandoned() -> Verdict:
@@ -83,6 +91,8 @@ class Forwarder:
         self._generation = 0  # bumped by every withdrawal: older fetches are stale
         self._resend = False  # a batch came back abandoned: read the outbox again
         self._withdrawals = 0  # applied since the last log line
+        self._declaring = False  # a declaration of skipped seqs waits for its verdict
+        self._declare_at = 0.0  # monotonic: not before (after a refusal)
 
     # -- limits ------------------------------------------------------------------------
 
@@ -137,7 +147,10 @@ class Forwarder:
                 await self._restart()
                 continue
             await self._slot()
-            while not queued:
+            if self._should_declare():
+                self._declare(prefix)
+                continue
+            while not queued and not self._should_declare():
                 self.outbox.new_data.clear()
                 after, generation = self._cursor, self._generation
                 batches = await self.outbox.fetch(
@@ -150,8 +163,8 @@ class Forwarder:
                     self._cursor = batches[-1].hi
                     break
                 await self.outbox.new_data.wait()
-            if self._resend or not self.publisher.connected:
-                continue
+            if self._resend or not self.publisher.connected or not queued:
+                continue  # (no batch: a declaration is due, sent above)
             await self._send(prefix, queued.popleft())
 
     async def _slot(self) -> None:
@@ -175,6 +188,53 @@ class Forwarder:
                     self._spawn(sending, _abandoned())
                 return
             self._spawn(sending, self.publisher.publish(self.topic, batch_payload(prefix, bodies)))
+
+    def _should_declare(self) -> bool:
+        return (
+            not self._declaring
+            and bool(self.outbox.skipped)
+            and time.monotonic() >= self._declare_at
+        )
+
+    def _declare(self, prefix: bytes) -> None:
+        """Publish the outbox's skipped seq ranges in a batch with no events."""
+        ranges = self.outbox.skipped
+        self._declaring = True
+        self._wire += 1
+        verdict = self.publisher.publish(self.topic, skipped_payload(prefix, ranges))
+        task = asyncio.create_task(self._settle_declaration(ranges, verdict), name="settle:skipped")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_declaration(
+        self, ranges: list[tuple[int, int]], verdict_fut: Awaitable[Verdict]
+    ) -> None:
+        try:
+            verdict = await verdict_fut
+        finally:
+            self._wire -= 1
+            self._freed.set()
+            self._declaring = False
+        if verdict.ok:
+            log.info("declared %d skipped seq range(s) to the central: %s", len(ranges), ranges)
+            await self.outbox.skipped_sent(ranges)
+            return
+        # the loop may wait for new events: wake it to send the declaration again, once
+        # connected again (abandoned) or after DECLARE_RETRY_S (refused)
+        wake = self.outbox.new_data.set
+        if verdict.abandoned:
+            wake()
+        else:
+            self._declare_at = time.monotonic() + DECLARE_RETRY_S
+            asyncio.get_running_loop().call_later(DECLARE_RETRY_S, wake)
+            log.error(
+                "broker refused the declaration of skipped seqs %s: %s (reason code %d); "
+                "sent again in %.0f s",
+                ranges,
+                verdict.reason,
+                verdict.reason_code,
+                DECLARE_RETRY_S,
+            )
 
     def _spawn(self, sending: _Sending, verdict: Awaitable[Verdict]) -> None:
         self._wire += 1

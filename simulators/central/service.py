@@ -16,9 +16,13 @@ every message (schema, topic store/device equal to the payload's, strictly incre
 ``seq`` within a batch, events not retained), dedupes events on the idempotency key
 (store, device, stream, seq) and appends each newly accepted event as one JSON line to
 ``out``. A duplicate whose content differs from the first copy is also counted as a
-conflict (a re-sent event must be identical). Lines already in ``out`` are read back on
-start, so dedupe survives a restart. Events and status are subscribed with Retain As
-Published, so ``retained`` in a status record says whether the gateway set the flag.
+conflict (a re-sent event must be identical). A batch with no events and ``skipped``
+(seq ranges the gateway declares will never be sent, after a power cut) is recorded per
+stream: ``skipped(stream)``; ``gaps()`` is the consumer's rule, the seqs neither received
+nor declared. Lines already in ``out`` are read back on start, so dedupe survives a
+restart (declarations are kept in memory only). Events and status are subscribed with
+Retain As Published, so ``retained`` in a status record says whether the gateway set the
+flag.
 Garbage is counted by reason in ``stats()["invalid"]``, never raised. paho's callbacks
 only enqueue; one worker thread validates, writes and keeps the stats file fresh.
 
@@ -133,6 +137,7 @@ class Central:
         self._out: IO[str] | None = None
         self._seen: dict[Key, str] = {}  # key -> digest of the event, to spot conflicts
         self._streams: dict[str, dict[str, int]] = {}
+        self._skipped: dict[str, set[tuple[int, int]]] = {}  # store/device/stream -> ranges
         self._status: dict[str, dict[str, Any]] = {}
         self._health: dict[str, list[dict[str, Any]]] = {}  # every health message, by gateway
         self._invalid: dict[str, int] = {}
@@ -148,6 +153,7 @@ class Central:
                 "restored",
                 "connects",
                 "consent_pushes",
+                "declarations",
             ),
             0,
         )
@@ -224,6 +230,30 @@ class Central:
         with self._cond:
             return set(self._seen)
 
+    def skipped(self, stream: str) -> list[tuple[int, int]]:
+        """The seq ranges declared skipped for ``store/device/stream``, sorted."""
+        with self._cond:
+            return sorted(self._skipped.get(stream, ()))
+
+    def gaps(self) -> dict[str, list[int]]:
+        """Per ``store/device/stream``: seqs from 1 to the highest received that were
+        neither received nor declared skipped (the consumer's rule; empty once drained)."""
+        with self._cond:
+            got: dict[str, set[int]] = {}
+            for store, device, stream, seq in self._seen:
+                got.setdefault(f"{store}/{device}/{stream}", set()).add(seq)
+            out: dict[str, list[int]] = {}
+            for name, seqs in got.items():
+                declared = self._skipped.get(name, set())
+                missing = [
+                    s
+                    for s in range(1, max(seqs) + 1)
+                    if s not in seqs and not any(lo <= s <= hi for lo, hi in declared)
+                ]
+                if missing:
+                    out[name] = missing
+            return out
+
     def wait_subscribed(self, timeout: float = 10.0) -> bool:
         return self._subscribed.wait(timeout)
 
@@ -242,6 +272,7 @@ class Central:
             "last_invalid": self._last_invalid,
             "status": {device: dict(status) for device, status in self._status.items()},
             "streams": {stream: dict(info) for stream, info in self._streams.items()},
+            "skipped": {stream: sorted(r) for stream, r in self._skipped.items()},
             "connected": self._client.is_connected(),
             "subscribed": self._subscribed.is_set(),
         }
@@ -361,8 +392,14 @@ class Central:
             raise Invalid("seq_order", "seq not strictly increasing within the batch")
         if retained:
             raise Invalid("retained", "events must not be published retained")
+        skipped = [(int(lo), int(hi)) for lo, hi in doc.get("skipped", [])]
+        if any(lo > hi for lo, hi in skipped):
+            raise Invalid("skipped_range", "a skipped range with lo above hi")
         stream = doc["stream"]
         info = self._streams.setdefault(f"{store}/{device}/{stream}", {"last_seq": -1, "count": 0})
+        if skipped:
+            self._skipped.setdefault(f"{store}/{device}/{stream}", set()).update(skipped)
+            self._counts["declarations"] += 1
         lines = []
         for event in doc["events"]:
             key = (store, device, stream, event["seq"])

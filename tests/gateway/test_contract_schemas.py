@@ -381,3 +381,35 @@ def test_qr_scans_carry_a_subject_exactly_when_kind_is_app(kind: str) -> None:
     without = {**base, "purposes": []}
     assert (errors("event.json", with_subject) == []) == (kind == "app")
     assert (errors("event.json", without) == []) == (kind != "app")
+
+
+# -- skipped seqs (our addition: a declaration after a power cut) ------------------------
+
+
+def test_a_declaration_of_skipped_seqs_is_a_batch_with_no_events(vectors: dict[str, Any]) -> None:
+    for case in vectors["batches_skipped"]:
+        doc = json.loads(case["payload"])
+        assert errors("batch.json", doc) == []
+        assert doc["events"] == [] and doc["skipped"] == case["skipped"]
+    for case in vectors["batches_skipped_invalid"]:
+        found = errors("batch.json", json.loads(case["payload"]))
+        assert (found == []) == case.get("schema_valid", False), (case["reason"], found)
+
+
+def test_batches_with_events_stay_as_they_were() -> None:
+    """The field is optional: a batch with events and no ``skipped`` is the v1 batch."""
+    assert "skipped" not in batch(EXAMPLES["footfall"])
+    assert errors("batch.json", batch(EXAMPLES["footfall"])) == []
+    assert errors("batch.json", {**batch(), "skipped": [[3, 4]] * 65}) != []
+
+
+def test_the_gateway_encodes_the_declaration_vector_byte_for_byte(
+    vectors: dict[str, Any],
+) -> None:
+    from gateway.contract.events import batch_prefix, skipped_payload
+
+    for case in vectors["batches_skipped"]:
+        doc = json.loads(case["payload"])
+        prefix = batch_prefix(doc["store"], doc["device"], doc["stream"])
+        ranges = [(lo, hi) for lo, hi in case["skipped"]]
+        assert skipped_payload(prefix, ranges) == case["payload"].encode()

@@ -195,3 +195,52 @@ def test_batches_fit_the_brokers_limits(tmp_path: Path) -> None:
         box.close()
 
     asyncio.run(run())
+
+
+def test_a_declaration_of_skipped_seqs_is_sent_until_a_success_puback(tmp_path: Path) -> None:
+    """The outbox's skipped ranges go first, in a batch with no events, even with nothing
+    else to send; an abandoned or refused declaration keeps them and is sent again; only
+    a success PUBACK makes the outbox forget them (stored)."""
+    from gateway.uplink import forwarder as forwarder_module
+    from tests.gateway.test_outbox_window import crash_valid, power_cut, stored_skipped
+
+    path = tmp_path / "b.db"
+    crash_valid(path, 20)
+    power_cut(path)
+
+    async def run() -> None:
+        metrics = Metrics()
+        box = Outbox(BufferConfig(path=path), metrics)
+        box.open()
+        ranges = box.skipped
+        assert len(ranges) == 1
+        pub = FakePublisher()
+        fwd = Forwarder(box, pub, MqttConfig(), store="s1", device="d1", topic="t", metrics=metrics)
+        task = asyncio.create_task(fwd.run())
+        try:
+            await until(lambda: len(pub.sent) == 1)
+            doc = json.loads(pub.sent[0][1])
+            assert doc["events"] == [] and doc["skipped"] == [list(r) for r in ranges]
+            pub.sent[0][2].set_result(Verdict(ok=False, reason="link lost", abandoned=True))
+            await until(lambda: len(pub.sent) == 2)  # again, with no event to wake it
+            assert json.loads(pub.sent[1][1]) == doc
+            forwarder_module.DECLARE_RETRY_S = 0.2
+            pub.sent[1][2].set_result(Verdict(ok=False, reason_code=0x87, reason="Not authorized"))
+            await asyncio.sleep(0.1)
+            assert len(pub.sent) == 2, "a refused declaration is not sent again at once"
+            assert box.skipped == ranges and stored_skipped(path) == [list(r) for r in ranges]
+            await until(lambda: len(pub.sent) == 3)
+            pub.sent[2][2].set_result(Verdict(ok=True))
+            await until(lambda: stored_skipped(path) is None)
+            assert box.skipped == []
+            seqs = await box.submit_many([Pending(time.time(), "x", None, '"i":1}')])
+            await until(lambda: len(pub.sent) == 4)
+            doc = json.loads(pub.sent[3][1])
+            assert "skipped" not in doc and [e["seq"] for e in doc["events"]] == seqs
+        finally:
+            forwarder_module.DECLARE_RETRY_S = 60.0
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            box.close()
+
+    asyncio.run(run())

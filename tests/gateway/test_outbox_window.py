@@ -21,10 +21,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gateway.buffer.outbox import Outbox, Pending
+from gateway.buffer.outbox import SKIPPED_MAX, Outbox, Pending
 from gateway.buffer.stage import marker_path, stage_path
-from gateway.config.models import BufferConfig
+from gateway.config.models import BufferConfig, MqttConfig
+from gateway.contract.events import event_tail
 from gateway.observe.metrics import Metrics
+from gateway.uplink.forwarder import Forwarder
+from gateway.uplink.mqtt import PahoPublisher
+from simulators.central.service import Central
+from simulators.infra.broker import Mosquitto
 
 CHILD = r"""
 import asyncio, json, sys, time
@@ -241,3 +246,160 @@ def test_rows_kept_staged_across_a_commit_survive_kill_9(tmp_path: Path) -> None
     held, nxt = reopen(path)
     assert held == committed[:20], "a kept row was lost, or a delivered one came back"
     assert nxt == committed[-1] + 1, "a delivered seq would be reused"
+
+
+# -- skipped seqs are declared (contract README, "Delivery semantics") ---------------------
+
+
+def stored_skipped(path: Path) -> list[list[int]] | None:
+    """The declaration as stored (meta ``skipped_seqs``), read from the file."""
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'skipped_seqs'").fetchone()
+        return json.loads(row[0]) if row else None
+    finally:
+        conn.close()
+
+
+def skipped_after_reopen(path: Path) -> list[tuple[int, int]]:
+    async def run() -> list[tuple[int, int]]:
+        box = Outbox(BufferConfig(path=path), Metrics())
+        box.open()
+        try:
+            return box.skipped
+        finally:
+            box.close()
+
+    return asyncio.run(run())
+
+
+def footfall(i: int) -> Pending:
+    """An event the fake central accepts (it validates against the contract's schemas)."""
+    attrs = {"zone": "entrance", "window_start": "2026-11-22T10:00:00Z", "window_s": 900,
+             "count": i + 1}  # fmt: skip
+    tail = event_tail(
+        type_="footfall", at=time.time(), source="door-cam", subject=None, purposes=[],
+        attrs=attrs,
+    )  # fmt: skip
+    return Pending(time.time(), "footfall", None, tail)
+
+
+CHILD_VALID = r"""
+import asyncio, json, sys, time
+from pathlib import Path
+from gateway.config.models import BufferConfig
+from gateway.observe.metrics import Metrics
+from gateway.buffer.outbox import Outbox
+from tests.gateway.test_outbox_window import footfall
+
+path, n = Path(sys.argv[1]), int(sys.argv[2])
+
+async def main():
+    box = Outbox(BufferConfig(path=path, durability_window_ms=10_000), Metrics())
+    box.open()
+    seqs = []
+    for i in range(n // 10):
+        seqs += await box.submit_many([footfall(i * 10 + j) for j in range(10)])
+    print(json.dumps({"committed": seqs}), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def crash_valid(path: Path, n: int) -> list[int]:
+    """Like ``crash``, with events the fake central accepts, and nothing fetched (a
+    backlog fetch would commit the staged rows)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_VALID, str(path), str(n)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    with child.stdout:
+        line = child.stdout.readline()
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+    assert line, "the child died before it committed"
+    committed: list[int] = json.loads(line)["committed"]
+    return committed
+
+
+def test_a_power_cuts_skipped_seqs_are_declared_until_a_puback(tmp_path: Path) -> None:
+    """Each cut's skipped range is stored at the restart, kept across a restart and a
+    further cut, sent through a real broker to the fake central in a batch with no
+    events, and forgotten only after its PUBACK; the central's seqs are then gapless but
+    for the declared ranges."""
+    path = tmp_path / "b.db"
+    first = crash_valid(path, 200)
+    power_cut(path)
+    skipped = skipped_after_reopen(path)
+    assert len(skipped) == 1 and skipped[0][0] == 1 and skipped[0][1] >= first[-1], skipped
+    assert stored_skipped(path) == [list(skipped[0])], "stored with the recovery"
+    assert skipped_after_reopen(path) == skipped, "a clean restart keeps the declaration"
+    second = crash_valid(path, 100)  # a further cut before anything was sent
+    power_cut(path)
+    assert second[0] == skipped[0][1] + 1
+    skipped = skipped_after_reopen(path)
+    assert len(skipped) == 2 and skipped[1][0] == second[0] and skipped[1][1] >= second[-1]
+
+    async def run(broker: Mosquitto, central: Central) -> None:
+        metrics = Metrics()
+        box = Outbox(BufferConfig(path=path), metrics)
+        box.open()
+        pub = PahoPublisher(
+            MqttConfig(host="127.0.0.1", port=broker.port), client_id="gw-skipped",
+            will_topic="touchpoint/v1/nl-ams-001/gw-01/status", will_payload=b"{}",
+            metrics=metrics,
+        )  # fmt: skip
+        fwd = Forwarder(
+            box, pub, MqttConfig(), store="nl-ams-001", device="gw-01",
+            topic="touchpoint/v1/nl-ams-001/gw-01/events", metrics=metrics,
+        )  # fmt: skip
+        await pub.start()
+        task = asyncio.create_task(fwd.run())
+        try:
+            seqs = await box.submit_many([footfall(i) for i in range(20)])
+            assert seqs[0] == skipped[1][1] + 1
+            name = f"nl-ams-001/gw-01/{box.stream}"
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and (
+                box.skipped or stored_skipped(path) is not None or central.stats()["accepted"] < 20
+            ):
+                await asyncio.sleep(0.05)
+            assert central.skipped(name) == skipped, central.stats()
+            assert box.skipped == [] and stored_skipped(path) is None, "not forgotten"
+            assert central.stats()["declarations"] == 1 and central.stats()["invalid_total"] == 0
+            assert central.gaps() == {}, "every seq received or declared"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await pub.close()
+            box.close()
+
+    with Mosquitto(tmp_path / "mosquitto") as broker:
+        central = Central("127.0.0.1", broker.port)
+        central.start()
+        try:
+            assert central.wait_subscribed(10)
+            asyncio.run(run(broker, central))
+        finally:
+            central.stop()
+    assert skipped_after_reopen(path) == [], "a confirmed declaration is not sent again"
+
+
+def test_the_declarations_kept_are_bounded(tmp_path: Path) -> None:
+    """A box cut again and again while offline keeps the newest SKIPPED_MAX ranges."""
+    path = tmp_path / "b.db"
+    crash(path, 10)
+    power_cut(path)
+    skipped_after_reopen(path)
+    old = [[i * 10 + 1, i * 10 + 5] for i in range(SKIPPED_MAX)]
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'skipped_seqs'", (json.dumps(old),))
+    conn.commit()
+    conn.close()
+    crash(path, 10)
+    power_cut(path)
+    skipped = skipped_after_reopen(path)
+    assert len(skipped) == SKIPPED_MAX
+    assert [list(r) for r in skipped[:-1]] == old[1:], "the oldest goes first"
+    assert skipped[-1][0] > old[-1][1]

@@ -13,12 +13,15 @@ What counts as committed, and so must reach the central unchanged:
   before applying the loss: what an fsync the daemon completed put on the disk);
 - every event the central received (a (stream, seq) it holds must never come again with
   other content: ``conflicts``).
-After the final drain the central's seqs of each stream are 1..max without a gap when the
-buffer commits every group (``durability_window_ms = 0``).  With a durability window (the
-default, 500 ms) a cut may lose the undelivered events read in the last window, and the
-daemon, which cannot know after a cut which seqs the broker saw, resumes numbering past
-its fsynced high-water mark: the stream then has a gap there (seqs never delivered, never
-committed), which the checks above still hold to.
+After the final drain the central's seqs of each stream are 1..max without a gap but for
+the ranges the daemon declared skipped (``gaps``: the consumer's rule, contract README
+"Delivery semantics").  With ``durability_window_ms = 0`` every group is committed and
+nothing is skipped.  With a durability window (the default, 500 ms) a cut may lose the
+undelivered events read in the last window, and the daemon, which cannot know after a cut
+which seqs the broker saw, resumes numbering past its fsynced high-water mark and
+declares the range between: some of it may have been delivered before the cut (legal),
+but no declared range may cover a committed event (``declared_over_committed``), and
+every declaration must have been confirmed by the end (``declarations_pending``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 KINDS = ("random", "wal", "checkpoint")
 MODES = ("drop", "tear", "subset")
 Key = tuple[str, int]  # (stream, seq)
+RESERVE_BYTES = 262144  # buffer.disk_reserve_bytes: checked after every cut and restart
 
 
 def why_not() -> str | None:
@@ -206,6 +210,8 @@ class Cut:
     kept_sectors: int
     ready_s: float  # READY after the restart, from the spawn (Python's start-up included)
     ready_in_daemon_s: float = 0.0  # from the daemon's first log line (buffer open, recovery)
+    reserve_left: int = -1  # bytes of buffer.db.reserve the cut left (-1: no file)
+    reserve_after: int = -1  # ...and once the daemon is READY again (must be RESERVE_BYTES)
 
 
 @dataclass
@@ -216,7 +222,11 @@ class Outcome:
     lost_at: dict[str, int] = field(default_factory=dict)  # the cut that first held them
     reused_in_buffer: list[Key] = field(default_factory=list)  # one key, two contents
     conflicts: int = 0  # the central's: a re-sent (stream, seq) with other content
-    gaps: dict[str, list[int]] = field(default_factory=dict)
+    gaps: dict[str, list[int]] = field(default_factory=dict)  # neither received nor declared
+    declared: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # by stream
+    declared_over_committed: list[Key] = field(default_factory=list)  # must stay empty
+    declared_delivered: int = 0  # received seqs inside a declared range: sent before a cut
+    declarations_pending: list[tuple[int, int]] = field(default_factory=list)  # at the end
     streams_in_buffer: int = 0  # >1: a cut lost the whole buffer and a new stream began
     # (the streams seen in the buffer at cuts, at the end, and at the central)
     seen: int = 0  # distinct events the daemon's view held at some cut (synced or not)
@@ -241,6 +251,11 @@ class Outcome:
             "reused_in_buffer": len(self.reused_in_buffer),
             "conflicts": self.conflicts,
             "gaps": sum(len(g) for g in self.gaps.values()),
+            "declared_ranges": sum(len(r) for r in self.declared.values()),
+            "declared_seqs": sum(hi - lo + 1 for r in self.declared.values() for lo, hi in r),
+            "declared_delivered": self.declared_delivered,
+            "declared_over_committed": len(self.declared_over_committed),
+            "declarations_pending": len(self.declarations_pending),
             "streams_in_buffer": self.streams_in_buffer,
             "integrity_ok": sum(c.integrity == "ok" for c in self.cuts),
             "integrity_failures": [
@@ -260,6 +275,8 @@ class Outcome:
             ]
             if self.cuts
             else None,
+            "reserve_left_short": sum(c.reserve_left < RESERVE_BYTES for c in self.cuts),
+            "reserve_after_restart": sorted({c.reserve_after for c in self.cuts}),
             "dirty_sectors_at_cuts_max": max((c.dirty_sectors for c in self.cuts), default=0),
             "fs_writes_wal_db_fsyncs": [self.wal_writes, self.db_writes, self.fsyncs],
         }
@@ -280,7 +297,7 @@ def make_gateway(
         consented=consented,
         buffer_path=db,
         # a small reserve: it is made (and synced) on the mount too, through FUSE writes
-        buffer_extra="disk_reserve_bytes = 262144"
+        buffer_extra=f"disk_reserve_bytes = {RESERVE_BYTES}"
         + ("" if window_ms is None else f"\ndurability_window_ms = {window_ms}"),
     )
 
@@ -361,6 +378,7 @@ def run_power_cuts(
                 seen.setdefault(key, digest)
             left = buffered_events(copy_buffer(fs.backing, root / f"cut{i:03d}-left"))
             streams.update(s for s in (durable.stream, left.stream) if s)
+            reserve_left = _size(fs.backing / "buffer.db.reserve")
             fs.mount()
             t0 = time.monotonic()
             gw.start()
@@ -368,7 +386,9 @@ def run_power_cuts(
             ready_at = time.monotonic()
             out.cuts.append(
                 Cut(kind, mode, report["cut"]["where"], left.integrity, len(durable.events),
-                    report["dirty_sectors"], report["kept_sectors"], ready_at - t0)
+                    report["dirty_sectors"], report["kept_sectors"], ready_at - t0,
+                    reserve_left=reserve_left,
+                    reserve_after=_size(fs.mountpoint / "buffer.db.reserve"))
             )  # fmt: skip
             if not keep:
                 for folder in (snap, view, root / f"cut{i:03d}-left"):
@@ -377,7 +397,12 @@ def run_power_cuts(
         out.running_s += time.monotonic() - ready_at
         assert gw.stop() == 0, gw.log.read_text()[-3000:]
         streams.add(gw.stream())
-        gw.drain_and_stop()
+        gw.set_sources("")  # gw.drain_and_stop(), waiting for the declarations too
+        gw.start()
+        gw.wait_ready()
+        gw.wait_drained(60)
+        out.declarations_pending = _wait_declared(gw.db)
+        assert gw.stop() == 0, gw.log.read_text()[-3000:]
         _wait_quiet(central)
     finally:
         if gw.alive():
@@ -401,11 +426,43 @@ def run_power_cuts(
     for stream, seq in got:
         by_stream.setdefault(stream, set()).add(seq)
     out.streams_in_buffer = len(streams | by_stream.keys())
+    for name, ranges in central.stats()["skipped"].items():
+        out.declared[name.rsplit("/", 1)[1]] = [(int(lo), int(hi)) for lo, hi in ranges]
+
+    def declared(key: Key) -> bool:
+        return any(lo <= key[1] <= hi for lo, hi in out.declared.get(key[0], ()))
+
+    out.declared_over_committed = sorted(k for k in committed if declared(k))
+    out.declared_delivered = sum(declared(k) for k in got)
     for stream, seqs in by_stream.items():
-        missing = sorted(set(range(1, max(seqs) + 1)) - seqs)
+        missing = [
+            s for s in range(1, max(seqs) + 1) if s not in seqs and not declared((stream, s))
+        ]
         if missing:
             out.gaps[stream] = missing
     return out
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+def _wait_declared(db: Path, timeout: float = 10) -> list[tuple[int, int]]:
+    """The skipped ranges still waiting to be declared, once none is (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = sqlite3.connect(db, timeout=5)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'skipped_seqs'").fetchone()
+        finally:
+            conn.close()
+        pending = [(int(lo), int(hi)) for lo, hi in json.loads(row[0])] if row else []
+        if not pending or time.monotonic() >= deadline:
+            return pending
+        time.sleep(0.1)
 
 
 def _startups(log: str) -> list[float]:

@@ -585,3 +585,26 @@ def test_fast_validator_refuses_keywords_it_could_read_differently(
     (tmp_path / "x.json").write_text(json.dumps(full), encoding="utf-8")
     with pytest.raises(ValueError, match=r"not supported|sibling|local schema"):
         ContractSchemas(tmp_path)
+
+
+def test_declared_skipped_seqs_close_the_gaps_and_a_reversed_range_is_refused(
+    central: Central, publisher: Publisher, out: Path
+) -> None:
+    """The consumer's rule (contract README, "Delivery semantics"): every seq up to the
+    highest received is received or inside a declared range."""
+    publisher.publish(EVENTS_TOPIC, batch(presence(1), footfall(2), presence(9)))
+    central.wait_for(lambda s: s["accepted"] == 3, timeout=5)
+    name = f"{STORE}/{DEVICE}/{STREAM}"
+    assert central.gaps() == {name: [3, 4, 5, 6, 7, 8]}, "still missing, not declared"
+    declaration = {"v": 1, "store": STORE, "device": DEVICE, "stream": STREAM, "events": []}
+    publisher.publish(EVENTS_TOPIC, json.dumps({**declaration, "skipped": [[9, 3]]}))
+    central.wait_for(lambda s: s["invalid"].get("skipped_range") == 1, timeout=5)
+    publisher.publish(EVENTS_TOPIC, json.dumps({**declaration, "events": []}))
+    central.wait_for(lambda s: s["invalid_total"] == 2, timeout=5)
+    publisher.publish(EVENTS_TOPIC, json.dumps({**declaration, "skipped": [[2, 6], [8, 8]]}))
+    stats = central.wait_for(lambda s: s["declarations"] == 1, timeout=5)
+    assert central.skipped(name) == [(2, 6), (8, 8)] and stats["skipped"] == {
+        name: [(2, 6), (8, 8)]
+    }
+    assert central.gaps() == {name: [7]}
+    assert len(lines(out)) == 3, "a declaration writes no event line"
