@@ -353,7 +353,10 @@ def run_power_cuts(
                 suffix, after = ("-wal", rng.randint(1, 60)) if kind == "wal" else (
                     "buffer.db", rng.randint(1, 12))  # fmt: skip
                 fs.ask(cmd="arm", pid=pid, suffix=suffix, after=after)
-                deadline = time.monotonic() + 10
+                # with a durability window the database is written about once a second
+                # (bookkeeping), so a checkpoint's n-th page write can take a while on a
+                # loaded box: wait for it rather than fall back to a cut at once
+                deadline = time.monotonic() + (10 if kind == "wal" else 30)
                 while not fs.ask(cmd="status")["frozen"] and time.monotonic() < deadline:
                     time.sleep(0.02)
             fs.ask(cmd="cut", pid=pid)  # no-op once cut; a trigger never met cuts now
