@@ -150,7 +150,7 @@ class Forwarder:
             if self._should_declare():
                 self._declare(prefix)
                 continue
-            while not queued and not self._should_declare():
+            while not queued and not self._should_declare() and not self._resend:
                 self.outbox.new_data.clear()
                 after, generation = self._cursor, self._generation
                 batches = await self.outbox.fetch(
@@ -287,6 +287,9 @@ class Forwarder:
         if any(v.abandoned for v in sending.verdicts):
             self._resend = True  # its rows stay; sent again after the reconnect
             self.metrics.inc("batches_abandoned_total")
+            # the loop may wait for new events: wake it, or a quiet box holds the batch
+            # until its next event (it waits for the link first, then reads again)
+            self.outbox.new_data.set()
             return
         failed = [v for v in sending.verdicts if not v.ok]
         if not failed:

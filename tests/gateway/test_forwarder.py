@@ -244,3 +244,38 @@ def test_a_declaration_of_skipped_seqs_is_sent_until_a_success_puback(tmp_path: 
             box.close()
 
     asyncio.run(run())
+
+
+def test_an_abandoned_batch_is_sent_again_on_a_quiet_box(tmp_path: Path) -> None:
+    """A batch abandoned with the link (no PUBACK) is sent again once connected, even when
+    no new event comes to wake the loop: a quiet store at night must not hold its last
+    events until the morning's first one."""
+
+    async def run() -> None:
+        metrics = Metrics()
+        box = Outbox(BufferConfig(path=tmp_path / "b.db"), metrics)
+        box.open()
+        pub = FakePublisher()
+        fwd = Forwarder(box, pub, MqttConfig(), store="s1", device="d1", topic="t", metrics=metrics)
+        task = asyncio.create_task(fwd.run())
+        try:
+            seqs = await box.submit_many(
+                [Pending(time.time(), "x", None, f'"i":{i}}}') for i in range(3)]
+            )
+            await until(lambda: len(pub.sent) == 1)
+            first = json.loads(pub.sent[0][1])
+            assert [e["seq"] for e in first["events"]] == seqs
+            pub.sent[0][2].set_result(Verdict(ok=False, reason="link lost", abandoned=True))
+            await until(lambda: len(pub.sent) == 2)  # no new event: nothing else wakes it
+            assert json.loads(pub.sent[1][1]) == first
+            pub.sent[1][2].set_result(Verdict(ok=True))
+            deadline = time.monotonic() + 5
+            while (await box.stats())["depth"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert (await box.stats())["depth"] == 0
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            box.close()
+
+    asyncio.run(run())
