@@ -309,8 +309,9 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
+    from gateway.buffer.erasure_store import erase_offline
     from gateway.config.models import load_config
-    from gateway.consent.erasure import WAL_WAIT_WHY, erase_offline
+    from gateway.consent.erasure import WAL_WAIT_WHY
     from gateway.consent.registry import is_pseudonym
 
     bad = sum(not is_pseudonym(p) for p in args.pseudonyms)

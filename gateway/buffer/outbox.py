@@ -354,10 +354,15 @@ class Outbox:
         """Chunks in the tail cache of recently committed rows (at most ``_recent_max``)."""
         return len(self._recent)
 
-    def write(
+    # -- the one submission path: the stores (gateway/buffer/*_store.py) and the
+    # outbox's own methods.  Private to gateway/buffer/: every table's SQL lives here
+    # (tests/test_layering.py checks that nothing outside runs SQL on the buffer).
+
+    def _submit_write(
         self, fn: Callable[[sqlite3.Connection], T], *, invalidates: bool = True
     ) -> asyncio.Future[T]:
-        """Run ``fn(conn)`` inside the next write transaction.
+        """Run ``fn(conn)`` inside the next write transaction (grouped with every write
+        queued while the current commit runs).
 
         ``invalidates=False`` promises that ``fn`` deletes no event the forwarder has not
         fetched yet (acks, dead letters, consent rows); anything else empties the cache of
@@ -369,7 +374,7 @@ class Outbox:
         self._put(_Cmd("write", fn=fn, future=fut, invalidates=invalidates))
         return fut
 
-    def read(
+    def _submit_read(
         self, fn: Callable[[sqlite3.Connection], T], *, flush: bool = True
     ) -> asyncio.Future[T]:
         """Run ``fn(conn)`` on the writer's connection after the pending commit (and,
@@ -388,7 +393,7 @@ class Outbox:
         Served from the writer's cache of recently committed rows when it holds every
         row after ``after`` (the live path); from the database otherwise (a backlog).
         """
-        return self.read(
+        return self._submit_read(
             lambda c: self._fetch(c, after, max_batches, max_events, max_bytes), flush=False
         )
 
@@ -430,7 +435,7 @@ class Outbox:
             )
             return n.rowcount
 
-        return self.write(fn, invalidates=False)
+        return self._submit_write(fn, invalidates=False)
 
     def dead_letter(self, batch: Batch, reason_code: int, reason: str) -> asyncio.Future[int]:
         """Move a batch the broker refused into ``dead_letters`` (visible in status)."""
@@ -446,12 +451,12 @@ class Outbox:
             n = c.execute("DELETE FROM chunks WHERE lo BETWEEN ? AND ?", (batch.lo, batch.hi))
             return n.rowcount
 
-        return self.write(fn, invalidates=False)
+        return self._submit_write(fn, invalidates=False)
 
     def expire(self, now: float | None = None) -> asyncio.Future[int]:
         """Delete rows older than ``max_age_s``, oldest first, in bounded chunks."""
         cutoff = (self.now() if now is None else now) - self.cfg.max_age_s
-        written = self.write(lambda c: _expire(c, cutoff))
+        written = self._submit_write(lambda c: _expire(c, cutoff))
         assert self._loop is not None
         out: asyncio.Future[int] = self._loop.create_future()
 
@@ -474,7 +479,7 @@ class Outbox:
         return out
 
     def stats(self) -> asyncio.Future[dict[str, Any]]:
-        return self.read(self._stats, flush=False)
+        return self._submit_read(self._stats, flush=False)
 
     def _stats(self, c: sqlite3.Connection) -> dict[str, Any]:
         """Writer thread: the database's figures, with the window's not yet in it."""
