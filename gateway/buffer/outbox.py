@@ -65,6 +65,7 @@ from gateway.buffer.stage import (
     parse,
     stage_path,
 )
+from gateway.buffer.transaction import transaction
 from gateway.config.credentials import private_database
 from gateway.config.models import BufferConfig
 from gateway.contract.events import new_stream_id, with_seq
@@ -626,30 +627,22 @@ class Outbox:
 
     def _commit(self, conn: sqlite3.Connection, writes: list[_Cmd]) -> int:
         """Commit the writes; apply the full-buffer policy. Returns events appended."""
+        # Its own loop around the helper: a full disk applies the policy and tries again.
         for attempt in range(3):
             start_seq = self._next_seq
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                appends = [c for c in writes if c.kind == "append" and c.error is None]
-                appended = self._insert(conn, appends) if appends else 0
-                for cmd in writes:
-                    if cmd.error is None and cmd.kind == "write" and cmd.fn is not None:
-                        cmd.result = cmd.fn(conn)
-                if appended:
-                    conn.execute(
-                        "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_seq', ?)",
-                        (str(self._next_seq - 1),),
-                    )
-                conn.execute("COMMIT")
-                self._write_ok(True)
-                if time.monotonic() >= self._recap_at:  # follow the filesystem's free space
-                    self._recap_at = time.monotonic() + RECAP_INTERVAL_S
-                    self._keep_reserve()
-                    with contextlib.suppress(sqlite3.Error):
-                        self._set_max_pages(conn)
-                return appended
+                with transaction(conn):
+                    appends = [c for c in writes if c.kind == "append" and c.error is None]
+                    appended = self._insert(conn, appends) if appends else 0
+                    for cmd in writes:
+                        if cmd.error is None and cmd.kind == "write" and cmd.fn is not None:
+                            cmd.result = cmd.fn(conn)
+                    if appended:
+                        conn.execute(
+                            "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_seq', ?)",
+                            (str(self._next_seq - 1),),
+                        )
             except sqlite3.Error as exc:
-                self._rollback(conn)
                 self._next_seq = start_seq
                 if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL and attempt < 2:
                     self._when_full(conn, writes)
@@ -664,6 +657,13 @@ class Outbox:
                 for cmd in writes:
                     cmd.error = cmd.error or err
                 return 0
+            self._write_ok(True)
+            if time.monotonic() >= self._recap_at:  # follow the filesystem's free space
+                self._recap_at = time.monotonic() + RECAP_INTERVAL_S
+                self._keep_reserve()
+                with contextlib.suppress(sqlite3.Error):
+                    self._set_max_pages(conn)
+            return appended
         return 0
 
     def _insert(self, conn: sqlite3.Connection, appends: list[_Cmd]) -> int:
@@ -849,36 +849,35 @@ class Outbox:
             # nothing undelivered is due: no transaction, no fsync
             self._window_due = keep_at[0] + self._window_s if keep_at else None
             return True
+        # Its own loop around the helper: a full disk applies the policy and tries again.
         for attempt in range(3):
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(
-                    "INSERT INTO chunks(lo, hi, n, created, subjects, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                conn.executemany(
-                    "DELETE FROM chunks WHERE lo BETWEEN ? AND ?",
-                    [(lo, hi) for lo, hi, _n in self._deletes],
-                )
-                for cmd in writes:
-                    if cmd.fn is not None:
-                        cmd.result = cmd.fn(conn)
-                bookkeeping = []
-                if stored_last != self._db_last_seq:
-                    bookkeeping.append(("last_seq", str(stored_last)))
-                if reserved != self._reserved:
-                    bookkeeping.append(("seq_reserved", str(reserved)))
-                if self._publish_at is not None:
-                    bookkeeping.append(("last_publish_at", str(self._publish_at)))
-                for key, value in bookkeeping:  # an UPDATE rewrites one page, not two
-                    if not conn.execute(
-                        "UPDATE meta SET value = ? WHERE key = ?", (value, key)
-                    ).rowcount:
-                        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, value))
-                conn.execute("COMMIT")
+                with transaction(conn):
+                    conn.executemany(
+                        "INSERT INTO chunks(lo, hi, n, created, subjects, body)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
+                    conn.executemany(
+                        "DELETE FROM chunks WHERE lo BETWEEN ? AND ?",
+                        [(lo, hi) for lo, hi, _n in self._deletes],
+                    )
+                    for cmd in writes:
+                        if cmd.fn is not None:
+                            cmd.result = cmd.fn(conn)
+                    bookkeeping = []
+                    if stored_last != self._db_last_seq:
+                        bookkeeping.append(("last_seq", str(stored_last)))
+                    if reserved != self._reserved:
+                        bookkeeping.append(("seq_reserved", str(reserved)))
+                    if self._publish_at is not None:
+                        bookkeeping.append(("last_publish_at", str(self._publish_at)))
+                    for key, value in bookkeeping:  # an UPDATE rewrites one page, not two
+                        if not conn.execute(
+                            "UPDATE meta SET value = ? WHERE key = ?", (value, key)
+                        ).rowcount:
+                            conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, value))
             except sqlite3.Error as exc:
-                self._rollback(conn)
                 if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL and attempt < 2:
                     self._when_full(conn, [], staged=self._staged_events)
                     if self.cfg.when_full == "drop_new":  # counted by _when_full
@@ -1129,17 +1128,15 @@ class Outbox:
         want = max(EVICT_MIN_EVENTS, incoming, int(total) // 100)
         evicted = 0
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for lo, n in conn.execute(
-                "SELECT lo, n FROM chunks ORDER BY lo LIMIT ?", (max(1, int(chunks)),)
-            ).fetchall():
-                if evicted >= want:
-                    break
-                conn.execute("DELETE FROM chunks WHERE lo = ?", (lo,))
-                evicted += int(n)
-            conn.execute("COMMIT")
+            with transaction(conn):
+                for lo, n in conn.execute(
+                    "SELECT lo, n FROM chunks ORDER BY lo LIMIT ?", (max(1, int(chunks)),)
+                ).fetchall():
+                    if evicted >= want:
+                        break
+                    conn.execute("DELETE FROM chunks WHERE lo = ?", (lo,))
+                    evicted += int(n)
         except sqlite3.Error as exc:
-            self._rollback(conn)
             if self._last_write_ok:  # once per failure, not once per commit
                 log.error("buffer full and eviction failed: %s", exc)
             return
