@@ -169,7 +169,7 @@ def test_store_writes_queued_during_a_commit_share_one_transaction(
 
         first = box._submit_write(blocker, invalidates=False)
         assert await asyncio.to_thread(inside.wait, 10)
-        queued = [  # while the writer is inside the blocker's transaction
+        queued: list[asyncio.Future[Any]] = [  # while the writer is in the blocker's commit
             ConsentStore(box).save([(A, '["linking"]', None, "sync", 1.0)]),
             HeldStore(box).add((7, A, "qr.scan", "cam", 1.0, "{}", 9e9)),
             TokenStore(box).add("key-1", 4000),
