@@ -52,7 +52,7 @@ from drivers.serial_cards.frames import (
     Rejected,
     decoder_for,
 )
-from gateway.buffer.consent_store import CURSOR_KEY, read_cursor, save_rows
+from gateway.buffer.consent_store import CURSOR_KEY, ConsentStore, read_cursor, save_rows
 from gateway.config.credentials import write_secret
 from gateway.config.models import ConsentSyncConfig, load_config
 from gateway.consent.registry import PURPOSES, load_seed_file, parse_records
@@ -397,7 +397,7 @@ class _FakeOutbox:
         self.conn = sqlite3.connect(":memory:")
         self.conn.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT)")
 
-    async def write(self, fn: Callable[[sqlite3.Connection], object], **_: object) -> None:
+    async def _submit_write(self, fn: Callable[[sqlite3.Connection], object], **_: object) -> None:
         fn(self.conn)
 
 
@@ -407,6 +407,7 @@ class _RecordingUpdater(RegistryUpdater):
     def __init__(self) -> None:  # deliberately not the real wiring: no outbox, no eraser
         self.metrics = Metrics()
         self.outbox = _FakeOutbox()  # type: ignore[assignment]
+        self.store = ConsentStore(self.outbox)  # type: ignore[arg-type]
         self.registry = types.SimpleNamespace(records={})  # type: ignore[assignment]
         self._tasks = set()
         self.applied: list[list[Any]] = []
