@@ -183,3 +183,56 @@ def test_config_models_and_drivers_do_not_share_class_names() -> None:
         if isinstance(node, ast.ClassDef)
     }
     assert not config & classes("drivers"), sorted(config & classes("drivers"))
+
+
+# The buffer database's tables are owned by gateway/buffer/ (the outbox and its typed
+# stores); elsewhere, code calls typed methods.  A file outside that runs SQL of its own
+# must be on this list, with the reason (its own database, not the buffer's).
+OWN_DATABASE = {
+    "drivers/receipt_tap/counter.py": "the receipt counters' own database file (counter_db)",
+    "drivers/receipt_tap/base.py": "catches the receipt counters' sqlite3.Error",
+}
+SQL_CALLS = frozenset({"execute", "executemany", "executescript"})
+SUBMIT = frozenset({"_submit_write", "_submit_read"})
+
+
+def sql_outside_the_buffer(path: Path) -> list[str]:
+    """What in ``path`` reaches SQLite or the outbox's submission path directly."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] == "sqlite3"]
+            found += [(node.lineno, f"imports {name}") for name in names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlite3"):
+            found.append((node.lineno, f"imports from {node.module}"))
+        elif isinstance(node, ast.Attribute) and node.attr in SUBMIT:
+            found.append((node.lineno, f"calls {ast.unparse(node)}"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            receiver = ast.unparse(node.func.value)
+            if node.func.attr in SQL_CALLS:
+                found.append((node.lineno, f"runs SQL: {receiver}.{node.func.attr}(...)"))
+            elif node.func.attr in ("write", "read") and receiver.endswith("outbox"):
+                found.append((node.lineno, f"calls {receiver}.{node.func.attr}(...)"))
+    return [f"{path.relative_to(ROOT)}:{line}: {what}" for line, what in found]
+
+
+def test_only_the_buffer_package_runs_sql_on_the_buffer() -> None:
+    """Issue 15: the outbox owns its tables.  Outside gateway/buffer/ nothing imports
+    sqlite3, runs SQL or submits to the outbox's writer; consent, the daemon and the
+    rig call the typed stores (gateway/buffer/*_store.py)."""
+    from gateway.buffer.outbox import Outbox
+
+    wrong = []
+    for package in ("gateway", "drivers", "simulators"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith("gateway/buffer/") or rel in OWN_DATABASE:
+                continue
+            wrong += sql_outside_the_buffer(path)
+    assert not wrong, "\n".join(wrong)
+    assert not hasattr(Outbox, "write") and not hasattr(Outbox, "read"), (
+        "Outbox.write/read are private to gateway/buffer/ (_submit_write, _submit_read)"
+    )
+    for rel in OWN_DATABASE:  # the exceptions are still needed, or they go
+        assert sql_outside_the_buffer(ROOT / rel), f"{rel} runs no SQL now: take it off the list"

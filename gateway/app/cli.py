@@ -84,30 +84,8 @@ def _check_rows(template: Path, csv_path: Path) -> int:
     return 1 if any(problems for _, problems in results) else 0
 
 
-def _buffer_problem(db: Path) -> str | None:
-    """Why this version cannot use the buffer database there (a rollback onto newer
-    migrations), or None; a database not made yet is fine."""
-    import sqlite3
-
-    from gateway.buffer.migrations import check_known
-    from gateway.buffer.outbox import connect
-
-    if not db.exists():
-        return None
-    try:
-        conn = connect(db, readonly=True)
-        try:
-            check_known(conn, str(db))
-        finally:
-            conn.close()
-    except UnknownMigrations as exc:
-        return str(exc)
-    except sqlite3.Error as exc:
-        return f"cannot read the buffer database: {exc}"
-    return None
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.buffer.migrations import database_problem
     from gateway.config.models import load_checked_config, load_config
 
     if (args.template is None) != (args.csv is None):
@@ -129,7 +107,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             for file, key, why in exc.problems:
                 print(f"{file}: {key or '<top>'}: {why}")
             continue
-        if not args.offline and (trouble := _buffer_problem(Path(cfg.buffer.path))):
+        if not args.offline and (trouble := database_problem(Path(cfg.buffer.path))):
             failed = True
             print(f"{path}: buffer.path: {trouble}")
             continue
@@ -309,8 +287,9 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
+    from gateway.buffer.erasure_store import erase_offline
     from gateway.config.models import load_config
-    from gateway.consent.erasure import WAL_WAIT_WHY, erase_offline
+    from gateway.consent.erasure import WAL_WAIT_WHY
     from gateway.consent.registry import is_pseudonym
 
     bad = sum(not is_pseudonym(p) for p in args.pseudonyms)

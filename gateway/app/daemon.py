@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import signal
 import time
@@ -26,6 +25,7 @@ from gateway.app.notify import Notifier, watchdog_interval
 from gateway.app.sources import build_source
 from gateway.app.watchdog import ProgressWatch
 from gateway.backoff import Backoff
+from gateway.buffer.consent_store import ConsentStore
 from gateway.buffer.outbox import Outbox, Pending
 from gateway.config.models import Config, HealthConfig, load_checked_config, plaintext_links
 from gateway.consent.erasure import Eraser
@@ -129,7 +129,7 @@ class Gateway:
         self.outbox.open()
 
     async def _load_consent(self) -> None:
-        n = await self.outbox.read(self.consent.load)
+        n = self.consent.restore(await ConsentStore(self.outbox).load())
         if self.policy.hold is not None:
             await self.policy.hold.load()
         if self.cfg.consent.seed_file is not None:
@@ -255,8 +255,7 @@ class Gateway:
                     self.metrics.inc("events_expired_total", n)
                 gone = self.consent.forget_expired_evidence(self.now())
                 if gone:  # app-token consent past its expiry: the registry stays bounded
-                    delete = functools.partial(ConsentRegistry.delete, subjects=gone)
-                    await self.outbox.write(delete, invalidates=False)
+                    await ConsentStore(self.outbox).delete(gone)
                 await self.token_replay.prune(self.now())  # used tokens now expired
                 await self.eraser.prune_tombstones(self.now())  # older than any token
                 release_free_memory()  # what a drained backlog freed goes back to the OS

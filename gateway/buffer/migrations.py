@@ -25,6 +25,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway import __version__
@@ -169,6 +170,25 @@ def check_known(conn: sqlite3.Connection, where: str, migrations: Sequence[Migra
             "readable by older versions, so the buffer is used as it is",
             where, name, version, __version__,
         )  # fmt: skip
+
+
+def database_problem(path: Path) -> str | None:
+    """Why this version cannot use the buffer database at ``path`` (a rollback onto newer
+    migrations, or an unreadable file), or None; a database not made yet is fine.
+    Read-only (``check-config``)."""
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5)
+        try:
+            check_known(conn, str(path))
+        finally:
+            conn.close()
+    except UnknownMigrations as exc:
+        return str(exc)
+    except sqlite3.Error as exc:
+        return f"cannot read the buffer database: {exc}"
+    return None
 
 
 def migrate(

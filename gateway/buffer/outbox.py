@@ -69,6 +69,7 @@ from gateway.buffer.stage import (
     parse,
     stage_path,
 )
+from gateway.buffer.transaction import transaction
 from gateway.config.credentials import private_database
 from gateway.config.models import BufferConfig
 from gateway.contract.events import new_stream_id, with_seq
@@ -368,10 +369,15 @@ class Outbox:
         """Chunks in the tail cache of recently committed rows (at most ``_recent_max``)."""
         return len(self._recent)
 
-    def write(
+    # -- the one submission path: the stores (gateway/buffer/*_store.py) and the
+    # outbox's own methods.  Private to gateway/buffer/: every table's SQL lives here
+    # (tests/test_layering.py checks that nothing outside runs SQL on the buffer).
+
+    def _submit_write(
         self, fn: Callable[[sqlite3.Connection], T], *, invalidates: bool = True
     ) -> asyncio.Future[T]:
-        """Run ``fn(conn)`` inside the next write transaction.
+        """Run ``fn(conn)`` inside the next write transaction (grouped with every write
+        queued while the current commit runs).
 
         ``invalidates=False`` promises that ``fn`` deletes no event the forwarder has not
         fetched yet (acks, dead letters, consent rows); anything else empties the cache of
@@ -383,7 +389,7 @@ class Outbox:
         self._put(_Cmd("write", fn=fn, future=fut, invalidates=invalidates))
         return fut
 
-    def read(
+    def _submit_read(
         self, fn: Callable[[sqlite3.Connection], T], *, flush: bool = True
     ) -> asyncio.Future[T]:
         """Run ``fn(conn)`` on the writer's connection after the pending commit (and,
@@ -415,7 +421,7 @@ class Outbox:
             else:
                 c.execute("DELETE FROM meta WHERE key = ?", (SKIPPED_KEY,))
 
-        return self.write(fn, invalidates=False)
+        return self._submit_write(fn, invalidates=False)
 
     def fetch(
         self, after: int, max_batches: int, max_events: int, max_bytes: int
@@ -425,7 +431,7 @@ class Outbox:
         Served from the writer's cache of recently committed rows when it holds every
         row after ``after`` (the live path); from the database otherwise (a backlog).
         """
-        return self.read(
+        return self._submit_read(
             lambda c: self._fetch(c, after, max_batches, max_events, max_bytes), flush=False
         )
 
@@ -467,7 +473,7 @@ class Outbox:
             )
             return n.rowcount
 
-        return self.write(fn, invalidates=False)
+        return self._submit_write(fn, invalidates=False)
 
     def dead_letter(self, batch: Batch, reason_code: int, reason: str) -> asyncio.Future[int]:
         """Move a batch the broker refused into ``dead_letters`` (visible in status)."""
@@ -483,12 +489,12 @@ class Outbox:
             n = c.execute("DELETE FROM chunks WHERE lo BETWEEN ? AND ?", (batch.lo, batch.hi))
             return n.rowcount
 
-        return self.write(fn, invalidates=False)
+        return self._submit_write(fn, invalidates=False)
 
     def expire(self, now: float | None = None) -> asyncio.Future[int]:
         """Delete rows older than ``max_age_s``, oldest first, in bounded chunks."""
         cutoff = (self.now() if now is None else now) - self.cfg.max_age_s
-        written = self.write(lambda c: _expire(c, cutoff))
+        written = self._submit_write(lambda c: _expire(c, cutoff))
         assert self._loop is not None
         out: asyncio.Future[int] = self._loop.create_future()
 
@@ -511,7 +517,7 @@ class Outbox:
         return out
 
     def stats(self) -> asyncio.Future[dict[str, Any]]:
-        return self.read(self._stats, flush=False)
+        return self._submit_read(self._stats, flush=False)
 
     def _stats(self, c: sqlite3.Connection) -> dict[str, Any]:
         """Writer thread: the database's figures, with the window's not yet in it."""
@@ -658,30 +664,22 @@ class Outbox:
 
     def _commit(self, conn: sqlite3.Connection, writes: list[_Cmd]) -> int:
         """Commit the writes; apply the full-buffer policy. Returns events appended."""
+        # Its own loop around the helper: a full disk applies the policy and tries again.
         for attempt in range(3):
             start_seq = self._next_seq
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                appends = [c for c in writes if c.kind == "append" and c.error is None]
-                appended = self._insert(conn, appends) if appends else 0
-                for cmd in writes:
-                    if cmd.error is None and cmd.kind == "write" and cmd.fn is not None:
-                        cmd.result = cmd.fn(conn)
-                if appended:
-                    conn.execute(
-                        "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_seq', ?)",
-                        (str(self._next_seq - 1),),
-                    )
-                conn.execute("COMMIT")
-                self._write_ok(True)
-                if time.monotonic() >= self._recap_at:  # follow the filesystem's free space
-                    self._recap_at = time.monotonic() + RECAP_INTERVAL_S
-                    self._keep_reserve()
-                    with contextlib.suppress(sqlite3.Error):
-                        self._set_max_pages(conn)
-                return appended
+                with transaction(conn):
+                    appends = [c for c in writes if c.kind == "append" and c.error is None]
+                    appended = self._insert(conn, appends) if appends else 0
+                    for cmd in writes:
+                        if cmd.error is None and cmd.kind == "write" and cmd.fn is not None:
+                            cmd.result = cmd.fn(conn)
+                    if appended:
+                        conn.execute(
+                            "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_seq', ?)",
+                            (str(self._next_seq - 1),),
+                        )
             except sqlite3.Error as exc:
-                self._rollback(conn)
                 self._next_seq = start_seq
                 if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL and attempt < 2:
                     self._when_full(conn, writes)
@@ -696,6 +694,13 @@ class Outbox:
                 for cmd in writes:
                     cmd.error = cmd.error or err
                 return 0
+            self._write_ok(True)
+            if time.monotonic() >= self._recap_at:  # follow the filesystem's free space
+                self._recap_at = time.monotonic() + RECAP_INTERVAL_S
+                self._keep_reserve()
+                with contextlib.suppress(sqlite3.Error):
+                    self._set_max_pages(conn)
+            return appended
         return 0
 
     def _insert(self, conn: sqlite3.Connection, appends: list[_Cmd]) -> int:
@@ -881,36 +886,35 @@ class Outbox:
             # nothing undelivered is due: no transaction, no fsync
             self._window_due = keep_at[0] + self._window_s if keep_at else None
             return True
+        # Its own loop around the helper: a full disk applies the policy and tries again.
         for attempt in range(3):
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(
-                    "INSERT INTO chunks(lo, hi, n, created, subjects, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                conn.executemany(
-                    "DELETE FROM chunks WHERE lo BETWEEN ? AND ?",
-                    [(lo, hi) for lo, hi, _n in self._deletes],
-                )
-                for cmd in writes:
-                    if cmd.fn is not None:
-                        cmd.result = cmd.fn(conn)
-                bookkeeping = []
-                if stored_last != self._db_last_seq:
-                    bookkeeping.append(("last_seq", str(stored_last)))
-                if reserved != self._reserved:
-                    bookkeeping.append(("seq_reserved", str(reserved)))
-                if self._publish_at is not None:
-                    bookkeeping.append(("last_publish_at", str(self._publish_at)))
-                for key, value in bookkeeping:  # an UPDATE rewrites one page, not two
-                    if not conn.execute(
-                        "UPDATE meta SET value = ? WHERE key = ?", (value, key)
-                    ).rowcount:
-                        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, value))
-                conn.execute("COMMIT")
+                with transaction(conn):
+                    conn.executemany(
+                        "INSERT INTO chunks(lo, hi, n, created, subjects, body)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
+                    conn.executemany(
+                        "DELETE FROM chunks WHERE lo BETWEEN ? AND ?",
+                        [(lo, hi) for lo, hi, _n in self._deletes],
+                    )
+                    for cmd in writes:
+                        if cmd.fn is not None:
+                            cmd.result = cmd.fn(conn)
+                    bookkeeping = []
+                    if stored_last != self._db_last_seq:
+                        bookkeeping.append(("last_seq", str(stored_last)))
+                    if reserved != self._reserved:
+                        bookkeeping.append(("seq_reserved", str(reserved)))
+                    if self._publish_at is not None:
+                        bookkeeping.append(("last_publish_at", str(self._publish_at)))
+                    for key, value in bookkeeping:  # an UPDATE rewrites one page, not two
+                        if not conn.execute(
+                            "UPDATE meta SET value = ? WHERE key = ?", (value, key)
+                        ).rowcount:
+                            conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, value))
             except sqlite3.Error as exc:
-                self._rollback(conn)
                 if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL and attempt < 2:
                     self._when_full(conn, [], staged=self._staged_events)
                     if self.cfg.when_full == "drop_new":  # counted by _when_full
@@ -1034,22 +1038,22 @@ class Outbox:
         reserved = self._reserved if self._window_s > 0 else next_seq - 1
         changed = skipped != declared
         if rows or deletes or next_seq - 1 != last or reserved != self._reserved or changed:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                "INSERT INTO chunks(lo, hi, n, created, subjects, body) VALUES (?, ?, ?, ?, ?, ?)",
-                list(rows.values()),
-            )
-            conn.executemany("DELETE FROM chunks WHERE lo BETWEEN ? AND ?", deletes)
-            conn.executemany(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                [("last_seq", str(next_seq - 1)), ("seq_reserved", str(reserved))],
-            )
-            if changed:  # with last_seq: a seq past the skip is never handed out undeclared
-                conn.execute(
-                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                    (SKIPPED_KEY, json.dumps(skipped)),
+            with transaction(conn):
+                conn.executemany(
+                    "INSERT INTO chunks(lo, hi, n, created, subjects, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    list(rows.values()),
                 )
-            conn.execute("COMMIT")
+                conn.executemany("DELETE FROM chunks WHERE lo BETWEEN ? AND ?", deletes)
+                conn.executemany(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    [("last_seq", str(next_seq - 1)), ("seq_reserved", str(reserved))],
+                )
+                if changed:  # with last_seq: a seq past the skip is never handed out undeclared
+                    conn.execute(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                        (SKIPPED_KEY, json.dumps(skipped)),
+                    )
             if rows:
                 log.info("replayed %d staged events after an unclean stop", len(rows))
         self._reserved = reserved
@@ -1184,17 +1188,15 @@ class Outbox:
         want = max(EVICT_MIN_EVENTS, incoming, int(total) // 100)
         evicted = 0
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for lo, n in conn.execute(
-                "SELECT lo, n FROM chunks ORDER BY lo LIMIT ?", (max(1, int(chunks)),)
-            ).fetchall():
-                if evicted >= want:
-                    break
-                conn.execute("DELETE FROM chunks WHERE lo = ?", (lo,))
-                evicted += int(n)
-            conn.execute("COMMIT")
+            with transaction(conn):
+                for lo, n in conn.execute(
+                    "SELECT lo, n FROM chunks ORDER BY lo LIMIT ?", (max(1, int(chunks)),)
+                ).fetchall():
+                    if evicted >= want:
+                        break
+                    conn.execute("DELETE FROM chunks WHERE lo = ?", (lo,))
+                    evicted += int(n)
         except sqlite3.Error as exc:
-            self._rollback(conn)
             if self._last_write_ok:  # once per failure, not once per commit
                 log.error("buffer full and eviction failed: %s", exc)
             return

@@ -1,5 +1,6 @@
 """The one way to write a transaction by hand on a connection in autocommit mode
-(``isolation_level=None``): the migrations, the offline erasure, the receipt counters.
+(``isolation_level=None``): the migrations, the outbox's group commits and evictions, the
+offline erasure, the receipt counters.
 
     with transaction(conn):
         conn.execute(...)

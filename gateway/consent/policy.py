@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from gateway.buffer.held_store import HeldStore
 from gateway.consent.registry import ConsentRegistry
 from gateway.contract.events import rfc3339
 from gateway.observe.metrics import Metrics
@@ -59,6 +59,7 @@ class HoldQueue:
         self, outbox: Outbox, metrics: Metrics, ttl_s: float, *, max_entries: int = 100_000
     ) -> None:
         self.outbox = outbox
+        self.store = HeldStore(outbox)
         self.metrics = metrics
         self.ttl_s = ttl_s
         self.max_entries = max_entries
@@ -74,13 +75,7 @@ class HoldQueue:
 
     async def load(self) -> int:
         """Read the held rows back after a restart."""
-
-        def read(c: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            return c.execute(
-                "SELECT id, subject, type, source, at, attrs, expires FROM held ORDER BY id"
-            ).fetchall()
-
-        for id_, subject, type_, source, at, attrs, expires in await self.outbox.read(read):
+        for id_, subject, type_, source, at, attrs, expires in await self.store.load():
             reading = Reading(type_, source, at, subject, json.loads(attrs))
             self._by_subject.setdefault(subject, []).append(Held(id_, reading, expires))
             self._count += 1
@@ -106,14 +101,7 @@ class HoldQueue:
             json.dumps(dict(reading.attrs), separators=(",", ":")),
             held.expires,
         )
-        fut = self.outbox.write(
-            lambda c: c.execute(
-                "INSERT OR REPLACE INTO held(id, subject, type, source, at, attrs, expires)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                row,
-            ),
-            invalidates=False,
-        )
+        fut = self.store.add(row)
         fut.add_done_callback(_log_failure)
         return True
 
@@ -134,10 +122,7 @@ class HoldQueue:
         if not out:
             return []
         self._count -= len(out)
-        ids = [(h.id,) for h in out]
-        fut = self.outbox.write(
-            lambda c: c.executemany("DELETE FROM held WHERE id = ?", ids), invalidates=False
-        )
+        fut = self.store.delete([h.id for h in out])
         fut.add_done_callback(_log_failure)
         out.sort(key=lambda h: (h.reading.at, h.id))
         return [h.reading for h in out]
@@ -161,10 +146,7 @@ class HoldQueue:
                 del self._by_subject[subject]
         if n:
             self._count -= n
-            fut = self.outbox.write(
-                lambda c: c.execute("DELETE FROM held WHERE expires <= ?", (now,)),
-                invalidates=False,
-            )
+            fut = self.store.expire(now)
             fut.add_done_callback(_log_failure)
         return n
 

@@ -1,7 +1,8 @@
 """The consent gate: a local registry of pseudonym -> purposes and expiry.
 
 The registry lives in memory for the hot path and in the buffer database (table
-``consent``) for restarts; every change goes through the outbox writer.  An event passes
+``consent``, gateway/buffer/consent_store.py) for restarts; every change goes through the
+outbox writer.  An event passes
 the gate when its subject has an unexpired consent for at least one purpose its type
 needs; the event then carries exactly those purposes (contract §3).  Subject-less events
 (``receipt.printed``, ``footfall``) pass with ``purposes: []``.
@@ -22,13 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.buffer.consent_store import ConsentRow, ConsentSnapshot
 from gateway.contract.events import purposes_json
 from gateway.errors import ConfigError
 from gateway.observe.metrics import Metrics
@@ -41,7 +42,7 @@ EVIDENCE_SOURCE = "token"  # consent recorded from an app token
 # A snapshot (reset) replaces the records of these sources; token evidence is local.
 REGISTRY_SOURCES = frozenset({"sync", "seed"})
 
-Row = tuple[str, str, float | None, str, float]
+Row = ConsentRow  # as stored (gateway/buffer/consent_store.py)
 
 # A subject is a pseudonym (contract §2): key id, a colon, 16 bytes in base64url without
 # padding.  Anything else from the registry or a push is refused before it is stored.
@@ -244,33 +245,17 @@ class ConsentRegistry:
         self.withdrawn[subject] = now
         return self.records.pop(subject, None) is not None
 
-    @staticmethod
-    def persist(conn: sqlite3.Connection, rows: list[Row]) -> None:
-        conn.executemany(
-            "INSERT OR REPLACE INTO consent(subject, purposes, expires, source, updated_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            rows,
-        )
-
-    @staticmethod
-    def delete(conn: sqlite3.Connection, subjects: Sequence[str]) -> None:
-        conn.executemany("DELETE FROM consent WHERE subject = ?", [(s,) for s in subjects])
-
-    def load(self, conn: sqlite3.Connection) -> int:
-        for subject, purposes, expires, source, updated in conn.execute(
-            "SELECT subject, purposes, expires, source, updated_at FROM consent"
-        ):
+    def restore(self, snapshot: ConsentSnapshot) -> int:
+        """At start: the stored rows back into memory, and a tombstone for each logged
+        erasure newer than the subject's record.  Returns the subjects with a record."""
+        for subject, purposes, expires, source, updated in snapshot.rows:
             self.records[subject] = Consent(
                 frozenset(json.loads(purposes)), expires, source, updated
             )
-        has_log = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'erasure_log'"
-        ).fetchone()
-        if has_log:
-            for subject, erased_at in conn.execute("SELECT subject, erased_at FROM erasure_log"):
-                rec = self.records.get(subject)
-                if rec is None or rec.updated_at < erased_at:
-                    self.withdrawn[subject] = erased_at
+        for subject, erased_at in snapshot.erasures:
+            rec = self.records.get(subject)
+            if rec is None or rec.updated_at < erased_at:
+                self.withdrawn[subject] = erased_at
         return len(self.records)
 
 

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.backoff import Backoff
+from gateway.buffer.consent_store import ConsentStore
 from gateway.buffer.outbox import Outbox
 from gateway.config.models import ConsentSyncConfig
 from gateway.consent.erasure import Eraser
@@ -69,7 +70,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Record = tuple[str, frozenset[str], float | None]
-CURSOR_KEY = "consent_cursor"
 # The registry's cursor is opaque, but it goes back in a URL and into the buffer: bounded
 # in length and characters (a 70,000-character cursor made every later request fail).
 MAX_CURSOR_CHARS = 512
@@ -109,6 +109,7 @@ class RegistryUpdater:
     ) -> None:
         self.registry = registry
         self.outbox = outbox
+        self.store = ConsentStore(outbox)
         self.eraser = eraser
         self.metrics = metrics
         self.policy = policy
@@ -131,12 +132,7 @@ class RegistryUpdater:
             rows, removed = self.registry.replace(grants, source, now)
         else:
             rows = self.registry.apply(grants, source, now)
-
-        def persist(c: Any) -> None:
-            ConsentRegistry.persist(c, rows)
-            ConsentRegistry.delete(c, removed)
-
-        written = self.outbox.write(persist, invalidates=False)
+        written = self.store.save(rows, removed)
         released = self._release([s for s, _, _ in grants], now)
         if withdrawals:
             await self.eraser.erase(withdrawals)  # memory at once, then the files
@@ -161,7 +157,7 @@ class RegistryUpdater:
         row = self.registry.apply_evidence(evidence, now)
         if row is None:
             return False
-        fut = self.outbox.write(lambda c: ConsentRegistry.persist(c, [row]), invalidates=False)
+        fut = self.store.save([row])
         fut.add_done_callback(_log_failure)
         self._release([evidence.subject], now)
         return True
@@ -208,21 +204,21 @@ def valid_cursor(value: object) -> bool:
     )
 
 
-def load_cursor(conn: Any) -> str | None:
-    """The stored cursor, or None (a full snapshot) when there is none or it is not one
-    this version would accept (an older version stored anything the registry sent)."""
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (CURSOR_KEY,)).fetchone()
-    if row is None:
+def usable_cursor(stored: object | None) -> str | None:
+    """The stored cursor (``ConsentStore.cursor``), or None (a full snapshot) when there
+    is none or it is not one this version would accept (an older version stored anything
+    the registry sent)."""
+    if stored is None:
         return None
-    if not valid_cursor(row[0]):
-        size = len(row[0]) if isinstance(row[0], str | bytes) else 0
+    if not valid_cursor(stored):
+        size = len(stored) if isinstance(stored, str | bytes) else 0
         log.warning(
             "consent sync: the stored cursor is not valid (%d characters); ignored, "
             "fetching a full snapshot",
             size,
         )
         return None
-    return str(row[0])
+    return str(stored)
 
 
 def read_token(path: Path) -> str:
@@ -295,6 +291,7 @@ class ConsentSync:
         self.url = f"{cfg.base_url.rstrip('/')}/v1/stores/{store}/consent"
         self.updater = updater
         self.outbox = updater.outbox
+        self.store = updater.store
         self.metrics = updater.metrics
         self.transport = transport
         self.backoff = Backoff(cfg.backoff.min_s, cfg.backoff.max_s)
@@ -340,7 +337,7 @@ class ConsentSync:
         (except CancelledError): an unexpected error is a failed poll like any other."""
         try:
             if not self._loaded:
-                self.cursor = await self.outbox.read(load_cursor)
+                self.cursor = usable_cursor(await self.store.cursor())
                 self._loaded = True
             try:
                 await self.poll_once(client)
@@ -396,10 +393,7 @@ class ConsentSync:
                 raise SyncProtocolError("410 for a request without a cursor")
             log.warning("consent sync: cursor expired (410); fetching a full snapshot")
             self.cursor = None
-            await self.outbox.write(
-                lambda c: c.execute("DELETE FROM meta WHERE key = ?", (CURSOR_KEY,)),
-                invalidates=False,
-            )
+            await self.store.clear_cursor()
             raise CursorExpired("cursor expired")
         if status in (401, 403):
             self._count("auth")
@@ -421,12 +415,7 @@ class ConsentSync:
             self._count("bad_response")
             raise
         applied = await self.updater.apply_records(records, "sync", reset=reset)
-        await self.outbox.write(
-            lambda c: c.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (CURSOR_KEY, cursor)
-            ),
-            invalidates=False,
-        )
+        await self.store.set_cursor(cursor)
         self.cursor = cursor
         self._count("snapshot" if reset else "delta")
         if reset or records:

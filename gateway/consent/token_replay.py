@@ -9,17 +9,17 @@
 
 A reload (SIGHUP) and a restart build the set again from the table, so a token is
 accepted once per daemon, not once per camera or per run.  The rows hold a keyed digest
-of (sub, nonce) (``tokens.replay_key``) and ``exp``: no app subject, no nonce.
+of (sub, nonce) (``tokens.replay_key``) and ``exp``: no app subject, no nonce.  The
+table's SQL is the buffer's: gateway/buffer/token_store.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-import sqlite3
 from typing import TYPE_CHECKING
 
+from gateway.buffer.token_store import TokenStore
 from gateway.identity.tokens import ReplaySet
 
 if TYPE_CHECKING:
@@ -27,39 +27,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SALT_KEY = "token_replay_salt"
-
-
-def _load(conn: sqlite3.Connection, now: float) -> tuple[bytes, list[tuple[str, int]]]:
-    """Outbox write: the salt (made on first use) and the rows still valid."""
-    conn.execute(
-        "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
-        (SALT_KEY, secrets.token_hex(16)),
-    )
-    (salt,) = conn.execute("SELECT value FROM meta WHERE key = ?", (SALT_KEY,)).fetchone()
-    conn.execute("DELETE FROM token_replay WHERE exp <= ?", (now,))
-    rows = conn.execute("SELECT key, exp FROM token_replay").fetchall()
-    return bytes.fromhex(str(salt)), [(str(k), int(e)) for k, e in rows]
-
-
-def _insert(conn: sqlite3.Connection, key: str, exp: int) -> None:
-    conn.execute("INSERT OR IGNORE INTO token_replay(key, exp) VALUES (?, ?)", (key, exp))
-
-
-def _prune(conn: sqlite3.Connection, now: float) -> int:
-    return conn.execute("DELETE FROM token_replay WHERE exp <= ?", (now,)).rowcount
-
 
 class TokenReplay:
     """The replay set shared by every source of the daemon, persisted by the outbox."""
 
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
+        self.store = TokenStore(outbox)
         self.set: ReplaySet | None = None
 
     async def load(self, now: float) -> ReplaySet:
         """Build the set from the buffer database (after ``outbox.open``)."""
-        salt, rows = await self.outbox.write(lambda c: _load(c, now), invalidates=False)
+        salt, rows = await self.store.load(now)
         replay = ReplaySet(salt=salt, on_add=self._persist)
         n = replay.load(rows, now)
         if n:
@@ -68,14 +47,14 @@ class TokenReplay:
         return replay
 
     def _persist(self, key: str, exp: int) -> None:
-        fut = self.outbox.write(lambda c: _insert(c, key, exp), invalidates=False)
+        fut = self.store.add(key, exp)
         fut.add_done_callback(_report)
 
     async def prune(self, now: float) -> int:
         """Forget the tokens that have expired, in memory and in the table."""
         if self.set is not None:
             self.set.prune(now)
-        return await self.outbox.write(lambda c: _prune(c, now), invalidates=False)
+        return await self.store.prune(now)
 
 
 def _report(fut: asyncio.Future[None]) -> None:

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sqlite3
 import sys
 import tempfile
 import time
@@ -34,8 +33,8 @@ from simulators.deps import GATEWAY, missing
 
 try:
     from gateway.app.daemon import Gateway
+    from gateway.buffer.erasure_store import ErasureStore
     from gateway.config.models import load_config
-    from gateway.consent.erasure import split_body
 except ModuleNotFoundError as exc:
     raise missing(exc, "the store rig", GATEWAY) from exc
 
@@ -141,20 +140,8 @@ class _Story:
         )
 
     async def _leaver_buffered(self) -> bool:
-        self.buffered = await self.gw.outbox.read(self._count_leaver)
+        self.buffered = await ErasureStore(self.gw.outbox).count_events(self.leaver)
         return self.buffered > 0
-
-    def _count_leaver(self, conn: sqlite3.Connection) -> int:
-        """The leaver's events in the buffer (chunks name their subjects)."""
-        n = 0
-        for names, body in conn.execute("SELECT subjects, body FROM chunks WHERE subjects != ''"):
-            if self.leaver in str(names).split(" "):
-                n += sum(
-                    1
-                    for _, event in split_body(str(body))
-                    if isinstance(event, dict) and event.get("subject") == self.leaver
-                )
-        return n
 
     def _withdraw_text(self) -> str:
         return (
@@ -170,7 +157,7 @@ class _Story:
         return (
             self.leaver in self.gw.consent.withdrawn
             and self.gw.metrics.get("erasures_total") > self.erasures
-            and await self.gw.outbox.read(self._count_leaver) == 0
+            and await ErasureStore(self.gw.outbox).count_events(self.leaver) == 0
         )
 
     def _erased_text(self) -> str:

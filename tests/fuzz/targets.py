@@ -52,17 +52,17 @@ from drivers.serial_cards.frames import (
     Rejected,
     decoder_for,
 )
+from gateway.buffer.consent_store import CURSOR_KEY, ConsentStore, read_cursor, save_rows
 from gateway.config.credentials import write_secret
 from gateway.config.models import ConsentSyncConfig, load_config
-from gateway.consent.registry import PURPOSES, ConsentRegistry, load_seed_file, parse_records
+from gateway.consent.registry import PURPOSES, load_seed_file, parse_records
 from gateway.consent.sync import (
-    CURSOR_KEY,
     MAX_CURSOR_CHARS,
     Applied,
     ConsentSync,
     RegistryUpdater,
-    load_cursor,
     parse_response,
+    usable_cursor,
     valid_cursor,
 )
 from gateway.errors import ConfigError, RejectedInput, SyncError, SyncProtocolError, TokenError
@@ -397,7 +397,7 @@ class _FakeOutbox:
         self.conn = sqlite3.connect(":memory:")
         self.conn.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT)")
 
-    async def write(self, fn: Callable[[sqlite3.Connection], object], **_: object) -> None:
+    async def _submit_write(self, fn: Callable[[sqlite3.Connection], object], **_: object) -> None:
         fn(self.conn)
 
 
@@ -407,6 +407,7 @@ class _RecordingUpdater(RegistryUpdater):
     def __init__(self) -> None:  # deliberately not the real wiring: no outbox, no eraser
         self.metrics = Metrics()
         self.outbox = _FakeOutbox()  # type: ignore[assignment]
+        self.store = ConsentStore(self.outbox)  # type: ignore[arg-type]
         self.registry = types.SimpleNamespace(records={})  # type: ignore[assignment]
         self._tasks = set()
         self.applied: list[list[Any]] = []
@@ -476,13 +477,13 @@ def run_consent_api(data: bytes) -> None:
 
 def run_consent_cursor(data: bytes) -> None:
     """A cursor as the buffer holds it (an older version stored whatever it was sent):
-    ``load_cursor`` gives None or a cursor the next request can carry."""
+    ``usable_cursor(read_cursor(...))`` gives None or a cursor the next request can carry."""
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT)")
     stored: str | bytes = data[1:] if data[:1] == b"\x00" else _text(data)  # text or a blob
     with contextlib.suppress(UnicodeEncodeError):  # sqlite3 cannot store a lone surrogate
         conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (CURSOR_KEY, stored))
-    cursor = load_cursor(conn)
+    cursor = usable_cursor(read_cursor(conn))
     if cursor is not None:
         _check_cursor_usable(cursor)
     body = json.dumps({"cursor": _text(data), "reset": False, "records": []})
@@ -515,7 +516,7 @@ def run_consent_subject(data: bytes) -> None:
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE consent(subject TEXT PRIMARY KEY, purposes TEXT, expires REAL,"
                  " source TEXT, updated_at REAL)")  # fmt: skip
-    ConsentRegistry.persist(conn, [(records[0][0], '["linking"]', None, "sync", 0.0)])
+    save_rows(conn, [(records[0][0], '["linking"]', None, "sync", 0.0)])
 
 
 def run_consent_seed(data: bytes) -> None:
@@ -614,7 +615,7 @@ TARGETS: dict[str, Target] = {
         Target(
             "consent_cursor",
             run_consent_cursor,
-            "gateway.consent.sync.load_cursor / parse_response cursor",
+            "gateway.consent.sync.usable_cursor / parse_response cursor",
         ),
         Target(
             "consent_subject",

@@ -7,6 +7,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.buffer.consent_store import ConsentStore
 from gateway.buffer.outbox import Outbox, Pending
 from gateway.config.models import BufferConfig, ConsentSyncConfig
 from gateway.consent.erasure import Eraser
@@ -79,7 +80,7 @@ class Rig:
 
     async def open(self) -> None:
         self.outbox.open()
-        await self.outbox.read(self.registry.load)
+        self.registry.restore(await ConsentStore(self.outbox).load())
         if self.policy.hold is not None:
             await self.policy.hold.load()
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from gateway.buffer.consent_store import CURSOR_KEY, ConsentStore
 from gateway.consent.registry import is_pseudonym, parse_records
-from gateway.consent.sync import CURSOR_KEY, MAX_CURSOR_CHARS, ConsentSync, load_cursor
+from gateway.consent.sync import MAX_CURSOR_CHARS, ConsentSync
 from simulators.central.consent_api import ConsentAPI
 from tests.gateway.consent_helpers import STORE, Clock, Rig
 
@@ -71,7 +72,7 @@ def test_a_100_mb_answer_is_cut_at_the_cap_and_refused(
             # The server was cut off: it wrote the cap and what the sockets buffer, not 100 MB.
             assert api.sent_bytes < 16 * MiB, api.sent_bytes
             assert set(rig.registry.records) == {A}, "the registry is kept"
-            assert sync.cursor == cursor and await rig.outbox.read(load_cursor) == cursor
+            assert sync.cursor == cursor and await ConsentStore(rig.outbox).cursor() == cursor
             api.grant(STORE, B, ["linking"])
             await sync.step(client)  # the next answer is fine again
             assert set(rig.registry.records) == {A, B} and sync.failures == 0
@@ -143,7 +144,7 @@ def test_a_70000_character_cursor_is_refused_and_the_last_good_one_kept(
                 assert sync.cursor == cursor
             assert polls(rig, "bad_response") == 6
             assert set(rig.registry.records) == {A}, "nothing of a refused answer applied"
-            assert await rig.outbox.read(load_cursor) == cursor
+            assert await ConsentStore(rig.outbox).cursor() == cursor
             api.grant(STORE, B, ["linking"])
             await sync.step(client)  # the last good cursor still works
             assert api.requests[-1].since == cursor
@@ -159,7 +160,7 @@ def test_a_bad_cursor_stored_by_an_older_version_gives_a_snapshot(
     async def run() -> None:
         rig = Rig(tmp_path / "b.db", Clock())
         await rig.open()
-        await rig.outbox.write(
+        await rig.outbox._submit_write(
             lambda c: c.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (CURSOR_KEY, "x" * 70_000)
             )
@@ -236,7 +237,9 @@ def test_pushed_subjects_outside_the_grammar_are_counted_invalid(tmp_path: Path)
         rig.updater.on_push(json.dumps(ok).encode())
         await rig.updater.drain()
         assert set(rig.registry.records) == {A}
-        assert await rig.outbox.read(lambda c: c.execute("SELECT count(*) FROM consent").fetchone())
+        assert await rig.outbox._submit_read(
+            lambda c: c.execute("SELECT count(*) FROM consent").fetchone()
+        )
         rig.close()
 
     asyncio.run(run())

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.consent.sync import CURSOR_KEY, ConsentSync, load_cursor, tls_verify
+from gateway.buffer.consent_store import CURSOR_KEY, ConsentStore
+from gateway.consent.sync import ConsentSync, tls_verify
 from gateway.errors import ConfigError, SyncAuthError, SyncUnavailable
 from gateway.identity.tokens import classify_qr
 from gateway.ports import ConsentEvidence, Reading
@@ -56,7 +57,7 @@ def test_snapshot_then_deltas_with_the_cursor(
             assert set(rig.registry.records) == {A, B}
             assert rig.registry.records[B].expires == rig.clock() + 100
             assert api.requests[-1].since is None
-            cursor = await rig.outbox.read(load_cursor)
+            cursor = await ConsentStore(rig.outbox).cursor()
             assert cursor == sync.cursor and cursor is not None
 
             api.grant(STORE, C, ["marketing"])
@@ -122,7 +123,7 @@ def test_410_fetches_a_snapshot_that_replaces_the_registry(
             assert set(rig.registry.records) == {A, B}
             assert rig.registry.records[B].purposes == {"analytics"}
             assert sync.cursor != old
-            assert await rig.outbox.read(load_cursor) == sync.cursor
+            assert await ConsentStore(rig.outbox).cursor() == sync.cursor
             assert rig.metrics.get("consent_sync_polls_total", outcome="cursor_expired") == 1
         rig.close()
 
@@ -275,7 +276,7 @@ def test_push_applies_at_once_and_never_moves_the_cursor(
             rig.updater.on_push(json.dumps({"v": 1, "records": records}).encode())
             await rig.updater.drain()
             assert rig.accept(card(A, rig.clock()))
-            assert sync.cursor == cursor and await rig.outbox.read(load_cursor) == cursor
+            assert sync.cursor == cursor and await ConsentStore(rig.outbox).cursor() == cursor
             for bad in (b"{", b'{"v":2,"records":[]}', b'{"v":1,"records":[{"subject":1}]}'):
                 rig.updater.on_push(bad)
             assert rig.metrics.get("consent_push_total", outcome="invalid") == 3
@@ -332,7 +333,7 @@ def test_app_token_is_consent_evidence(
         assert rec.source == "token" and rec.purposes == {"analytics", "linking"}
         assert rec.expires == clock() + 3600, "the configured ttl caps the driver's"
         assert [r.type for r in rig.accepted] == ["card.read", "qr.scan"]
-        await rig.outbox.read(lambda c: None)
+        await rig.outbox._submit_read(lambda c: None)
         assert [e["subject"] for e in rig.events()] == [subject, subject]
         # After the ttl, token consent has expired.
         clock.t += 3601

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from gateway.buffer.erasure_store import erase_offline, erase_rows, split_body
 from gateway.buffer.migrations import migrate
 from gateway.buffer.outbox import buffer_stats
-from gateway.consent.erasure import erase_offline, erase_rows, split_body
 from gateway.identity.clock import CLOCK_FLOOR
 from gateway.identity.tokens import MAX_APP_TOKEN_LIFETIME_S
 from gateway.ports import Reading
@@ -51,7 +51,7 @@ def files(db: Path) -> list[Path]:
 async def fill(rig: Rig) -> None:
     for s in (X, Y):
         rig.registry.apply([(s, frozenset({"linking", "analytics"}), None)], "sync", rig.clock())
-        await rig.outbox.write(
+        await rig.outbox._submit_write(
             lambda c, s=s: c.execute(
                 "INSERT INTO consent VALUES (?, '[\"linking\"]', NULL, 'sync', 0)", (s,)
             )
@@ -63,8 +63,8 @@ async def fill(rig: Rig) -> None:
         assert rig.accept(card(subject, t + i, lane=lane))
     assert not rig.accept(card(Z, t))  # held (policy hold)
     # Some of X's events also sit in the dead letters.
-    await rig.outbox.read(lambda c: None)
-    await rig.outbox.write(
+    await rig.outbox._submit_read(lambda c: None)
+    await rig.outbox._submit_write(
         lambda c: c.execute(
             "INSERT INTO dead_letters SELECT lo, hi, n, created, subjects, body, 135, 'x', 0"
             " FROM chunks WHERE lo = (SELECT min(lo) FROM chunks)"
@@ -103,14 +103,14 @@ def test_withdrawal_erases_every_byte_of_the_subject(tmp_path: Path) -> None:
         assert occurrences(db, X) == 1 and occurrences(db, Z) == 1
         assert occurrences(Path(f"{db}-wal"), X) == 0
         assert sum(occurrences(p, SECRET_LANE) for p in files(db)) == 0
-        rows = await rig.outbox.read(
+        rows = await rig.outbox._submit_read(
             lambda c: c.execute("SELECT subject FROM erasure_log ORDER BY 1").fetchall()
         )
         assert rows == [(X,), (Z,)]
         # Y's events are untouched and the rows stay consistent.
         after = rig.events()
         assert after == before
-        check = await rig.outbox.read(
+        check = await rig.outbox._submit_read(
             lambda c: c.execute("SELECT n, subjects, body FROM chunks").fetchall()
         )
         for n, subjects, body in check:
@@ -119,7 +119,7 @@ def test_withdrawal_erases_every_byte_of_the_subject(tmp_path: Path) -> None:
         batches = await rig.outbox.fetch(0, 100, 1000, 1 << 20)
         served = json.loads("[" + ",".join(b for bt in batches for b in bt.bodies) + "]")
         assert served == before
-        dead = await rig.outbox.read(
+        dead = await rig.outbox._submit_read(
             lambda c: c.execute("SELECT n, subjects FROM dead_letters").fetchall()
         )
         assert all(X not in s for _, s in dead)
@@ -143,7 +143,7 @@ def test_erasure_is_idempotent_and_survives_restart(tmp_path: Path) -> None:
         clock.t += 50
         again = await rig.eraser.erase([X])
         assert again.events == again.held == again.consent == again.rows_deleted == 0
-        logged = await rig.outbox.read(
+        logged = await rig.outbox._submit_read(
             lambda c: c.execute("SELECT erased_at FROM erasure_log").fetchall()
         )
         assert logged == [(clock.t - 50,)], "a repeat finds nothing and logs nothing new"
@@ -198,7 +198,7 @@ def test_erasure_of_a_big_buffer_within_one_second(tmp_path: Path) -> None:
             rig.accept(card(subjects[i % 50], rig.clock() + i))
             if i % 2000 == 0:
                 await asyncio.sleep(0)
-        await rig.outbox.read(lambda c: None)
+        await rig.outbox._submit_read(lambda c: None)
         started = time.monotonic()
         result = await rig.eraser.erase([subjects[7]])
         assert time.monotonic() - started < 1.0
@@ -248,7 +248,7 @@ def test_tombstones_older_than_the_longest_token_lifetime_are_pruned(tmp_path: P
         clock.t += 61
         assert await rig.eraser.prune_tombstones(clock()) == 1
         assert X not in rig.registry.withdrawn and Y in rig.registry.withdrawn
-        rows = await rig.outbox.read(
+        rows = await rig.outbox._submit_read(
             lambda c: c.execute("SELECT subject FROM erasure_log").fetchall()
         )
         assert rows == [(Y,)]

@@ -123,7 +123,7 @@ def _events(payloads: list[bytes]) -> list[dict[str, object]]:
 def test_abandoned_batches_are_read_again_from_the_outbox_without_the_erased(
     tmp_path: Path,
 ) -> None:
-    from gateway.consent.erasure import erase_rows
+    from gateway.buffer.erasure_store import ErasureStore
 
     async def run() -> None:
         metrics = Metrics()
@@ -144,7 +144,7 @@ def test_abandoned_batches_are_read_again_from_the_outbox_without_the_erased(
         await asyncio.sleep(0.05)
         assert len(pub.sent) == 2, "nothing is handed to the client while the link is down"
         fwd.withdrawn("k1:s1")  # a withdrawal during the outage
-        await box.write(lambda c: erase_rows(c, ["k1:s1"], time.time()))
+        await ErasureStore(box).erase(["k1:s1"], time.time())
         pub._connected.set()  # the link is back
         while metrics.get("events_forwarded_total") < 20:
             for _, _, f in pub.sent:

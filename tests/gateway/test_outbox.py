@@ -193,10 +193,12 @@ def test_pragmas(tmp_path: Path) -> None:
     async def run() -> None:
         box = Outbox(BufferConfig(path=tmp_path / "b.db"), Metrics())
         box.open()
-        mode = await box.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
-        sync = await box.read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
-        secure = await box.read(lambda c: c.execute("PRAGMA secure_delete").fetchone()[0])
-        limit = await box.read(lambda c: c.execute("PRAGMA journal_size_limit").fetchone()[0])
+        mode = await box._submit_read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+        sync = await box._submit_read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        secure = await box._submit_read(lambda c: c.execute("PRAGMA secure_delete").fetchone()[0])
+        limit = await box._submit_read(
+            lambda c: c.execute("PRAGMA journal_size_limit").fetchone()[0]
+        )
         box.close()
         assert (mode, sync, secure) == ("wal", 2, 1) and limit > 0
 
@@ -226,7 +228,9 @@ def test_expiry_survives_clock_steps(tmp_path: Path) -> None:
         assert await box.expire() == 1, "only the event known to be 2 h old goes"
         stats = await box.stats()
         assert stats["depth"] == 2
-        body = await box.read(lambda c: [r[0] for r in c.execute("SELECT body FROM chunks")])
+        body = await box._submit_read(
+            lambda c: [r[0] for r in c.execute("SELECT body FROM chunks")]
+        )
         assert any('"boot":1' in b for b in body) and any('"new":1' in b for b in body)
         box.close()
 

@@ -40,14 +40,14 @@ def test_hold_is_released_when_consent_arrives_in_time(tmp_path: Path) -> None:
         # Consent for linking only: the card read goes out, the presence event waits.
         applied = await rig.updater.apply_records([(A, LINKING, None)])
         assert applied.released == 1
-        await rig.outbox.read(lambda c: None)
+        await rig.outbox._submit_read(lambda c: None)
         events = rig.events()
         assert [(e["type"], e["subject"], e["purposes"]) for e in events] == [
             ("card.read", A, ["linking"])
         ]
         assert events[0]["ts"] == "2023-11-14T22:13:20Z", "the capture time is kept"
         assert len(hold) == 2
-        held = await rig.outbox.read(
+        held = await rig.outbox._submit_read(
             lambda c: c.execute("SELECT subject, type FROM held ORDER BY id").fetchall()
         )
         assert held == [(A, "presence.enter"), (B, "card.read")]
@@ -80,9 +80,11 @@ def test_hold_expires_at_the_ttl_and_survives_restart(tmp_path: Path) -> None:
         # Consent for A arrives too late: nothing is released.
         applied = await rig.updater.apply_records([(A, LINKING, None), (B, LINKING, None)])
         assert applied.released == 1
-        await rig.outbox.read(lambda c: None)
+        await rig.outbox._submit_read(lambda c: None)
         assert [e["subject"] for e in rig.events()] == [B]
-        rows = await rig.outbox.read(lambda c: c.execute("SELECT count(*) FROM held").fetchone())
+        rows = await rig.outbox._submit_read(
+            lambda c: c.execute("SELECT count(*) FROM held").fetchone()
+        )
         assert rows == (0,)
         rig.close()
         # The expired held row is gone: what remains is the consent row and its key index.
@@ -136,7 +138,7 @@ def test_footfall_counts_per_zone_and_window_and_suppresses_below_k(tmp_path: Pa
         assert m.get("footfall_windows_total", outcome="suppressed") == 1
         assert m.get("consent_policy_total", policy="aggregate", outcome="aggregated") == 9
         assert m.get("consent_policy_total", policy="aggregate", outcome="dropped") == 1
-        await rig.outbox.read(lambda c: None)
+        await rig.outbox._submit_read(lambda c: None)
         (event,) = rig.events()
         assert "subject" not in event and event["purposes"] == []
         contract_schemas().check("event.json", event)

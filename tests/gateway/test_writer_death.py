@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from gateway.buffer.consent_store import ConsentStore
 from gateway.buffer.outbox import Outbox, Pending
 from gateway.config.models import BufferConfig
-from gateway.consent.registry import ConsentRegistry
 from gateway.errors import WriterDied
 from gateway.observe.health import HealthMonitor
 from gateway.observe.metrics import Metrics
@@ -51,9 +51,7 @@ def test_a_lone_surrogate_in_a_consent_row_fails_loudly_not_silently(
         assert monitor.report()[0]
         row = ("k1:\ud800", '["linking"]', None, "sync", 0.0)
         with pytest.raises(WriterDied):
-            await asyncio.wait_for(
-                outbox.write(lambda c: ConsentRegistry.persist(c, [row]), invalidates=False), 10
-            )
+            await asyncio.wait_for(ConsentStore(outbox).save([row]), 10)
         assert isinstance(await asyncio.wait_for(outbox.failed, 10), WriterDied)
         assert metrics.get("buffer_writer_failures_total") == 1
         assert metrics.get("buffer_write_ok") == 0
@@ -91,7 +89,7 @@ def test_a_database_changed_under_the_writer_fails_every_queued_command(tmp_path
         other.close()
         futures: list[asyncio.Future[Any]] = [outbox.stats()]
         futures += [outbox.submit_many([event(i)]) for i in range(2, 5)]
-        futures.append(outbox.read(lambda c: 1))
+        futures.append(outbox._submit_read(lambda c: 1))
         results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
         assert all(isinstance(r, WriterDied) for r in results), results
         assert outbox.failed.done()

@@ -248,7 +248,7 @@ def test_long_mixed_scenario_nothing_unconsented_reaches_the_central(
                         rig.accept(card(who, clock()))
                     await asyncio.sleep(0)
                 await sync.step(client)
-            await rig.outbox.read(lambda c: None)
+            await rig.outbox._submit_read(lambda c: None)
             await until(lambda: _depth(rig) == 0, 30)
             central.wait_for(lambda s: s["accepted"] >= 1, timeout=10)
         finally:

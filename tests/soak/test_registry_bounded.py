@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from gateway.buffer.consent_store import delete_rows, save_rows
 from gateway.buffer.migrations import migrate
 from gateway.consent.registry import ConsentRegistry
 from gateway.observe.metrics import Metrics
@@ -25,7 +26,7 @@ def test_a_month_of_app_users_keeps_only_live_token_consent() -> None:
     conn = sqlite3.connect(":memory:", isolation_level=None)
     migrate(conn)
     rows = reg.apply([("k1:registry-subject", frozenset({"linking"}), None)], "sync", 0.0)
-    ConsentRegistry.persist(conn, rows)
+    save_rows(conn, rows)
     start = 1_800_000_000.0
     sizes = []
     for day in range(30):
@@ -37,9 +38,9 @@ def test_a_month_of_app_users_keeps_only_live_token_consent() -> None:
                 )
                 for i in range(20)
             ]
-            ConsentRegistry.persist(conn, [r for r in rows if r is not None])
+            save_rows(conn, [r for r in rows if r is not None])
             if hour % 6 == 0:  # housekeeping, here four times a day
-                ConsentRegistry.delete(conn, reg.forget_expired_evidence(now))
+                delete_rows(conn, reg.forget_expired_evidence(now))
         sizes.append(len(reg.records))
     # A day of app users (480) and the last quarter day's before it, never a month's.
     assert max(sizes) <= 24 * 20 + 6 * 20 + 1, sizes
