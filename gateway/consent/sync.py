@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import __version__
 from gateway.backoff import Backoff
 from gateway.buffer.outbox import Outbox
-from gateway.config.models import ConsentSyncConfig
+from gateway.config.sections import ConsentSyncConfig
 from gateway.consent.erasure import Eraser
 from gateway.consent.policy import ConsentPolicy
 from gateway.consent.registry import ConsentRegistry, parse_records

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gateway.buffer.outbox import Batch, Outbox
-from gateway.config.models import MqttConfig
+from gateway.config.sections import MqttConfig
 from gateway.consent.erasure import split_body
 from gateway.contract.events import batch_payload, batch_prefix
 from gateway.observe.metrics import Metrics

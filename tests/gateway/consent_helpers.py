@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.buffer.outbox import Outbox, Pending
-from gateway.config.models import BufferConfig, ConsentSyncConfig
+from gateway.config.sections import BufferConfig, ConsentSyncConfig
 from gateway.consent.erasure import Eraser
 from gateway.consent.policy import ConsentPolicy, FootfallAggregator, HoldQueue
 from gateway.consent.registry import ConsentRegistry

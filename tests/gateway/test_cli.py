@@ -153,7 +153,7 @@ def test_erase_removes_a_subjects_events_offline(
     import time
 
     from gateway.buffer.outbox import Outbox, Pending
-    from gateway.config.models import BufferConfig
+    from gateway.config.sections import BufferConfig
     from gateway.observe.metrics import Metrics
 
     db = tmp_path / "buffer.db"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.models import json_schema, load_config
+from gateway.config.loading import json_schema, load_config
 from gateway.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.config.models import Config
+from gateway.config.loading import Config
 from gateway.config.reference import reference, undescribed
 
 REFERENCE = Path(__file__).resolve().parents[2] / "firmware-config" / "CONFIG-REFERENCE.md"

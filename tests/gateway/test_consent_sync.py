@@ -360,7 +360,7 @@ def test_app_token_is_consent_evidence(
 
 
 def test_tls_private_ca(tmp_path: Path) -> None:
-    from gateway.config.models import ConsentSyncConfig
+    from gateway.config.sections import ConsentSyncConfig
 
     cfg = ConsentSyncConfig(base_url="https://c.example", token_file=tmp_path / "t")
     assert tls_verify(cfg) is True

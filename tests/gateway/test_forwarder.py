@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from gateway.buffer.outbox import Outbox, Pending
-from gateway.config.models import BufferConfig, MqttConfig
+from gateway.config.sections import BufferConfig, MqttConfig
 from gateway.observe.metrics import Metrics
 from gateway.ports import Verdict
 from gateway.uplink.forwarder import Forwarder

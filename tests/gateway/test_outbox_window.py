@@ -23,13 +23,13 @@ from pydantic import ValidationError
 
 from gateway.buffer.outbox import Outbox, Pending
 from gateway.buffer.stage import marker_path, stage_path
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 from gateway.observe.metrics import Metrics
 
 CHILD = r"""
 import asyncio, json, sys, time
 from pathlib import Path
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 from gateway.observe.metrics import Metrics
 from gateway.buffer.outbox import Outbox, Pending
 
@@ -199,7 +199,7 @@ def test_with_no_window_a_crash_is_replayed_as_before(tmp_path: Path) -> None:
 CHILD_KEPT = r"""
 import asyncio, json, sys, time
 from pathlib import Path
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 from gateway.observe.metrics import Metrics
 from gateway.buffer.outbox import Outbox, Pending
 

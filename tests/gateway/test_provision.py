@@ -23,7 +23,8 @@ from gateway.app.provision import (
     read_store_rows,
 )
 from gateway.config.credentials import expand_credentials_in
-from gateway.config.models import Config, ReceiptTapSourceConfig, parse_config
+from gateway.config.loading import Config, parse_config
+from gateway.config.sources import ReceiptTapSourceConfig
 from gateway.errors import ConfigError
 from gateway.identity.pseudonyms import Keyring
 

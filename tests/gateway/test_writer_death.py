@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from gateway.buffer.outbox import Outbox, Pending
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 from gateway.consent.registry import ConsentRegistry
 from gateway.errors import WriterDied
 from gateway.observe.health import HealthMonitor
