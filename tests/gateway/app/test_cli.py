@@ -13,7 +13,7 @@ import pytest
 from gateway.app.cli import build_parser, main
 from gateway.config.credentials import write_secret
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def commands() -> list[str]:

@@ -28,7 +28,7 @@ from gateway.config.sources import ReceiptTapSourceConfig
 from gateway.errors import ConfigError
 from gateway.identity.pseudonyms import Keyring
 
-FIRMWARE = Path(__file__).resolve().parents[2] / "firmware-config"
+FIRMWARE = Path(__file__).resolve().parents[3] / "firmware-config"
 TEMPLATE = FIRMWARE / "store-template.toml"
 STORE_FILE = FIRMWARE / "store.example.toml"
 CSV = FIRMWARE / "stores.example.csv"

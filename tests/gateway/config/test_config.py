@@ -7,7 +7,7 @@ import pytest
 from gateway.config.loading import json_schema, load_config
 from gateway.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 MINIMAL = """
 [gateway]

@@ -8,7 +8,7 @@ from pathlib import Path
 from gateway.config.loading import Config
 from gateway.config.reference import reference, undescribed
 
-REFERENCE = Path(__file__).resolve().parents[2] / "firmware-config" / "CONFIG-REFERENCE.md"
+REFERENCE = Path(__file__).resolve().parents[3] / "firmware-config" / "CONFIG-REFERENCE.md"
 
 
 def test_every_key_has_a_description() -> None:

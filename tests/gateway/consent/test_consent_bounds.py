@@ -244,7 +244,7 @@ def test_pushed_subjects_outside_the_grammar_are_counted_invalid(tmp_path: Path)
 
 def test_the_grammar_is_the_contracts() -> None:
     vectors = json.loads(
-        (Path(__file__).parents[2] / "gateway/contract/vectors.json").read_text("utf-8")
+        (Path(__file__).parents[3] / "gateway/contract/vectors.json").read_text("utf-8")
     )
     for case in vectors["pseudonyms"]:
         assert is_pseudonym(case["pseudonym"])
