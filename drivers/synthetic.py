@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from gateway.config.models import SyntheticSourceConfig as SyntheticConfig
+from gateway.config.sources import SyntheticSourceConfig
 from gateway.ports import Reading, SourceContext
 
 
@@ -19,7 +19,7 @@ def card_number(i: int) -> str:
 
 
 class SyntheticSource:
-    def __init__(self, config: SyntheticConfig, ctx: SourceContext) -> None:
+    def __init__(self, config: SyntheticSourceConfig, ctx: SourceContext) -> None:
         self.config = config
         self.ctx = ctx
         self.name = ctx.name

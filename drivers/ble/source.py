@@ -80,7 +80,7 @@ if TYPE_CHECKING:
     from bleak.backends.device import BLEDevice
     from bleak.backends.scanner import AdvertisementData
 
-    from gateway.config.models import BleSourceConfig
+    from gateway.config.sources import BleSourceConfig
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from drivers.camera.decoders import Image, QrDecoder, make_decoder, prepare, scale_for
 from gateway.backoff import Backoff
-from gateway.config.models import CameraSourceConfig
+from gateway.config.sources import CameraSourceConfig
 from gateway.errors import RejectedInput, SourceError
 from gateway.identity.tokens import AppPublicKey, ReplaySet, classify_qr, load_public_key
 from gateway.ports import Reading, SourceContext

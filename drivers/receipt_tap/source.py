@@ -11,7 +11,7 @@ from drivers.receipt_tap.base import Minting, Printed, TapSettings
 from drivers.receipt_tap.counter import CounterStore
 from drivers.receipt_tap.serial_line import SerialLine, SerialReceiptTap, SerialTapSettings
 from drivers.receipt_tap.tcp import ReceiptTap
-from gateway.config.models import ReceiptTapSourceConfig
+from gateway.config.sources import ReceiptTapSourceConfig
 from gateway.errors import SourceError
 from gateway.ports import Reading, SourceContext
 

@@ -35,7 +35,7 @@ import serial
 
 from drivers.serial_cards.frames import Card, Decoder, Rejected, decoder_for
 from gateway.backoff import Backoff, device_error
-from gateway.config.models import SerialCardSourceConfig as SerialCardConfig
+from gateway.config.sources import SerialCardSourceConfig
 from gateway.errors import RejectedInput
 from gateway.ports import Reading, SourceContext
 
@@ -80,7 +80,7 @@ class SerialCardSource:
     """A card reader on a serial port; yields ``card.read`` Readings."""
 
     def __init__(
-        self, config: SerialCardConfig, ctx: SourceContext, *, idle_flush_s: float = 0.5
+        self, config: SerialCardSourceConfig, ctx: SourceContext, *, idle_flush_s: float = 0.5
     ) -> None:
         self.config = config
         self.name = config.name

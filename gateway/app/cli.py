@@ -40,7 +40,7 @@ def _error_line(text: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.app.daemon import Gateway
     from gateway.app.notify import Notifier
-    from gateway.config.models import load_checked_config
+    from gateway.config.loading import load_checked_config
 
     _setup_logging(args.log_level)
     # numpy only carries camera frames here; it never multiplies a matrix.  OpenBLAS would
@@ -86,7 +86,7 @@ def _check_rows(template: Path, csv_path: Path) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.buffer.migrations import database_problem
-    from gateway.config.models import load_checked_config, load_config
+    from gateway.config.loading import load_checked_config, load_config
 
     if (args.template is None) != (args.csv is None):
         raise SystemExit("check-config: --template and --csv go together")
@@ -136,7 +136,7 @@ STATUS_OK, STATUS_UNHEALTHY, STATUS_NOT_RUNNING, STATUS_UNKNOWN = 0, 1, 3, 4
 
 def cmd_status(args: argparse.Namespace) -> int:
     from gateway.buffer.outbox import buffer_stats, connect
-    from gateway.config.models import load_config
+    from gateway.config.loading import load_config
     from gateway.consent.erasure import WAL_WAIT_WHY
 
     cfg = load_config(args.config)
@@ -288,7 +288,7 @@ def cmd_pseudonym(args: argparse.Namespace) -> int:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from gateway.buffer.erasure_store import erase_offline
-    from gateway.config.models import load_config
+    from gateway.config.loading import load_config
     from gateway.consent.erasure import WAL_WAIT_WHY
     from gateway.consent.registry import is_pseudonym
 
@@ -317,7 +317,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
-    from gateway.config.models import Config, json_schema
+    from gateway.config.loading import Config, json_schema
     from gateway.config.reference import reference
 
     text = json_schema()

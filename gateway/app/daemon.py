@@ -27,7 +27,8 @@ from gateway.app.watchdog import ProgressWatch
 from gateway.backoff import Backoff
 from gateway.buffer.consent_store import ConsentStore
 from gateway.buffer.outbox import Outbox, Pending
-from gateway.config.models import Config, HealthConfig, load_checked_config, plaintext_links
+from gateway.config.loading import Config, load_checked_config, plaintext_links
+from gateway.config.sections import HealthConfig
 from gateway.consent.erasure import Eraser
 from gateway.consent.policy import ConsentPolicy
 from gateway.consent.registry import ConsentRegistry, load_seed_file

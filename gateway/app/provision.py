@@ -20,7 +20,7 @@ Secrets are never in the config: it names them ``${CREDENTIALS_DIRECTORY}/NAME``
 ``credstore/NAME``
 with mode 0400, for the unit's ``LoadCredential=NAME:/etc/touchpoint-gateway/credstore/NAME``.
 
-Nothing is written unless the merged config validates (``gateway.config.models.parse_config``),
+Nothing is written unless the merged config validates (``gateway.config.loading.parse_config``),
 every credential it names is given or already in the credstore, and every keyring key
 decodes; otherwise one ConfigError lists every problem.  Files are written atomically.
 """
@@ -294,7 +294,7 @@ def provision(
     """
     dry_run = dry_run or offline
     # pydantic loads here, not when the CLI builds its parser (``--help`` stays fast)
-    from gateway.config.models import parse_config  # noqa: PLC0415
+    from gateway.config.loading import parse_config  # noqa: PLC0415
 
     keys = dict(keys or {})
     problems: list[Problem] = []

@@ -71,7 +71,7 @@ from gateway.buffer.stage import (
 )
 from gateway.buffer.transaction import transaction
 from gateway.config.credentials import private_database
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 from gateway.contract.events import new_stream_id, with_seq
 from gateway.errors import BufferError_, BufferFull, WriterDied
 from gateway.identity.clock import CLOCK_FLOOR

@@ -19,7 +19,7 @@ HEADER = """\
 Every key of `gateway.toml`, generated from the config models' JSON Schema
 (`firmware-config/gateway.schema.json`) by
 `touchpoint-gateway config-schema --reference firmware-config/CONFIG-REFERENCE.md`;
-`tests/gateway/test_config_reference.py` keeps it current. The annotated example is
+`tests/gateway/config/test_config_reference.py` keeps it current. The annotated example is
 `gateway.example.toml`. Relative paths are resolved against the config file's folder;
 `${CREDENTIALS_DIRECTORY}/NAME` names a systemd credential. Unknown keys are refused.
 """

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from gateway.buffer.outbox import Outbox
-    from gateway.config.models import ConsentConfig
+    from gateway.config.sections import ConsentConfig
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from gateway import __version__
 from gateway.backoff import Backoff
 from gateway.buffer.consent_store import ConsentStore
 from gateway.buffer.outbox import Outbox
-from gateway.config.models import ConsentSyncConfig
+from gateway.config.sections import ConsentSyncConfig
 from gateway.consent.erasure import Eraser
 from gateway.consent.policy import ConsentPolicy
 from gateway.consent.registry import ConsentRegistry, parse_records

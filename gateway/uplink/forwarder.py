@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from gateway.buffer.erasure_store import split_body
 from gateway.buffer.outbox import Batch, Outbox
-from gateway.config.models import MqttConfig
+from gateway.config.sections import MqttConfig
 from gateway.contract.events import batch_payload, batch_prefix, skipped_payload
 from gateway.observe.metrics import Metrics
 from gateway.ports import PACKET_TOO_LARGE, Publisher, Verdict

@@ -51,7 +51,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.backoff import Backoff
-from gateway.config.models import MqttConfig
+from gateway.config.sections import MqttConfig
 from gateway.errors import ConfigError
 from gateway.observe.metrics import Metrics
 from gateway.ports import PACKET_TOO_LARGE, Verdict

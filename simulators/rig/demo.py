@@ -34,7 +34,7 @@ from simulators.deps import GATEWAY, missing
 try:
     from gateway.app.daemon import Gateway
     from gateway.buffer.erasure_store import ErasureStore
-    from gateway.config.models import load_config
+    from gateway.config.loading import load_config
 except ModuleNotFoundError as exc:
     raise missing(exc, "the store rig", GATEWAY) from exc
 

@@ -590,7 +590,7 @@ async def _consume(kind: str) -> None:
         stop.append(scanner.stop)
     else:
         from drivers.ble.source import BleSource
-        from gateway.config.models import BleSourceConfig
+        from gateway.config.sources import BleSourceConfig
         from gateway.observe.metrics import Metrics
         from gateway.ports import SourceContext
 

@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.app.daemon import Gateway
 from gateway.config.credentials import write_secret
-from gateway.config.models import parse_config
+from gateway.config.loading import parse_config
 from gateway.contract.events import batch_payload, batch_prefix, event_tail, with_seq
 from gateway.ports import Reading
 

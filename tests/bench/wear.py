@@ -35,7 +35,8 @@ from typing import Any
 
 from gateway.app.daemon import Gateway
 from gateway.config.credentials import write_secret
-from gateway.config.models import BufferConfig, parse_config
+from gateway.config.loading import parse_config
+from gateway.config.sections import BufferConfig
 from gateway.contract.events import event_tail, with_seq
 from gateway.ports import Reading
 from tests.bench.pipeline import KEY, SUBJECTS

@@ -20,7 +20,7 @@ import pytest
 
 from drivers.ble.source import BleSource
 from gateway.app.sources import build_source
-from gateway.config.models import BleSourceConfig
+from gateway.config.sources import BleSourceConfig
 from gateway.identity.pseudonyms import Keyring
 from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, Source, SourceContext

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from drivers.ble.source import BleSource
-from gateway.config.models import BleSourceConfig
+from gateway.config.sources import BleSourceConfig
 from gateway.identity.pseudonyms import Keyring
 from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, SourceContext

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from drivers.camera.source import CameraSource, Mailbox, ScanDebouncer, StreamLost, describe
 from gateway.app.sources import source_class
-from gateway.config.models import CameraSourceConfig
+from gateway.config.sources import CameraSourceConfig
 from gateway.identity.pseudonyms import Keyring
 from gateway.identity.tokens import mint_receipt_token
 from gateway.observe.metrics import Metrics

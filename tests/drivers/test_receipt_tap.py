@@ -21,7 +21,7 @@ from drivers.receipt_tap.escpos import parse, qr_native
 from drivers.receipt_tap.source import ReceiptTapSource
 from drivers.receipt_tap.tcp import ReceiptTap
 from gateway.app.sources import source_class
-from gateway.config.models import ReceiptTapSourceConfig
+from gateway.config.sources import ReceiptTapSourceConfig
 from gateway.errors import SourceError
 from gateway.identity.pseudonyms import Keyring
 from gateway.identity.tokens import verify_receipt_token

@@ -20,7 +20,7 @@ from drivers.receipt_tap.base import Printed
 from drivers.receipt_tap.counter import CounterStore
 from drivers.receipt_tap.escpos import parse
 from drivers.receipt_tap.source import ReceiptTapSource
-from gateway.config.models import ReceiptTapSourceConfig
+from gateway.config.sources import ReceiptTapSourceConfig
 from gateway.identity.pseudonyms import Keyring
 from gateway.observe.health import HealthMonitor
 from gateway.observe.metrics import Metrics

@@ -30,7 +30,7 @@ from drivers.receipt_tap.counter import CounterStore
 from drivers.receipt_tap.escpos import parse
 from drivers.receipt_tap.serial_line import SerialLine, SerialReceiptTap, SerialTapSettings
 from drivers.receipt_tap.source import ReceiptTapSource
-from gateway.config.models import ReceiptTapSourceConfig
+from gateway.config.sources import ReceiptTapSourceConfig
 from gateway.identity.pseudonyms import Keyring
 from gateway.identity.tokens import verify_receipt_token
 from gateway.observe.metrics import Metrics

@@ -20,7 +20,7 @@ import serial
 from drivers.serial_cards.source import Debouncer, SerialCardSource
 from gateway.app.sources import build_source
 from gateway.backoff import Backoff
-from gateway.config.models import SerialCardSourceConfig as SerialCardConfig
+from gateway.config.sources import SerialCardSourceConfig
 from gateway.identity.pseudonyms import Keyring
 from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, Source, SourceContext
@@ -53,7 +53,7 @@ def make_source(
     keyring: Keyring, device: str | Path, protocol: str = "rdm6300", debounce_s: float = 1.0
 ) -> tuple[SerialCardSource, SourceContext, Clock]:
     clock = Clock()
-    config = SerialCardConfig(
+    config = SerialCardSourceConfig(
         kind="serial_card",
         name="till-2-card",
         device=Path(device),

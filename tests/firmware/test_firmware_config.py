@@ -17,7 +17,7 @@ import pytest
 from jsonschema.validators import validator_for
 
 from gateway.app.provision import provision, read_store_rows, row_overrides
-from gateway.config.models import load_config
+from gateway.config.loading import load_config
 
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware-config"
 TEMPLATE = FIRMWARE / "store-template.toml"

@@ -45,7 +45,7 @@ from drivers.synthetic import card_number
 from gateway.app.daemon import Gateway
 from gateway.buffer.outbox import buffer_stats, connect
 from gateway.config.credentials import write_secret
-from gateway.config.models import load_config
+from gateway.config.loading import load_config
 from gateway.identity.pseudonyms import Keyring, decode_key
 from gateway.observe.logs import setup_logging
 from simulators.infra.broker import free_port

@@ -54,7 +54,8 @@ from drivers.serial_cards.frames import (
 )
 from gateway.buffer.consent_store import CURSOR_KEY, ConsentStore, read_cursor, save_rows
 from gateway.config.credentials import write_secret
-from gateway.config.models import ConsentSyncConfig, load_config
+from gateway.config.loading import load_config
+from gateway.config.sections import ConsentSyncConfig
 from gateway.consent.registry import PURPOSES, load_seed_file, parse_records
 from gateway.consent.sync import (
     MAX_CURSOR_CHARS,
@@ -630,7 +631,7 @@ TARGETS: dict[str, Target] = {
         Target(
             "config_toml",
             run_config_toml,
-            "gateway.config.models.load_config / parse_config",
+            "gateway.config.loading.load_config / parse_config",
         ),
         Target(
             "identity",

@@ -20,7 +20,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config.models import parse_config
+from gateway.config.loading import parse_config
 from gateway.errors import ConfigError
 from tests.fuzz.seeds import MINIMAL_CONFIG
 from tests.fuzz.support import bounded, fuzz_settings, json_values, mutated

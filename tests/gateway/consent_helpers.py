@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from gateway.buffer.consent_store import ConsentStore
 from gateway.buffer.outbox import Outbox, Pending
-from gateway.config.models import BufferConfig, ConsentSyncConfig
+from gateway.config.sections import BufferConfig, ConsentSyncConfig
 from gateway.consent.erasure import Eraser
 from gateway.consent.policy import ConsentPolicy, FootfallAggregator, HoldQueue
 from gateway.consent.registry import ConsentRegistry
@@ -17,6 +23,7 @@ from gateway.consent.sync import ConsentSync, RegistryUpdater
 from gateway.contract.events import EventEncoder
 from gateway.observe.metrics import Metrics
 from gateway.ports import Reading
+from simulators.central.consent_api import ConsentAPI
 
 REQUIRED = {
     "presence.enter": ("analytics",),
@@ -132,3 +139,37 @@ def card(subject: str, at: float, lane: str = "till-1") -> Reading:
 
 def enter(subject: str, at: float, zone: str = "entrance") -> Reading:
     return Reading("presence.enter", "entrance-ble", at, subject, {"zone": zone, "rssi": -60})
+
+
+@asynccontextmanager
+async def opened(path: Path, clock: Clock | None = None, **kw: Any) -> AsyncIterator[Rig]:
+    """A Rig on ``path`` with its outbox open; closed on the way out."""
+    rig = Rig(path, clock or Clock(), **kw)
+    await rig.open()
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+def poller(
+    rig: Rig, api: ConsentAPI, token_file: Path, *, seed: int = 7, timeout_s: float = 2.0, **kw: Any
+) -> ConsentSync:
+    """The rig's consent sync to ``api``: retries from 1 s up to 8 s, jitter drawn from
+    ``seed`` so the delays are the same on every run."""
+    sync = rig.sync(
+        api.base_url, token_file, timeout_s=timeout_s, backoff={"min_s": 1.0, "max_s": 8.0}, **kw
+    )
+    sync.rng = random.Random(seed)
+    return sync
+
+
+@asynccontextmanager
+async def polling(
+    path: Path, api: ConsentAPI, token_file: Path, clock: Clock | None = None, **kw: Any
+) -> AsyncIterator[tuple[Rig, ConsentSync, httpx.AsyncClient]]:
+    """An opened Rig, its ``poller`` to ``api`` (``kw`` as there) and the poller's client."""
+    async with opened(path, clock) as rig:
+        sync = poller(rig, api, token_file, **kw)
+        async with sync.client() as client:
+            yield rig, sync, client

@@ -24,8 +24,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from simulators.central.contract_schemas import ContractSchemas, Invalid, contract_schemas
 from simulators.central.service import Central
 from simulators.infra.broker import Mosquitto
-from tests.gateway.test_contract_schemas import BAD_EVENTS, EXAMPLES, RECEIPT, REGISTRY, _mutate
-from tests.gateway.test_contract_schemas import batch as contract_batch
+from tests.gateway.contract.test_contract_schemas import (
+    BAD_EVENTS,
+    EXAMPLES,
+    RECEIPT,
+    REGISTRY,
+    _mutate,
+)
+from tests.gateway.contract.test_contract_schemas import batch as contract_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 STORE, DEVICE, STREAM = "nl-ams-001", "gw-01", "00112233aabbccdd"

@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.config.models import MqttConfig
+from gateway.config.sections import MqttConfig
 from gateway.uplink.forwarder import Forwarder
 from gateway.uplink.mqtt import PahoPublisher
 from simulators.central.consent_api import ConsentAPI, load_script

@@ -470,7 +470,7 @@ def report_md(run: SoakRun, v: Verdict, machine: dict[str, str]) -> str:
         " daemon: the camera simulator signs app tokens with the real clock, so every token"
         " accepted during the run must be valid until the accelerated clock's end, and the"
         " replay set keeps each (sub, nonce) until its token's `exp`; its expiry and cap are"
-        " tested in `tests/gateway/test_tokens.py`.  `consent.withdrawn` holds the"
+        " tested in `tests/gateway/identity/test_tokens.py`.  `consent.withdrawn` holds the"
         " tombstones of the bulk cards currently withdrawn (a few groups of"
         f" {p.rotating_cards} while withdrawals and re-grants overlap).",
         "",

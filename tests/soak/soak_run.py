@@ -49,7 +49,7 @@ from drivers.camera.source import DEBOUNCE_MAX_ENTRIES as CAMERA_DEBOUNCE_MAX
 from drivers.serial_cards.source import DEBOUNCE_MAX_ENTRIES as CARD_DEBOUNCE_MAX
 from drivers.synthetic import card_number
 from gateway.app.daemon import Gateway
-from gateway.config.models import Config, load_config
+from gateway.config.loading import Config, load_config
 from gateway.identity.tokens import ReplaySet
 from simulators.rig.store import SCENARIOS, RigLoad, StoreRig
 

@@ -22,7 +22,7 @@ import pytest
 
 from gateway.app.daemon import Gateway
 from gateway.buffer.outbox import buffer_stats, connect
-from gateway.config.models import load_config
+from gateway.config.loading import load_config
 from gateway.identity.clock import clock_state
 from simulators.central.service import Central
 from simulators.infra.broker import Mosquitto

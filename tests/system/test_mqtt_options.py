@@ -142,7 +142,7 @@ def test_publisher_socket_has_nodelay(tmp_path: Path) -> None:
     import asyncio
     import socket
 
-    from gateway.config.models import MqttConfig
+    from gateway.config.sections import MqttConfig
     from gateway.observe.metrics import Metrics
     from gateway.uplink.mqtt import PahoPublisher
 
@@ -175,7 +175,7 @@ def test_publisher_subscription_delivers_on_the_loop_after_reconnects(tmp_path: 
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gateway.config.models import MqttConfig
+    from gateway.config.sections import MqttConfig
     from gateway.observe.metrics import Metrics
     from gateway.uplink.mqtt import PahoPublisher
 

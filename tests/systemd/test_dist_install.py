@@ -441,8 +441,9 @@ def test_arm64_package_installs_under_emulation(
 # not-slow suite (1,200 tests) takes hours under qemu-user on two cores;
 # TOUCHPOINT_ARM64_TESTS="tests -m 'not slow'" asks for it anyway.
 ARM64_FAST_TESTS = (
-    "tests/gateway/test_config.py tests/gateway/test_tokens.py tests/gateway/test_identity.py "
-    "tests/gateway/test_outbox.py tests/drivers/test_ble_adverts.py "
+    "tests/gateway/config/test_config.py tests/gateway/identity/test_tokens.py "
+    "tests/gateway/identity/test_identity.py tests/gateway/buffer/test_outbox.py "
+    "tests/drivers/test_ble_adverts.py "
     "tests/drivers/test_card_frames.py tests/drivers/test_serial_cards.py "
     "tests/drivers/test_ble_driver.py::test_walkthrough_end_to_end "
     "tests/drivers/test_ble_driver.py::test_address_rotation_and_two_zones -m 'not slow'"

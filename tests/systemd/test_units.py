@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config.credentials import credential_references
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"

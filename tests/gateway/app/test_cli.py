@@ -13,7 +13,7 @@ import pytest
 from gateway.app.cli import build_parser, main
 from gateway.config.credentials import write_secret
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def commands() -> list[str]:
@@ -153,7 +153,7 @@ def test_erase_removes_a_subjects_events_offline(
     import time
 
     from gateway.buffer.outbox import Outbox, Pending
-    from gateway.config.models import BufferConfig
+    from gateway.config.sections import BufferConfig
     from gateway.observe.metrics import Metrics
 
     db = tmp_path / "buffer.db"

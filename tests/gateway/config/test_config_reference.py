@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.config.models import Config
+from gateway.config.loading import Config
 from gateway.config.reference import reference, undescribed
 
-REFERENCE = Path(__file__).resolve().parents[2] / "firmware-config" / "CONFIG-REFERENCE.md"
+REFERENCE = Path(__file__).resolve().parents[3] / "firmware-config" / "CONFIG-REFERENCE.md"
 
 
 def test_every_key_has_a_description() -> None:

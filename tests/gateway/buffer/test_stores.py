@@ -18,7 +18,7 @@ from gateway.buffer.erasure_store import ErasureStore
 from gateway.buffer.held_store import HeldStore
 from gateway.buffer.outbox import Outbox, Pending
 from gateway.buffer.token_store import TokenStore
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 from gateway.observe.metrics import Metrics
 
 A, B = "k1:AAAAAAAAAAAAAAAAAAAAAA", "k1:BBBBBBBBBBBBBBBBBBBBBB"

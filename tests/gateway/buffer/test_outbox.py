@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.buffer.outbox import Batch, Outbox, Pending
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 from gateway.errors import BufferFull
 from gateway.observe.metrics import Metrics
 

@@ -2,7 +2,7 @@
 
 A config that passes ``check-config`` must not kill the daemon when it starts or reloads
 it: addresses and ports it will bind, files it will read, keys and certificates it will
-load are checked by ``gateway.config.models.load_checked_config``, which all three call.
+load are checked by ``gateway.config.loading.load_checked_config``, which all three call.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.app.cli import main
-from gateway.config.models import load_checked_config, load_config
+from gateway.config.loading import load_checked_config, load_config
 from gateway.errors import ConfigError
 from tests.system.harness import KEY_B64 as KEY
 

@@ -10,30 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import sqlite3
 import tracemalloc
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from gateway.buffer.consent_store import CURSOR_KEY, ConsentStore
 from gateway.consent.registry import is_pseudonym, parse_records
+from gateway.buffer.consent_store import CURSOR_KEY, ConsentStore
 from gateway.consent.sync import MAX_CURSOR_CHARS, ConsentSync
 from simulators.central.consent_api import ConsentAPI
-from tests.gateway.consent_helpers import STORE, Clock, Rig
+from tests.gateway.consent_helpers import STORE, Rig, opened, polling
 
 A, B = "k1:" + "A" * 22, "k1:" + "B" * 22
 MiB = 1024 * 1024
 
 
-def poller(rig: Rig, api: ConsentAPI, token_file: Path, **kw: Any) -> ConsentSync:
-    sync = rig.sync(
-        api.base_url, token_file, backoff={"min_s": 1.0, "max_s": 8.0}, **{"timeout_s": 5, **kw}
-    )
-    sync.rng = random.Random(3)
-    return sync
+def bounded(
+    path: Path, api: ConsentAPI, token_file: Path, **kw: Any
+) -> AbstractAsyncContextManager[tuple[Rig, ConsentSync, httpx.AsyncClient]]:
+    """``polling`` with this file's jitter seed and a 5 s per-phase timeout."""
+    return polling(path, api, token_file, seed=3, **{"timeout_s": 5, **kw})
 
 
 def polls(rig: Rig, outcome: str) -> float:
@@ -52,11 +52,9 @@ def test_a_100_mb_answer_is_cut_at_the_cap_and_refused(
     says more than the cap, it is refused before a byte of it is read."""
 
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        api.grant(STORE, A, ["linking"])
-        sync = poller(rig, api, token_file, max_body_bytes=MiB)
-        async with sync.client() as client:
+        db = tmp_path / "b.db"
+        async with bounded(db, api, token_file, max_body_bytes=MiB) as (rig, sync, client):
+            api.grant(STORE, A, ["linking"])
             await sync.step(client)
             cursor = sync.cursor
             api.hostile("flood", size=100 * MiB, announce=announce)
@@ -76,7 +74,6 @@ def test_a_100_mb_answer_is_cut_at_the_cap_and_refused(
             api.grant(STORE, B, ["linking"])
             await sync.step(client)  # the next answer is fine again
             assert set(rig.registry.records) == {A, B} and sync.failures == 0
-        rig.close()
 
     asyncio.run(run())
 
@@ -85,14 +82,11 @@ def test_an_announced_oversized_answer_is_refused_unread(
     tmp_path: Path, api: ConsentAPI, token_file: Path
 ) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        sync = poller(rig, api, token_file, max_body_bytes=64 * 1024)
-        api.hostile("body", body=body("c1", []) + b" " * (128 * 1024))
-        async with sync.client() as client:
+        db = tmp_path / "b.db"
+        async with bounded(db, api, token_file, max_body_bytes=64 * 1024) as (rig, sync, client):
+            api.hostile("body", body=body("c1", []) + b" " * (128 * 1024))
             await sync.step(client)
-        assert polls(rig, "too_large") == 1 and sync.cursor is None
-        rig.close()
+            assert polls(rig, "too_large") == 1 and sync.cursor is None
 
     asyncio.run(run())
 
@@ -104,21 +98,18 @@ def test_a_trickled_answer_ends_at_the_total_deadline(
     for the whole request ends it, and the next poll is tried again with backoff."""
 
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        api.grant(STORE, A, ["linking"])
-        sync = poller(rig, api, token_file, timeout_s=5, deadline_s=2)
-        api.hostile("trickle", interval_s=0.5)
-        async with sync.client() as client:
+        db = tmp_path / "b.db"
+        async with bounded(db, api, token_file, timeout_s=5, deadline_s=2) as (rig, sync, client):
+            api.grant(STORE, A, ["linking"])
+            api.hostile("trickle", interval_s=0.5)
             delay = await sync.step(client)
-        assert 0 < delay <= 8
-        assert polls(rig, "deadline") == 1
-        assert "deadline_s" in str(sync.last_error)
-        assert rig.metrics.get("consent_sync_up") == 0
-        assert "deadline_s" in rig.metrics.last_error["consent_sync"]
-        assert api.sent_bytes < 20, "cut after a few bytes"
-        assert not rig.registry.records and sync.cursor is None
-        rig.close()
+            assert 0 < delay <= 8
+            assert polls(rig, "deadline") == 1
+            assert "deadline_s" in str(sync.last_error)
+            assert rig.metrics.get("consent_sync_up") == 0
+            assert "deadline_s" in rig.metrics.last_error["consent_sync"]
+            assert api.sent_bytes < 20, "cut after a few bytes"
+            assert not rig.registry.records and sync.cursor is None
 
     with caplog.at_level("WARNING"):
         asyncio.run(run())
@@ -129,11 +120,8 @@ def test_a_70000_character_cursor_is_refused_and_the_last_good_one_kept(
     tmp_path: Path, api: ConsentAPI, token_file: Path
 ) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        api.grant(STORE, A, ["linking"])
-        sync = poller(rig, api, token_file)
-        async with sync.client() as client:
+        async with bounded(tmp_path / "b.db", api, token_file) as (rig, sync, client):
+            api.grant(STORE, A, ["linking"])
             await sync.step(client)
             cursor = sync.cursor
             assert cursor is not None
@@ -149,7 +137,6 @@ def test_a_70000_character_cursor_is_refused_and_the_last_good_one_kept(
             await sync.step(client)  # the last good cursor still works
             assert api.requests[-1].since == cursor
             assert set(rig.registry.records) == {A, B}
-        rig.close()
 
     asyncio.run(run())
 
@@ -158,21 +145,18 @@ def test_a_bad_cursor_stored_by_an_older_version_gives_a_snapshot(
     tmp_path: Path, api: ConsentAPI, token_file: Path
 ) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        await rig.outbox._submit_write(
-            lambda c: c.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (CURSOR_KEY, "x" * 70_000)
+        async with bounded(tmp_path / "b.db", api, token_file) as (rig, sync, client):
+            await rig.outbox._submit_write(
+                lambda c: c.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    (CURSOR_KEY, "x" * 70_000),
+                )
             )
-        )
-        api.grant(STORE, A, ["linking"])
-        sync = poller(rig, api, token_file)
-        async with sync.client() as client:
+            api.grant(STORE, A, ["linking"])
             await sync.step(client)
-        assert sync.failures == 0 and api.requests[-1].since is None, "a full snapshot"
-        assert set(rig.registry.records) == {A}
-        assert sync.cursor is not None and len(sync.cursor) < 100
-        rig.close()
+            assert sync.failures == 0 and api.requests[-1].since is None, "a full snapshot"
+            assert set(rig.registry.records) == {A}
+            assert sync.cursor is not None and len(sync.cursor) < 100
 
     asyncio.run(run())
 
@@ -195,11 +179,8 @@ def test_subjects_outside_the_pseudonym_grammar_are_refused(
     tmp_path: Path, api: ConsentAPI, token_file: Path
 ) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        api.grant(STORE, A, ["linking"])
-        sync = poller(rig, api, token_file)
-        async with sync.client() as client:
+        async with bounded(tmp_path / "b.db", api, token_file) as (rig, sync, client):
+            api.grant(STORE, A, ["linking"])
             await sync.step(client)
             cursor = sync.cursor
             outcomes = []
@@ -217,37 +198,37 @@ def test_subjects_outside_the_pseudonym_grammar_are_refused(
             api.grant(STORE, B, ["linking"])
             await sync.step(client)
             assert sync.failures == 0 and set(rig.registry.records) == {A, B}
-        rig.close()
 
     asyncio.run(run())
 
 
 def test_pushed_subjects_outside_the_grammar_are_counted_invalid(tmp_path: Path) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        for bad in BAD_SUBJECTS:
-            doc = {"v": 1, "records": [{"subject": bad, "purposes": ["linking"], "expires": None}]}
-            rig.updater.on_push(json.dumps(doc).encode())
-        rig.updater.on_push(b'{"v":1,"records":[]}' + b" " * (2 * MiB))
-        await rig.updater.drain()
-        assert rig.metrics.get("consent_push_total", outcome="invalid") == len(BAD_SUBJECTS) + 1
-        assert not rig.registry.records
-        ok = {"v": 1, "records": [{"subject": A, "purposes": ["linking"], "expires": None}]}
-        rig.updater.on_push(json.dumps(ok).encode())
-        await rig.updater.drain()
-        assert set(rig.registry.records) == {A}
-        assert await rig.outbox._submit_read(
-            lambda c: c.execute("SELECT count(*) FROM consent").fetchone()
-        )
-        rig.close()
+        async with opened(tmp_path / "b.db") as rig:
+            for bad in BAD_SUBJECTS:
+                doc = {
+                    "v": 1,
+                    "records": [{"subject": bad, "purposes": ["linking"], "expires": None}],
+                }
+                rig.updater.on_push(json.dumps(doc).encode())
+            rig.updater.on_push(b'{"v":1,"records":[]}' + b" " * (2 * MiB))
+            await rig.updater.drain()
+            assert rig.metrics.get("consent_push_total", outcome="invalid") == len(BAD_SUBJECTS) + 1
+            assert not rig.registry.records
+            ok = {"v": 1, "records": [{"subject": A, "purposes": ["linking"], "expires": None}]}
+            rig.updater.on_push(json.dumps(ok).encode())
+            await rig.updater.drain()
+            assert set(rig.registry.records) == {A}
+            assert await rig.outbox._submit_read(
+                lambda c: c.execute("SELECT count(*) FROM consent").fetchone()
+            )
 
     asyncio.run(run())
 
 
 def test_the_grammar_is_the_contracts() -> None:
     vectors = json.loads(
-        (Path(__file__).parents[2] / "gateway/contract/vectors.json").read_text("utf-8")
+        (Path(__file__).parents[3] / "gateway/contract/vectors.json").read_text("utf-8")
     )
     for case in vectors["pseudonyms"]:
         assert is_pseudonym(case["pseudonym"])
@@ -263,11 +244,8 @@ def test_a_buffer_failure_during_a_poll_is_a_failed_poll_not_the_end(
     fails, is counted and retried; the poller does not raise."""
 
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        api.grant(STORE, A, ["linking"])
-        sync = poller(rig, api, token_file)
-        async with sync.client() as client:
+        async with bounded(tmp_path / "b.db", api, token_file) as (rig, sync, client):
+            api.grant(STORE, A, ["linking"])
             await sync.step(client)
             other = sqlite3.connect(tmp_path / "b.db")
             other.execute("ALTER TABLE meta RENAME TO meta_gone")
@@ -281,6 +259,5 @@ def test_a_buffer_failure_during_a_poll_is_a_failed_poll_not_the_end(
             other.close()
             await sync.step(client)
             assert sync.failures == 0
-        rig.close()
 
     asyncio.run(run())

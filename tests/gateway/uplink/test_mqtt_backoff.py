@@ -11,7 +11,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from gateway.config.models import MqttConfig
+from gateway.config.sections import MqttConfig
 from gateway.observe.metrics import Metrics
 from gateway.uplink import mqtt as gateway_mqtt
 from gateway.uplink.mqtt import PahoPublisher

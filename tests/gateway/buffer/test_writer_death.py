@@ -19,7 +19,7 @@ import pytest
 
 from gateway.buffer.consent_store import ConsentStore
 from gateway.buffer.outbox import Outbox, Pending
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 from gateway.errors import WriterDied
 from gateway.observe.health import HealthMonitor
 from gateway.observe.metrics import Metrics

@@ -23,11 +23,12 @@ from gateway.app.provision import (
     read_store_rows,
 )
 from gateway.config.credentials import expand_credentials_in
-from gateway.config.models import Config, ReceiptTapSourceConfig, parse_config
+from gateway.config.loading import Config, parse_config
+from gateway.config.sources import ReceiptTapSourceConfig
 from gateway.errors import ConfigError
 from gateway.identity.pseudonyms import Keyring
 
-FIRMWARE = Path(__file__).resolve().parents[2] / "firmware-config"
+FIRMWARE = Path(__file__).resolve().parents[3] / "firmware-config"
 TEMPLATE = FIRMWARE / "store-template.toml"
 STORE_FILE = FIRMWARE / "store.example.toml"
 CSV = FIRMWARE / "stores.example.csv"

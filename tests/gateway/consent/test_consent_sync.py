@@ -11,7 +11,6 @@ import asyncio
 import base64
 import json
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
@@ -19,39 +18,24 @@ import httpx
 import pytest
 
 from gateway.buffer.consent_store import CURSOR_KEY, ConsentStore
-from gateway.consent.sync import ConsentSync, tls_verify
+from gateway.consent.sync import tls_verify
 from gateway.errors import ConfigError, SyncAuthError, SyncUnavailable
 from gateway.identity.tokens import classify_qr
 from gateway.ports import ConsentEvidence, Reading
 from simulators.central.consent_api import ConsentAPI
-from tests.gateway.consent_helpers import STORE, Clock, Rig, card
+from tests.gateway.consent_helpers import STORE, Clock, Rig, card, opened, poller, polling
 
 A, B, C = "k1:" + "A" * 22, "k1:" + "B" * 22, "k1:" + "C" * 22
-
-
-def fast(rig: Rig, api: ConsentAPI, token_file: Path, **kw: Any) -> ConsentSync:
-    sync = rig.sync(
-        api.base_url,
-        token_file,
-        timeout_s=kw.pop("timeout_s", 2.0),
-        backoff={"min_s": 1.0, "max_s": 8.0},
-        **kw,
-    )
-    sync.rng = random.Random(7)
-    return sync
 
 
 def test_snapshot_then_deltas_with_the_cursor(
     tmp_path: Path, api: ConsentAPI, token_file: Path
 ) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        api.grant(STORE, A, ["linking"])
-        api.grant(STORE, B, ["analytics", "linking"], expires=rig.clock() + 100)
-        api.grant("other-store", C, ["linking"])
-        sync = fast(rig, api, token_file)
-        async with sync.client() as client:
+        async with polling(tmp_path / "b.db", api, token_file) as (rig, sync, client):
+            api.grant(STORE, A, ["linking"])
+            api.grant(STORE, B, ["analytics", "linking"], expires=rig.clock() + 100)
+            api.grant("other-store", C, ["linking"])
             delay = await sync.step(client)
             assert 54 <= delay <= 66  # poll_interval_s 60, +-10 % jitter
             assert set(rig.registry.records) == {A, B}
@@ -70,7 +54,6 @@ def test_snapshot_then_deltas_with_the_cursor(
             await sync.step(client)
             assert api.requests[-1].records == 0
             assert rig.metrics.get("consent_sync_polls_total", outcome="delta") == 2
-        rig.close()
 
     asyncio.run(run())
 
@@ -78,12 +61,9 @@ def test_snapshot_then_deltas_with_the_cursor(
 def test_expired_record_is_no_consent(tmp_path: Path, api: ConsentAPI, token_file: Path) -> None:
     async def run() -> None:
         clock = Clock()
-        rig = Rig(tmp_path / "b.db", clock)
-        await rig.open()
-        api.clock = clock
-        api.grant(STORE, A, ["linking"], expires=clock() + 30)
-        sync = fast(rig, api, token_file)
-        async with sync.client() as client:
+        async with polling(tmp_path / "b.db", api, token_file, clock) as (rig, sync, client):
+            api.clock = clock
+            api.grant(STORE, A, ["linking"], expires=clock() + 30)
             await sync.step(client)
             assert rig.accept(card(A, clock()))
             clock.t += 31
@@ -95,7 +75,6 @@ def test_expired_record_is_no_consent(tmp_path: Path, api: ConsentAPI, token_fil
             api.expire(STORE, A)  # the central ends it by expiry
             await sync.step(client)
             assert not rig.accept(card(A, clock()))
-        rig.close()
 
     asyncio.run(run())
 
@@ -104,12 +83,9 @@ def test_410_fetches_a_snapshot_that_replaces_the_registry(
     tmp_path: Path, api: ConsentAPI, token_file: Path
 ) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        api.grant(STORE, A, ["linking"])
-        api.grant(STORE, B, ["linking"])
-        sync = fast(rig, api, token_file)
-        async with sync.client() as client:
+        async with polling(tmp_path / "b.db", api, token_file) as (rig, sync, client):
+            api.grant(STORE, A, ["linking"])
+            api.grant(STORE, B, ["linking"])
             await sync.step(client)
             old = sync.cursor
             # A record the registry no longer has (the central lost it): a snapshot drops it.
@@ -125,7 +101,6 @@ def test_410_fetches_a_snapshot_that_replaces_the_registry(
             assert sync.cursor != old
             assert await ConsentStore(rig.outbox).cursor() == sync.cursor
             assert rig.metrics.get("consent_sync_polls_total", outcome="cursor_expired") == 1
-        rig.close()
 
     asyncio.run(run())
 
@@ -139,11 +114,8 @@ def test_credentials_refused_keep_the_registry_and_back_off(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        api.grant(STORE, A, ["linking"])
-        sync = fast(rig, api, token_file)
-        async with sync.client() as client:
+        async with polling(tmp_path / "b.db", api, token_file) as (rig, sync, client):
+            api.grant(STORE, A, ["linking"])
             await sync.step(client)
             api.fail(status, count=3)
             delays = [await sync.step(client) for _ in range(3)]
@@ -157,7 +129,6 @@ def test_credentials_refused_keep_the_registry_and_back_off(
             assert len(loud) == 3 and all(r.levelno == logging.ERROR for r in loud)
             await sync.step(client)
             assert rig.metrics.get("consent_sync_up") == 1 and sync.failures == 0
-        rig.close()
 
     asyncio.run(run())
 
@@ -166,10 +137,7 @@ def test_wrong_or_missing_token_is_an_auth_error(
     tmp_path: Path, api: ConsentAPI, token_file: Path
 ) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        sync = fast(rig, api, token_file)
-        async with sync.client() as client:
+        async with polling(tmp_path / "b.db", api, token_file) as (_rig, sync, client):
             token_file.write_text("wrong\n", encoding="utf-8")
             with pytest.raises(SyncAuthError, match="401"):
                 await sync.poll_once(client)
@@ -179,7 +147,6 @@ def test_wrong_or_missing_token_is_an_auth_error(
             token_file.write_text("s3cret", encoding="utf-8")  # rotated: re-read each poll
             await sync.poll_once(client)
             assert [r.authorized for r in api.requests] == [False, True]
-        rig.close()
 
     asyncio.run(run())
 
@@ -188,26 +155,24 @@ def test_outage_timeouts_and_5xx_back_off_then_recover(
     tmp_path: Path, api: ConsentAPI, token_file: Path
 ) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        api.grant(STORE, A, ["linking"])
-        sync = fast(rig, api, token_file, timeout_s=0.3)
-        async with sync.client() as client:
-            api.fail(503, count=2)
-            with pytest.raises(SyncUnavailable, match="503"):
-                await sync.poll_once(client)
-            assert 0.5 <= await sync.step(client) <= 1  # first step failure: cap min_s
-            api.delay(1.0)
-            with pytest.raises(SyncUnavailable, match=r"no answer within 0\.3s"):
-                await sync.poll_once(client)
-            await sync.step(client)
-            assert set(rig.registry.records) == {A} and sync.failures == 0
-        api.stop()  # the central is down: connection refused
-        async with sync.client() as client:
-            with pytest.raises(SyncUnavailable, match="ConnectError"):
-                await sync.poll_once(client)
-            assert set(rig.registry.records) == {A}
-        rig.close()
+        async with opened(tmp_path / "b.db") as rig:
+            api.grant(STORE, A, ["linking"])
+            sync = poller(rig, api, token_file, timeout_s=0.3)
+            async with sync.client() as client:
+                api.fail(503, count=2)
+                with pytest.raises(SyncUnavailable, match="503"):
+                    await sync.poll_once(client)
+                assert 0.5 <= await sync.step(client) <= 1  # first step failure: cap min_s
+                api.delay(1.0)
+                with pytest.raises(SyncUnavailable, match=r"no answer within 0\.3s"):
+                    await sync.poll_once(client)
+                await sync.step(client)
+                assert set(rig.registry.records) == {A} and sync.failures == 0
+            api.stop()  # the central is down: connection refused
+            async with sync.client() as client:
+                with pytest.raises(SyncUnavailable, match="ConnectError"):
+                    await sync.poll_once(client)
+                assert set(rig.registry.records) == {A}
 
     asyncio.run(run())
 
@@ -222,7 +187,7 @@ def test_run_survives_a_restart_with_registry_and_cursor(
     """The poller's own loop; after a restart it resumes with the stored cursor."""
 
     async def run_for(rig: Rig, steps: int) -> list[float]:
-        sync = fast(rig, api, token_file)
+        sync = poller(rig, api, token_file)
         delays: list[float] = []
 
         async def sleep(d: float) -> None:
@@ -238,26 +203,20 @@ def test_run_survives_a_restart_with_registry_and_cursor(
     async def run() -> None:
         api.grant(STORE, A, ["linking"])
         api.grant(STORE, B, ["linking"])
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        api.fail(500)
-        delays = await run_for(rig, 2)
-        assert delays[0] < 2 and delays[1] > 50
-        rig.close()
+        async with opened(tmp_path / "b.db") as rig:
+            api.fail(500)
+            delays = await run_for(rig, 2)
+            assert delays[0] < 2 and delays[1] > 50
 
         api.withdraw(STORE, B)
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        assert set(rig.registry.records) == {A, B}, "the registry survived the restart"
-        await run_for(rig, 1)
-        assert api.requests[-1].since is not None, "the cursor survived the restart"
-        assert set(rig.registry.records) == {A}
-        rig.close()
+        async with opened(tmp_path / "b.db") as rig:
+            assert set(rig.registry.records) == {A, B}, "the registry survived the restart"
+            await run_for(rig, 1)
+            assert api.requests[-1].since is not None, "the cursor survived the restart"
+            assert set(rig.registry.records) == {A}
 
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        assert B in rig.registry.withdrawn, "the tombstone is rebuilt from the erasure log"
-        rig.close()
+        async with opened(tmp_path / "b.db") as rig:
+            assert B in rig.registry.withdrawn, "the tombstone is rebuilt from the erasure log"
 
     asyncio.run(run())
 
@@ -266,10 +225,7 @@ def test_push_applies_at_once_and_never_moves_the_cursor(
     tmp_path: Path, api: ConsentAPI, token_file: Path
 ) -> None:
     async def run() -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        sync = fast(rig, api, token_file)
-        async with sync.client() as client:
+        async with polling(tmp_path / "b.db", api, token_file) as (rig, sync, client):
             await sync.step(client)
             cursor = sync.cursor
             records = [{"subject": A, "purposes": ["linking"], "expires": None}]
@@ -291,7 +247,6 @@ def test_push_applies_at_once_and_never_moves_the_cursor(
             rig.updater.on_push(json.dumps({"v": 1, "records": withdraw}).encode())
             await rig.updater.drain()
             assert B in rig.registry.withdrawn
-        rig.close()
 
     asyncio.run(run())
 
@@ -307,61 +262,57 @@ def test_app_token_is_consent_evidence(
         tok = vectors["app_tokens"][0]
         claims = json.loads(base64.urlsafe_b64decode(tok["token"].split(".")[1] + "==").decode())
         clock = Clock(float(claims["iat"]))
-        rig = Rig(tmp_path / "b.db", clock, policy_name="hold")
-        await rig.open()
-        key = load_public_key(base64.b64decode(vectors["app_token_public_key_base64"]))
-        qr = classify_qr(
-            tok["token"].encode(),
-            keyring=keyring,
-            app_public_key=key,
-            receipt_prefixes=[],
-            now=clock(),
-            replay=None,
-            evidence_ttl_s=7 * 24 * 3600,
-        )
-        assert qr.evidence is not None and qr.subject is not None
-        subject = qr.subject
-        assert subject == tok["subject_pseudonym"]
-        assert claims["purposes"] == ["analytics", "linking"]
-        # Seen before the token: held, then released by the token's evidence.
-        assert not rig.accept(card(subject, clock() - 5))
-        scan = Reading(
-            "qr.scan", "kiosk", clock(), subject, {"zone": "k", "kind": "app"}, qr.evidence
-        )
-        assert rig.accept(scan)
-        rec = rig.registry.records[subject]
-        assert rec.source == "token" and rec.purposes == {"analytics", "linking"}
-        assert rec.expires == clock() + 3600, "the configured ttl caps the driver's"
-        assert [r.type for r in rig.accepted] == ["card.read", "qr.scan"]
-        await rig.outbox._submit_read(lambda c: None)
-        assert [e["subject"] for e in rig.events()] == [subject, subject]
-        # After the ttl, token consent has expired.
-        clock.t += 3601
-        assert not rig.registry.allows("qr.scan", subject, clock())
-        # A live registry record wins over a token.
-        rig.registry.apply([(subject, frozenset({"analytics"}), None)], "sync", clock())
-        assert not rig.updater.apply_evidence(ConsentEvidence(subject, ("linking",), 1e12))
-        assert rig.registry.records[subject].source == "sync"
-        # A withdrawal always wins, until the registry grants again.
-        await rig.eraser.erase([subject])
-        assert not rig.updater.apply_evidence(ConsentEvidence(subject, ("linking",), 1e12))
-        assert subject not in rig.registry.records
-        assert rig.metrics.get("consent_evidence_total", outcome="withdrawn") == 1
-        await rig.updater.apply_records([(subject, frozenset({"linking"}), None)])
-        assert subject not in rig.registry.withdrawn
-        assert rig.updater.apply_evidence(ConsentEvidence(subject, ("linking",), 1e12)) is False
-        rig.close()
+        async with opened(tmp_path / "b.db", clock, policy_name="hold") as rig:
+            key = load_public_key(base64.b64decode(vectors["app_token_public_key_base64"]))
+            qr = classify_qr(
+                tok["token"].encode(),
+                keyring=keyring,
+                app_public_key=key,
+                receipt_prefixes=[],
+                now=clock(),
+                replay=None,
+                evidence_ttl_s=7 * 24 * 3600,
+            )
+            assert qr.evidence is not None and qr.subject is not None
+            subject = qr.subject
+            assert subject == tok["subject_pseudonym"]
+            assert claims["purposes"] == ["analytics", "linking"]
+            # Seen before the token: held, then released by the token's evidence.
+            assert not rig.accept(card(subject, clock() - 5))
+            scan = Reading(
+                "qr.scan", "kiosk", clock(), subject, {"zone": "k", "kind": "app"}, qr.evidence
+            )
+            assert rig.accept(scan)
+            rec = rig.registry.records[subject]
+            assert rec.source == "token" and rec.purposes == {"analytics", "linking"}
+            assert rec.expires == clock() + 3600, "the configured ttl caps the driver's"
+            assert [r.type for r in rig.accepted] == ["card.read", "qr.scan"]
+            await rig.outbox._submit_read(lambda c: None)
+            assert [e["subject"] for e in rig.events()] == [subject, subject]
+            # After the ttl, token consent has expired.
+            clock.t += 3601
+            assert not rig.registry.allows("qr.scan", subject, clock())
+            # A live registry record wins over a token.
+            rig.registry.apply([(subject, frozenset({"analytics"}), None)], "sync", clock())
+            assert not rig.updater.apply_evidence(ConsentEvidence(subject, ("linking",), 1e12))
+            assert rig.registry.records[subject].source == "sync"
+            # A withdrawal always wins, until the registry grants again.
+            await rig.eraser.erase([subject])
+            assert not rig.updater.apply_evidence(ConsentEvidence(subject, ("linking",), 1e12))
+            assert subject not in rig.registry.records
+            assert rig.metrics.get("consent_evidence_total", outcome="withdrawn") == 1
+            await rig.updater.apply_records([(subject, frozenset({"linking"}), None)])
+            assert subject not in rig.registry.withdrawn
+            assert rig.updater.apply_evidence(ConsentEvidence(subject, ("linking",), 1e12)) is False
 
-        rig = Rig(tmp_path / "b.db", clock)
-        await rig.open()
-        assert rig.registry.records[subject].source == "sync"
-        rig.close()
+        async with opened(tmp_path / "b.db", clock) as rig:
+            assert rig.registry.records[subject].source == "sync"
 
     asyncio.run(run())
 
 
 def test_tls_private_ca(tmp_path: Path) -> None:
-    from gateway.config.models import ConsentSyncConfig
+    from gateway.config.sections import ConsentSyncConfig
 
     cfg = ConsentSyncConfig(base_url="https://c.example", token_file=tmp_path / "t")
     assert tls_verify(cfg) is True
@@ -383,19 +334,17 @@ def test_https_with_a_private_ca(tmp_path: Path, token_file: Path) -> None:
     pki = make_pki(tmp_path / "pki")
 
     async def run(server: ConsentAPI) -> None:
-        rig = Rig(tmp_path / "b.db", Clock())
-        await rig.open()
-        server.grant(STORE, A, ["linking"])
-        untrusted = fast(rig, server, token_file)
-        async with untrusted.client() as client:
-            delay = await untrusted.step(client)
-        assert A not in rig.registry.records and delay > 0
-        assert rig.metrics.get("consent_sync_polls_total", outcome="unavailable") == 1
-        trusted = fast(rig, server, token_file, ca_file=pki["ca"])
-        async with trusted.client() as client:
-            await trusted.step(client)
-        assert A in rig.registry.records
-        rig.close()
+        async with opened(tmp_path / "b.db") as rig:
+            server.grant(STORE, A, ["linking"])
+            untrusted = poller(rig, server, token_file)
+            async with untrusted.client() as client:
+                delay = await untrusted.step(client)
+            assert A not in rig.registry.records and delay > 0
+            assert rig.metrics.get("consent_sync_polls_total", outcome="unavailable") == 1
+            trusted = poller(rig, server, token_file, ca_file=pki["ca"])
+            async with trusted.client() as client:
+                await trusted.step(client)
+            assert A in rig.registry.records
 
     with ConsentAPI(token="s3cret", tls=(pki["server"], pki["server_key"])) as server:
         assert server.base_url.startswith("https://")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from gateway.buffer.outbox import Outbox, Pending
-from gateway.config.models import BufferConfig, MqttConfig
+from gateway.config.sections import BufferConfig, MqttConfig
 from gateway.observe.metrics import Metrics
 from gateway.ports import Verdict
 from gateway.uplink.forwarder import Forwarder
@@ -202,7 +202,7 @@ def test_a_declaration_of_skipped_seqs_is_sent_until_a_success_puback(tmp_path: 
     else to send; an abandoned or refused declaration keeps them and is sent again; only
     a success PUBACK makes the outbox forget them (stored)."""
     from gateway.uplink import forwarder as forwarder_module
-    from tests.gateway.test_outbox_window import crash_valid, power_cut, stored_skipped
+    from tests.gateway.buffer.test_outbox_window import crash_valid, power_cut, stored_skipped
 
     path = tmp_path / "b.db"
     crash_valid(path, 20)

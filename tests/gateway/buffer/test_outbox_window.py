@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from gateway.buffer.outbox import SKIPPED_MAX, Outbox, Pending
 from gateway.buffer.stage import marker_path, stage_path
-from gateway.config.models import BufferConfig, MqttConfig
+from gateway.config.sections import BufferConfig, MqttConfig
 from gateway.contract.events import event_tail
 from gateway.observe.metrics import Metrics
 from gateway.uplink.forwarder import Forwarder
@@ -34,7 +34,7 @@ from simulators.infra.broker import Mosquitto
 CHILD = r"""
 import asyncio, json, sys, time
 from pathlib import Path
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 from gateway.observe.metrics import Metrics
 from gateway.buffer.outbox import Outbox, Pending
 
@@ -204,7 +204,7 @@ def test_with_no_window_a_crash_is_replayed_as_before(tmp_path: Path) -> None:
 CHILD_KEPT = r"""
 import asyncio, json, sys, time
 from pathlib import Path
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 from gateway.observe.metrics import Metrics
 from gateway.buffer.outbox import Outbox, Pending
 
@@ -287,10 +287,10 @@ def footfall(i: int) -> Pending:
 CHILD_VALID = r"""
 import asyncio, json, sys, time
 from pathlib import Path
-from gateway.config.models import BufferConfig
+from gateway.config.sections import BufferConfig
 from gateway.observe.metrics import Metrics
 from gateway.buffer.outbox import Outbox
-from tests.gateway.test_outbox_window import footfall
+from tests.gateway.buffer.test_outbox_window import footfall
 
 path, n = Path(sys.argv[1]), int(sys.argv[2])
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config.models import MqttConfig
+from gateway.config.sections import MqttConfig
 from gateway.observe.metrics import Metrics
 from gateway.ports import Publisher, Verdict
 from gateway.uplink.mqtt import PahoPublisher

@@ -16,7 +16,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-CONTRACT_DIR = Path(__file__).resolve().parents[2] / "gateway" / "contract"
+CONTRACT_DIR = Path(__file__).resolve().parents[3] / "gateway" / "contract"
 SCHEMA_DIR = CONTRACT_DIR / "schemas"
 SCHEMA_FILES = (
     "event.json",

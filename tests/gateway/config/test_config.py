@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.models import json_schema, load_config
+from gateway.config.loading import json_schema, load_config
 from gateway.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 MINIMAL = """
 [gateway]

@@ -21,7 +21,7 @@ from gateway.buffer.outbox import buffer_stats
 from gateway.identity.clock import CLOCK_FLOOR
 from gateway.identity.tokens import MAX_APP_TOKEN_LIFETIME_S
 from gateway.ports import Reading
-from tests.gateway.consent_helpers import Clock, Rig, card
+from tests.gateway.consent_helpers import Clock, Rig, card, opened
 
 X = "k1:XXXXXXXXXXXXXXXXXXXXXX"  # the subject who withdraws
 Y = "k1:YYYYYYYYYYYYYYYYYYYYYY"
@@ -70,6 +70,16 @@ async def fill(rig: Rig) -> None:
             " FROM chunks WHERE lo = (SELECT min(lo) FROM chunks)"
         )
     )
+
+
+def fill_offline(db: Path) -> None:
+    """``fill`` a buffer and close it, as the daemon leaves it when it stops."""
+
+    async def run() -> None:
+        async with opened(db, policy_name="hold") as rig:
+            await fill(rig)
+
+    asyncio.run(run())
 
 
 def test_withdrawal_erases_every_byte_of_the_subject(tmp_path: Path) -> None:
@@ -163,13 +173,7 @@ def test_erasure_is_idempotent_and_survives_restart(tmp_path: Path) -> None:
 def test_offline_erasure_with_the_daemon_stopped(tmp_path: Path) -> None:
     db = tmp_path / "buffer.db"
 
-    async def run() -> None:
-        rig = Rig(db, Clock(), policy_name="hold")
-        await rig.open()
-        await fill(rig)
-        rig.close()
-
-    asyncio.run(run())
+    fill_offline(db)
     out = erase_offline(db, [Y, Z])
     assert out.events == 43 and out.held == 1  # 40 + 3 dead-lettered
     assert occurrences(db, Y) == 1 and occurrences(db, Z) == 1
@@ -299,13 +303,7 @@ def test_offline_erasure_does_not_wait_for_a_reader_and_records_what_waits(
     that erased bytes wait in the WAL, for status and the daemon's retry."""
     db = tmp_path / "buffer.db"
 
-    async def run() -> None:
-        rig = Rig(db, Clock(), policy_name="hold")
-        await rig.open()
-        await fill(rig)
-        rig.close()
-
-    asyncio.run(run())
+    fill_offline(db)
     reader = subprocess.Popen(
         [sys.executable, "-c", READER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
