@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.bench.headline import headline_rows
 from tests.bench.journal import (
     SYSLOG_LEVELS,
+    VARIANTS,
     JournalUnavailable,
     bench_journal,
     check_available,
@@ -70,3 +73,20 @@ def test_the_daemons_lines_reach_the_journal_and_volatile_writes_nothing() -> No
     assert f["variants"]["idle"]["device_bytes"] >= 0
     assert f["goal_met"] is True
     assert isinstance(JournalUnavailable("x"), WearUnavailable)
+
+
+def _settings(lines: list[str]) -> set[str]:
+    return {line.split("#")[0].strip() for line in lines if "=" in line.split("#")[0]}
+
+
+def test_the_settings_measured_are_the_ones_systemd_readme_recommends() -> None:
+    """The drop-in in systemd/README.md (volatile; the persistent alternative commented
+    out) is the one the bench measures: a change to either shows here."""
+    text = (Path(__file__).parents[2] / "systemd" / "README.md").read_text(encoding="utf-8")
+    block = text.split("# /etc/systemd/journald.conf.d/touchpoint.conf\n", 1)[1]
+    lines = [line.strip() for line in block.split("```", 1)[0].splitlines()]
+    volatile = _settings([x for x in lines if not x.startswith("#")])
+    alternative = _settings([x[1:] for x in lines if x.startswith("# ") and "=" in x])
+    common = volatile - {x for x in volatile if x.startswith(("Storage=", "RuntimeMaxUse="))}
+    assert volatile == _settings(VARIANTS["volatile"][0].splitlines())
+    assert alternative | common == _settings(VARIANTS["persistent"][0].splitlines())
