@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="all",
-        choices=["all", "pipeline", "drain", "ble", "qr", "memory", "wear", "footprint"],
+        choices=["all", *BENCHMARKS],
         help="all: every benchmark, one report (default); "
         "pipeline: events end to end beside bare SQLite + paho; "
         "drain: a buffered backlog beside plain paho, start-up to READY, RSS; "
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         "qr: frames/s and success per QR decoder beside OpenCV's detector; "
         "memory: the daemon's RSS, fds and threads with every simulated source at load; "
         "wear: bytes reaching a loop device's ext4 per event at 0-1,000 events/s (root); "
+        "journal: the daemon's journal lines per hour in a busy store and what journald "
+        "writes to a loop device with its defaults and the recommended settings (root); "
         "footprint: the packages' installed sizes, and the packaged daemon's RSS and "
         "start-up to READY with every source but the camera",
     )

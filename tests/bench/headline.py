@@ -237,6 +237,29 @@ def _wear(f: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _journal(f: dict[str, Any]) -> list[Row]:
+    b = "journal"
+    _row = _rows_for(f)
+    v = f["variants"]
+    idle = v["idle"]["bytes_per_hour"]
+    idle_label = "journald on its own (defaults, nothing sent)"
+    window = f"{f['seconds']:.0f} s window, a forced sync at its end"
+    return [
+        _row(b, "the daemon's journal lines per hour, busy store (info)",
+             f["daemon_lines_per_hour"], "lines/h",
+             note=f"{f['daemon_text_bytes_per_hour']:,} B/h of text"),
+        _row(b, "journald defaults (persistent): bytes to the card per hour",
+             v["defaults"]["bytes_per_hour"], "B/h", reference=idle,
+             reference_label=idle_label, note=window),
+        _row(b, "journald Storage=volatile (recommended): bytes to the card per hour",
+             v["volatile"]["bytes_per_hour"], "B/h",
+             goal=Goal("<=", 0, "0 B/h", emulated_ok=True), note=window),
+        _row(b, "journald persistent, SystemMaxUse, SyncIntervalSec=15min: bytes per hour",
+             v["persistent"]["bytes_per_hour"], "B/h", reference=idle,
+             reference_label=idle_label, note=window),
+    ]  # fmt: skip
+
+
 def _footprint(f: dict[str, Any]) -> list[Row]:
     b = "footprint"
     sizes = f["sizes"]
@@ -277,6 +300,7 @@ _EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "qr": _qr,
     "memory": _memory,
     "wear": _wear,
+    "journal": _journal,
     "footprint": _footprint,
 }
 

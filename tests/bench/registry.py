@@ -15,6 +15,7 @@ def _benchmarks() -> dict[
     from tests.bench.ble import bench_ble, print_ble
     from tests.bench.drain import bench_drain, print_drain
     from tests.bench.footprint import bench_footprint, print_footprint
+    from tests.bench.journal import bench_journal, print_journal
     from tests.bench.memory import bench_memory, print_memory
     from tests.bench.pipeline import bench_pipeline, print_pipeline
     from tests.bench.qr import bench_qr, print_qr
@@ -27,11 +28,13 @@ def _benchmarks() -> dict[
         "qr": (bench_qr, print_qr),
         "memory": (bench_memory, print_memory),
         "wear": (bench_wear, print_wear),
+        "journal": (bench_journal, print_journal),
         "footprint": (bench_footprint, print_footprint),
     }
 
 
-BENCHMARKS = ("pipeline", "drain", "ble", "qr", "memory", "wear", "footprint")  # the report's order
+# the report's order
+BENCHMARKS = ("pipeline", "drain", "ble", "qr", "memory", "wear", "journal", "footprint")
 
 
 def run_bench(which: str, *, as_json: bool, quick: bool) -> int:
