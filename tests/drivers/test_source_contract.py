@@ -34,7 +34,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drivers.synthetic import card_number
 from gateway.app.sources import build_source
-from gateway.config.sources import BleSourceConfig, CameraSourceConfig, ReceiptTapSourceConfig, SerialCardSourceConfig, SyntheticSourceConfig
+from gateway.config.sources import (
+    BleSourceConfig,
+    CameraSourceConfig,
+    ReceiptTapSourceConfig,
+    SerialCardSourceConfig,
+    SyntheticSourceConfig,
+)
 from gateway.errors import SourceError
 from gateway.identity.pseudonyms import Keyring
 from gateway.observe.metrics import Metrics
