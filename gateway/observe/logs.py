@@ -93,6 +93,10 @@ def setup_logging(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("bleak").setLevel(max(root.level, logging.WARNING))
+    # httpx logs every request at INFO ("HTTP Request: GET ..."): a journal line per consent
+    # poll that says nothing (our own lines say when a poll fails).  Shown at debug.
+    httpx_level = logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
+    logging.getLogger("httpx").setLevel(httpx_level)
 
 
 # -- native libraries' stderr -------------------------------------------------------------

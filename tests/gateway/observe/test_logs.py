@@ -49,6 +49,43 @@ def test_setup_logging_installs_the_filter(capsys: pytest.CaptureFixture[str]) -
         root.handlers[:], root.level = saved[0], saved[1]
 
 
+def test_a_consent_poll_is_not_a_log_line_at_info(capsys: pytest.CaptureFixture[str]) -> None:
+    """httpx logs every request at INFO ("HTTP Request: GET ..."): at the default level that
+    was a line a minute in the journal for each consent poll, on an SD card, saying
+    nothing (bench journal).  Our own lines say when a poll fails."""
+    import http.server
+    import threading
+
+    import httpx
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        setup_logging("info")
+        with httpx.Client() as client:
+            assert client.get(f"http://127.0.0.1:{server.server_port}/v1/consent").is_success
+        assert "HTTP Request" not in capsys.readouterr().err
+        setup_logging("debug")  # asked for: there it is
+        with httpx.Client() as client:
+            client.get(f"http://127.0.0.1:{server.server_port}/v1/consent")
+        assert "HTTP Request" in capsys.readouterr().err
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        server.shutdown()
+        server.server_close()
+
+
 # -- journald priorities and native libraries' messages (real processes) -------------------
 
 _LOGGING_PROGRAM = """
