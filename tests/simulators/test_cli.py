@@ -40,6 +40,7 @@ LIBRARIES = {
     "simulators.devices.fake_bluez",  # run by ble_scenario, which prints its bus address
     "simulators.devices.serial_pty",
     "simulators.rig.store",  # run by the demo
+    "simulators.infra.service",  # the with-block and the python -m loop of broker, netproxy
     "simulators.deps",
     "simulators.harness",  # the async simulators on a thread, for the plugin
     "simulators.pytest_plugin",
