@@ -181,13 +181,9 @@ def test_python_escpos_network_passthrough_is_byte_exact() -> None:
 def test_python_escpos_network_one_token_before_each_cut(tmp_path: Path, keyring: Keyring) -> None:
     async def scenario() -> None:
         printed: list[Printed] = []
-        counters = CounterStore(tmp_path / "counters.db")
-        try:
-            async with rig("native", counters, keyring, printed) as (printer, tap):
-                sent, answers = await asyncio.to_thread(print_over_tcp, tap.port)
-                got = await printer.wait_jobs(len(RECEIPTS))
-        finally:
-            counters.close()
+        async with rig("native", tmp_path / "counters.db", keyring, printed) as (printer, tap):
+            sent, answers = await asyncio.to_thread(print_over_tcp, tap.port)
+            got = await printer.wait_jobs(len(RECEIPTS))
         assert answers == [(True, 2)] * len(RECEIPTS)
         check_injected(sent, got, printed, keyring)
 
