@@ -142,14 +142,7 @@ def test_push_reaches_the_gateway_through_the_real_publisher(
         central.start()
         rig = Rig(tmp_path / "b.db", Clock())
         await rig.open()
-        pub = PahoPublisher(
-            MqttConfig(host="127.0.0.1", port=broker.port),
-            client_id="gw-test",
-            will_topic=f"touchpoint/v1/{STORE}/gw-01/status",
-            will_payload=b"{}",
-            metrics=rig.metrics,
-        )
-        pub.subscribe(f"touchpoint/v1/{STORE}/consent", rig.updater.on_push)
+        pub = consent_publisher(broker.port, "gw-test", rig)
         try:
             await pub.start()
             await asyncio.wait_for(pub.wait_connected(), 10)
@@ -171,6 +164,19 @@ def test_push_reaches_the_gateway_through_the_real_publisher(
             central.stop()
 
     asyncio.run(run())
+
+
+def consent_publisher(port: int, client_id: str, rig: Rig) -> PahoPublisher:
+    """The gateway's real publisher to the broker on ``port``, consent pushes to ``rig``."""
+    pub = PahoPublisher(
+        MqttConfig(host="127.0.0.1", port=port),
+        client_id=client_id,
+        will_topic=f"touchpoint/v1/{STORE}/gw-01/status",
+        will_payload=b"{}",
+        metrics=rig.metrics,
+    )
+    pub.subscribe(f"touchpoint/v1/{STORE}/consent", rig.updater.on_push)
+    return pub
 
 
 async def until(cond: object, timeout: float = 10.0) -> None:
@@ -201,14 +207,7 @@ def test_long_mixed_scenario_nothing_unconsented_reaches_the_central(
         token.write_text("t0k", encoding="utf-8")
         rig = Rig(tmp_path / "b.db", clock, policy_name="hold", hold_ttl_s=20)
         await rig.open()
-        pub = PahoPublisher(
-            MqttConfig(host="127.0.0.1", port=broker.port),
-            client_id="gw-mixed",
-            will_topic=f"touchpoint/v1/{STORE}/gw-01/status",
-            will_payload=b"{}",
-            metrics=rig.metrics,
-        )
-        pub.subscribe(f"touchpoint/v1/{STORE}/consent", rig.updater.on_push)
+        pub = consent_publisher(broker.port, "gw-mixed", rig)
         await pub.start()
         fwd = Forwarder(
             rig.outbox,
