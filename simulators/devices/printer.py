@@ -27,10 +27,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from pathlib import Path
 from types import TracebackType
 
-from simulators.devices.serial_pty import SerialEnd
+from simulators.devices.serial_pty import SerialEnd, add_serial_options, from_args
 
 log = logging.getLogger(__name__)
 
@@ -244,25 +243,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=9100, help="port to listen on (0: any)")
-    parser.add_argument(
-        "--serial",
-        metavar="DEVICE",
-        help="be a serial printer instead: 'pty' makes a pty and prints its path first, "
+    add_serial_options(
+        parser,
+        "be a serial printer instead: 'pty' makes a pty and prints its path first, "
         "or a device cabled to the gateway (/dev/ttyUSB1)",
     )
-    parser.add_argument("--link", type=Path, help="with --serial pty: keep a symlink to it here")
-    parser.add_argument("--baudrate", type=int, default=9600, help="with --serial DEVICE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
         if args.serial is None:
             asyncio.run(_serve(args.host, args.port))
             return
-        end = (
-            SerialEnd.pty(args.link)
-            if args.serial == "pty"
-            else SerialEnd.device_port(args.serial, args.baudrate)
-        )
+        end = from_args(args)
         with end:
             asyncio.run(_serve_serial(end))
 
