@@ -32,6 +32,7 @@ from simulators.devices.ble_scenario import (
     setup,
 )
 from simulators.devices.fake_bluez import DBusDaemon, FakeBlueZ
+from tests.waiting import until
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulators" / "scenarios"
 A = "k1:eP6urfab4yzJ9mpD9_RcmQ"  # iBeacon vector's contract pseudonym
@@ -109,12 +110,6 @@ class Collector:
 
     def of(self, kind: str, subject: str | None = None) -> list[Reading]:
         return [r for r in self.readings if r.type == kind and subject in (None, r.subject)]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 def make(keyring: Keyring, **overrides: Any) -> tuple[BleSource, RecordingContext]:

@@ -33,7 +33,7 @@ from gateway.observe.metrics import Metrics
 from simulators.devices.serial_pty import SerialEnd
 from tests.drivers.test_receipt_tap import PREFIX, injected_blocks, rig, run, strip_injected
 from tests.drivers.test_receipt_tap_serial import rig as serial_rig
-from tests.drivers.test_receipt_tap_serial import wait_until
+from tests.waiting import until
 
 escpos_printer = pytest.importorskip("escpos.printer")
 
@@ -248,7 +248,7 @@ def test_python_escpos_serial_through_the_serial_tap(
                 total = sum(map(len, sent)) + (
                     0 if inject == "off" else sum(map(len, injected_blocks(r.printed)))
                 )
-                await wait_until(lambda: len(r.printer.received) >= total)
+                await until(lambda: len(r.printer.received) >= total)
                 got = bytes(r.printer.received)
                 printed = list(r.printed)
                 metrics = r.metrics

@@ -47,18 +47,13 @@ from tests.drivers.test_receipt_tap import (
     source_context,
     split_injection,
 )
+from tests.waiting import until
 
 SOURCE = "receipt-tap"
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 30))
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @dataclass
@@ -119,7 +114,7 @@ async def rig(
                 on_state=lambda state, detail: states.append((state, detail)),
             )  # fmt: skip
             async with tap:
-                await wait_until(lambda: tap.till.is_open and tap.printer.is_open)
+                await until(lambda: tap.till.is_open and tap.printer.is_open)
                 yield Rig(till_end, printer, tap, metrics, printed, states)
 
 
@@ -178,8 +173,8 @@ def test_native_injection_before_the_cut(
             await till.send_serial_job(
                 r.till, job, rnd=random.Random(max_segment), max_segment=max_segment
             )
-            await wait_until(lambda: len(r.printed) == 1)
-            await wait_until(lambda: bytes(r.printer.received).endswith(till.cut()))
+            await until(lambda: len(r.printed) == 1)
+            await until(lambda: bytes(r.printer.received).endswith(till.cut()))
             got = bytes(r.printer.received)
             printed = r.printed
         block = split_injection(job, got)
@@ -202,8 +197,8 @@ def test_raster_injection_and_the_counter_across_restarts(tmp_path: Path, keyrin
         async with rig(tmp_path, inject="raster", keyring=keyring, counters=path) as r:
             job = till.receipt() * receipts  # one stream, a job per cut
             await till.send_serial_job(r.till, job, rnd=random.Random(3), max_segment=50)
-            await wait_until(lambda: len(r.printed) == receipts)
-            await wait_until(lambda: bytes(r.printer.received).endswith(till.cut()))
+            await until(lambda: len(r.printed) == receipts)
+            await until(lambda: bytes(r.printer.received).endswith(till.cut()))
             printed.extend(r.printed)
             outputs.append(bytes(r.printer.received))
             assert r.count("receipt_tap_jobs_total") == receipts
@@ -280,21 +275,21 @@ def test_printer_unplugged_and_replugged(tmp_path: Path) -> None:
             await till.send_serial_job(r.till, first)
             await r.printer.wait_bytes(len(first))
             r.printer.end.unplug()
-            await wait_until(lambda: not r.tap.printer.is_open)
-            await wait_until(lambda: r.states[-1][0] == "absent")
+            await until(lambda: not r.tap.printer.is_open)
+            await until(lambda: r.states[-1][0] == "absent")
             assert "printer port" in r.states[-1][1]
             assert str(tmp_path / "printer") in r.states[-1][1]
             # the till goes on: its bytes are parsed and dropped, its query unanswered
             lost = till.receipt(seed=2)
             await till.send_serial_job(r.till, lost)
-            await wait_until(lambda: r.count("receipt_tap_bytes_dropped_total") == len(lost))
+            await until(lambda: r.count("receipt_tap_bytes_dropped_total") == len(lost))
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.3):
                     await till.send_serial_job(r.till, b"", query_status=True)
             assert r.tap.till.is_open
             r.printer.end.open()
             r.printer.received.clear()
-            await wait_until(lambda: r.tap.printer.is_open)
+            await until(lambda: r.tap.printer.is_open)
             assert r.states[-1][0] == "ok"
             second = till.receipt(seed=3)
             await till.send_serial_job(r.till, till.status_query(1) + second)
@@ -311,13 +306,13 @@ def test_till_unplugged_and_replugged(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with rig(tmp_path) as r:
             r.till.unplug()
-            await wait_until(lambda: not r.tap.till.is_open)
-            await wait_until(lambda: r.states[-1][0] == "absent")
+            await until(lambda: not r.tap.till.is_open)
+            await until(lambda: r.states[-1][0] == "absent")
             assert "till port" in r.states[-1][1]
             await asyncio.sleep(0.2)  # a few failed reopens: no crash, still retrying
             assert r.tap.printer.is_open
             r.till.open()
-            await wait_until(lambda: r.tap.till.is_open)
+            await until(lambda: r.tap.till.is_open)
             assert r.states[-1][0] == "ok"
             job = till.receipt(qr_data=b"AFTER-REPLUG")
             await till.send_serial_job(r.till, job, rnd=random.Random(5), max_segment=40)
@@ -341,12 +336,12 @@ def test_a_stream_left_inside_a_command_starts_afresh_after_silence(
             junk = till.hostile(0)  # ends inside a command that declares 65532 bytes
             await till.send_serial_job(r.till, junk, rnd=random.Random(0))
             await r.printer.wait_bytes(len(junk))
-            await wait_until(lambda: r.count("receipt_tap_idle_closed_total") == 1)
+            await until(lambda: r.count("receipt_tap_idle_closed_total") == 1)
             assert bytes(r.printer.received) == junk  # forwarded whole, nothing injected
             job = till.receipt()
             await till.send_serial_job(r.till, job)
-            await wait_until(lambda: len(r.printed) == 1)
-            await wait_until(lambda: bytes(r.printer.received).endswith(till.cut()))
+            await until(lambda: len(r.printed) == 1)
+            await until(lambda: bytes(r.printer.received).endswith(till.cut()))
             block = split_injection(job, bytes(r.printer.received)[len(junk) :])
             assert parse(block).qr == [(PREFIX + r.printed[0].receipt).encode()]
 
@@ -411,16 +406,16 @@ def test_source_on_a_serial_line_yields_receipt_printed(tmp_path: Path, keyring:
         ctx = source_context("till-3-printer", keyring)
         source = ReceiptTapSource(serial_config(tmp_path), ctx)
         async with pumped(source) as readings:
-            await wait_until(lambda: ctx.state.get("state") == "absent")  # nothing plugged
+            await until(lambda: ctx.state.get("state") == "absent")  # nothing plugged
             with (
                 SerialEnd.pty(tmp_path / "till") as till_end,
                 SerialEnd.pty(tmp_path / "printer") as printer_end,
             ):
                 async with SerialPrinter(printer_end) as printer:
-                    await wait_until(lambda: ctx.state.get("state") == "ok")
+                    await until(lambda: ctx.state.get("state") == "ok")
                     await till.send_serial_job(till_end, till.receipt(qr_data=b"OWN"))
                     reading = await readings.get()
-                    await wait_until(lambda: bytes(printer.received).endswith(till.cut()))
+                    await until(lambda: bytes(printer.received).endswith(till.cut()))
         assert (reading.type, reading.source, reading.subject) == (
             "receipt.printed",
             "till-3-printer",

@@ -27,6 +27,7 @@ from simulators.central.contract_schemas import contract_schemas
 from simulators.central.service import Central
 from simulators.infra.broker import Mosquitto
 from tests.gateway.consent_helpers import STORE, Clock, Rig, card
+from tests.waiting import until
 
 A, B, C = "k1:" + "A" * 22, "k1:" + "B" * 22, "k1:" + "C" * 22
 URL = "/v1/stores/" + STORE + "/consent"
@@ -150,11 +151,11 @@ def test_push_reaches_the_gateway_through_the_real_publisher(
             assert central.wait_subscribed(10)
             api.grant(STORE, A, ["linking"], push=True)
             api.grant(STORE, B, ["linking"])  # not pushed: only the poll brings it
-            await until(lambda: A in rig.registry.records)
+            await until(lambda: A in rig.registry.records, timeout=10.0)
             assert B not in rig.registry.records
             assert rig.accept(card(A, rig.clock()))
             api.withdraw(STORE, A, push=True)
-            await until(lambda: A in rig.registry.withdrawn)
+            await until(lambda: A in rig.registry.withdrawn, timeout=10.0)
             await rig.updater.drain()
             assert rig.events() == []
             assert central.stats()["consent_pushes"] == 2
@@ -177,14 +178,6 @@ def consent_publisher(port: int, client_id: str, rig: Rig) -> PahoPublisher:
     )
     pub.subscribe(f"touchpoint/v1/{STORE}/consent", rig.updater.on_push)
     return pub
-
-
-async def until(cond: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.slow

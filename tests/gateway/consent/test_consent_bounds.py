@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.consent.registry import is_pseudonym, parse_records
 from gateway.buffer.consent_store import CURSOR_KEY, ConsentStore
+from gateway.consent.registry import is_pseudonym, parse_records
 from gateway.consent.sync import MAX_CURSOR_CHARS, ConsentSync
 from simulators.central.consent_api import ConsentAPI
 from tests.gateway.consent_helpers import STORE, Rig, opened, polling

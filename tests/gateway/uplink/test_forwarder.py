@@ -16,6 +16,7 @@ from gateway.observe.metrics import Metrics
 from gateway.ports import Verdict
 from gateway.uplink.forwarder import Forwarder
 from tests.fakes import FakePublisher
+from tests.waiting import until
 
 
 @dataclass
@@ -60,14 +61,6 @@ async def forwarding(
             f.task.cancel()
             await asyncio.gather(f.task, return_exceptions=True)
         box.close()
-
-
-async def until(cond: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        await asyncio.sleep(0.005)
 
 
 def test_window_batches_and_verdicts(tmp_path: Path) -> None:
