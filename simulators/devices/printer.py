@@ -27,9 +27,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from types import TracebackType
 
 from simulators.devices.serial_pty import SerialEnd, add_serial_options, from_args
+from simulators.infra.service import AsyncService
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ STATUS_OK = {1: 0x16, 2: 0x12, 3: 0x12, 4: 0x12}
 PAPER_OUT = {1: 0x1E, 2: 0x32, 3: 0x12, 4: 0x72}
 
 
-class FakePrinter:
+class FakePrinter(AsyncService):
     """The printer; see the module docstring.  ``status`` maps n to the reply byte."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -71,18 +71,6 @@ class FakePrinter:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
-
-    async def __aenter__(self) -> FakePrinter:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def wait_jobs(self, count: int) -> list[bytes]:
         """Wait until ``count`` jobs are complete (their connections closed)."""
@@ -151,7 +139,7 @@ def status_replies(status: dict[int, int], data: bytes) -> bytes:
     return bytes(out)
 
 
-class SerialPrinter:
+class SerialPrinter(AsyncService):
     """A serial printer on ``end``: records the stream, answers status queries.
 
     ``async with SerialPrinter(end) as printer`` reads until closed; an unplugged line
@@ -166,16 +154,10 @@ class SerialPrinter:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> SerialPrinter:
+    async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="fake-serial-printer")
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

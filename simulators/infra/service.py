@@ -1,5 +1,6 @@
-"""What the loopback services here share: a with-block around ``start()`` and ``stop()``,
-and the ``python -m`` entry that prints the port and runs until Ctrl-C or SIGTERM.
+"""What the simulated services share: a with-block around ``start()`` and ``stop()``
+(``async with`` around ``start()`` and ``close()`` for an asyncio one), and the
+``python -m`` entry that prints the port and runs until Ctrl-C or SIGTERM.
 
     class Thing(Service):
         port: int
@@ -26,7 +27,7 @@ class Service:
 
     port: int
 
-    def start(self) -> None:
+    def start(self) -> object:  # what it returns is the subclass's affair
         raise NotImplementedError
 
     def stop(self) -> None:
@@ -43,6 +44,28 @@ class Service:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class AsyncService:
+    """The same for an asyncio service: ``async with`` starts it and closes it."""
+
+    async def start(self) -> object:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
 
 def serve(
