@@ -49,6 +49,12 @@ class FakePublisher:
         self.max_outstanding = max(self.max_outstanding, self.outstanding)
         return fut
 
+    def settle_all(self, verdict: Verdict | None = None) -> None:
+        """Settle every publish still waiting, with ``verdict`` (a success by default)."""
+        for _, _, f in self.sent:
+            if not f.done():
+                f.set_result(verdict or Verdict(ok=True))
+
     @property
     def outstanding(self) -> int:
         return sum(1 for _, _, f in self.sent if not f.done())

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +330,23 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(
+    sub: Any,
+    name: str,
+    fn: Callable[[argparse.Namespace], int],
+    help: str,
+    description: str,
+    *,
+    config: bool = False,
+) -> argparse.ArgumentParser:
+    """Add the subcommand ``name`` run by ``fn``; with ``config``, its --config option."""
+    s: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description)
+    s.set_defaults(fn=fn)
+    if config:
+        s.add_argument("--config", required=True, type=Path, help="the gateway's TOML config file")
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="touchpoint-gateway",
@@ -339,20 +356,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser(
-        "run", help="run the daemon", description="Run the gateway daemon (systemd Type=notify)."
+    s = _command(
+        sub,
+        "run",
+        cmd_run,
+        help="run the daemon",
+        description="Run the gateway daemon (systemd Type=notify).",
+        config=True,
     )
-    s.add_argument("--config", required=True, type=Path, help="the gateway's TOML config file")
     s.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="log level (default info)",
     )
-    s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser(
+    s = _command(
+        sub,
         "check-config",
+        cmd_check_config,
         help="validate config files",
         description="List every problem in the config files (file, key, why); "
         "exit 1 if any, else 0.",
@@ -365,22 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--template", type=Path, help="with --offline and --csv: the chain template")
     s.add_argument("--csv", type=Path, help="with --template: check every row of a stores CSV")
-    s.set_defaults(fn=cmd_check_config)
 
-    s = sub.add_parser(
+    s = _command(
+        sub,
         "status",
+        cmd_status,
         help="show the buffer's state",
         description="Show buffer depth, oldest pending age, last successful publish and "
         "dead letters, read from the buffer database, and the running daemon's health "
         "(with a [health] section).  Exit status as systemctl's: 0 running and healthy, "
         "1 unhealthy, 3 not running, 4 unknown (no [health] section to ask).",
+        config=True,
     )
-    s.add_argument("--config", required=True, type=Path, help="the gateway's TOML config file")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(fn=cmd_status)
 
-    s = sub.add_parser(
+    s = _command(
+        sub,
         "pseudonym",
+        cmd_pseudonym,
         help="print the pseudonym of an identifier",
         description="Print the pseudonym of a raw identifier (for erasure requests). "
         "The identifier is read from stdin (a prompt that does not echo on a terminal), "
@@ -394,23 +418,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="identifier namespace",
     )
     s.add_argument("value", nargs="?", help=argparse.SUPPRESS)  # refused: see cmd_pseudonym
-    s.set_defaults(fn=cmd_pseudonym)
 
-    s = sub.add_parser(
+    s = _command(
+        sub,
         "erase",
+        cmd_erase,
         help="erase a subject's buffered events (daemon stopped)",
         description="Erase every buffered and held event and the consent record of the "
         "given pseudonyms from the buffer database, overwriting the bytes (secure_delete, "
         "WAL checkpoint). Stop the service first; while it runs, withdraw consent at the "
         "central service instead, which reaches the gateway within seconds. Find a "
         "customer's pseudonym with the pseudonym command.",
+        config=True,
     )
-    s.add_argument("--config", required=True, type=Path, help="the gateway's TOML config file")
     s.add_argument("pseudonyms", nargs="+", help="pseudonyms such as k1:y12r74-dyodquqc6XBqP4A")
-    s.set_defaults(fn=cmd_erase)
 
-    s = sub.add_parser(
+    s = _command(
+        sub,
         "config-schema",
+        cmd_config_schema,
         help="print the config's JSON Schema",
         description="Print (or write) the JSON Schema of the config file.",
     )
@@ -418,7 +444,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--reference", type=Path, help="also write the Markdown reference of every key here"
     )
-    s.set_defaults(fn=cmd_config_schema)
 
     from gateway.app.provision import add_parser as add_provision_parser
 

@@ -695,11 +695,7 @@ class Outbox:
                     cmd.error = cmd.error or err
                 return 0
             self._write_ok(True)
-            if time.monotonic() >= self._recap_at:  # follow the filesystem's free space
-                self._recap_at = time.monotonic() + RECAP_INTERVAL_S
-                self._keep_reserve()
-                with contextlib.suppress(sqlite3.Error):
-                    self._set_max_pages(conn)
+            self._recap_when_due(conn)
             return appended
         return 0
 
@@ -946,13 +942,17 @@ class Outbox:
                     self._stage_write(kept + encode_mark(last))
                 self._write_ok(True)
                 self._check_room(conn)
-                if time.monotonic() >= self._recap_at:  # follow the filesystem's free space
-                    self._recap_at = time.monotonic() + RECAP_INTERVAL_S
-                    self._keep_reserve()
-                    with contextlib.suppress(sqlite3.Error):
-                        self._set_max_pages(conn)
+                self._recap_when_due(conn)
                 return True
         return False
+
+    def _recap_when_due(self, conn: sqlite3.Connection) -> None:
+        """Every RECAP_INTERVAL_S, size the cap to the filesystem's free space again."""
+        if time.monotonic() >= self._recap_at:
+            self._recap_at = time.monotonic() + RECAP_INTERVAL_S
+            self._keep_reserve()
+            with contextlib.suppress(sqlite3.Error):
+                self._set_max_pages(conn)
 
     def _check_room(self, conn: sqlite3.Connection) -> None:
         with contextlib.suppress(sqlite3.Error):

@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from simulators.infra.service import Service
+
 log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
@@ -78,7 +80,7 @@ class Request:
     records: int
 
 
-class ConsentAPI:
+class ConsentAPI(Service):
     """A scripted consent registry; every method is thread-safe."""
 
     def __init__(
@@ -143,13 +145,6 @@ class ConsentAPI:
         if self._script is not None:
             self._script.join()
             self._script = None
-
-    def __enter__(self) -> ConsentAPI:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     @property
     def base_url(self) -> str:

@@ -76,6 +76,7 @@ from simulators.central.contract_schemas import (
     Invalid,
     contract_schemas,
 )
+from simulators.infra.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-class Central:
+class Central(Service):
     """The consumer: connect, subscribe, validate, dedupe, record.  Thread-safe reads."""
 
     def __init__(
@@ -203,13 +204,6 @@ class Central:
             self._out.close()
             self._out = None
         self._write_stats()
-
-    def __enter__(self) -> Central:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def push_consent(self, store: str, records: list[Record]) -> mqtt.MQTTMessageInfo:
         """Publish a consent delta to the store's gateways (QoS 1, not retained)."""

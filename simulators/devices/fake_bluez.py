@@ -34,10 +34,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from simulators.deps import missing
+from simulators.infra.service import Service
 
 try:
     from dbus_fast import Message, MessageType, Variant
@@ -77,7 +77,7 @@ _BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configu
 """
 
 
-class DBusDaemon:
+class DBusDaemon(Service):
     """A private dbus-daemon (system-bus type) with its own config file in a temp dir."""
 
     def __init__(self) -> None:
@@ -116,15 +116,6 @@ class DBusDaemon:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-
-    def __enter__(self) -> DBusDaemon:
-        self.start()
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 @dataclass

@@ -27,10 +27,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from pathlib import Path
-from types import TracebackType
 
-from simulators.devices.serial_pty import SerialEnd
+from simulators.devices.serial_pty import SerialEnd, add_serial_options, from_args
+from simulators.infra.service import AsyncService
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ STATUS_OK = {1: 0x16, 2: 0x12, 3: 0x12, 4: 0x12}
 PAPER_OUT = {1: 0x1E, 2: 0x32, 3: 0x12, 4: 0x72}
 
 
-class FakePrinter:
+class FakePrinter(AsyncService):
     """The printer; see the module docstring.  ``status`` maps n to the reply byte."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -72,18 +71,6 @@ class FakePrinter:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
-
-    async def __aenter__(self) -> FakePrinter:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def wait_jobs(self, count: int) -> list[bytes]:
         """Wait until ``count`` jobs are complete (their connections closed)."""
@@ -152,7 +139,7 @@ def status_replies(status: dict[int, int], data: bytes) -> bytes:
     return bytes(out)
 
 
-class SerialPrinter:
+class SerialPrinter(AsyncService):
     """A serial printer on ``end``: records the stream, answers status queries.
 
     ``async with SerialPrinter(end) as printer`` reads until closed; an unplugged line
@@ -167,16 +154,10 @@ class SerialPrinter:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> SerialPrinter:
+    async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="fake-serial-printer")
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -244,25 +225,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=9100, help="port to listen on (0: any)")
-    parser.add_argument(
-        "--serial",
-        metavar="DEVICE",
-        help="be a serial printer instead: 'pty' makes a pty and prints its path first, "
+    add_serial_options(
+        parser,
+        "be a serial printer instead: 'pty' makes a pty and prints its path first, "
         "or a device cabled to the gateway (/dev/ttyUSB1)",
     )
-    parser.add_argument("--link", type=Path, help="with --serial pty: keep a symlink to it here")
-    parser.add_argument("--baudrate", type=int, default=9600, help="with --serial DEVICE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
         if args.serial is None:
             asyncio.run(_serve(args.host, args.port))
             return
-        end = (
-            SerialEnd.pty(args.link)
-            if args.serial == "pty"
-            else SerialEnd.device_port(args.serial, args.baudrate)
-        )
+        end = from_args(args)
         with end:
             asyncio.run(_serve_serial(end))
 

@@ -17,6 +17,7 @@ This module imports nothing from ``drivers`` or ``gateway``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -184,3 +185,18 @@ class SerialEnd:
             if not data:  # VMIN=0 device: readiness without data is a hang-up
                 raise ConnectionError("serial line hung up")
             return data
+
+
+def add_serial_options(parser: argparse.ArgumentParser, serial_help: str) -> None:
+    """``--serial DEVICE`` (or ``pty``), ``--link`` and ``--baudrate``: see :func:`from_args`."""
+    parser.add_argument("--serial", metavar="DEVICE", help=serial_help)
+    parser.add_argument("--link", type=Path, help="with --serial pty: keep a symlink to it here")
+    parser.add_argument("--baudrate", type=int, default=9600, help="with --serial DEVICE")
+
+
+def from_args(args: argparse.Namespace) -> SerialEnd:
+    """The serial end ``--serial`` names: a new pty (``pty``, linked at ``--link``), or a
+    real device at ``--baudrate``."""
+    if args.serial == "pty":
+        return SerialEnd.pty(args.link)
+    return SerialEnd.device_port(args.serial, args.baudrate)

@@ -21,9 +21,8 @@ import contextlib
 import random
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 
-from simulators.devices.serial_pty import SerialEnd
+from simulators.devices.serial_pty import SerialEnd, add_serial_options, from_args
 
 ESC, GS, DLE = b"\x1b", b"\x1d", b"\x10"
 
@@ -255,21 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quiet", action="store_true", help="one line per 100 jobs instead of one per job"
     )
-    parser.add_argument(
-        "--serial",
-        metavar="DEVICE",
-        help="send down a serial line instead: 'pty' makes a pty and prints its path first "
+    add_serial_options(
+        parser,
+        "send down a serial line instead: 'pty' makes a pty and prints its path first "
         "(the gateway's till_device), or a device cabled to the gateway (/dev/ttyUSB0)",
     )
-    parser.add_argument("--link", type=Path, help="with --serial pty: keep a symlink to it here")
-    parser.add_argument("--baudrate", type=int, default=9600, help="with --serial DEVICE")
     args = parser.parse_args(argv)
     if args.serial is not None:
-        end = (
-            SerialEnd.pty(args.link)
-            if args.serial == "pty"
-            else SerialEnd.device_port(args.serial, args.baudrate)
-        )
+        end = from_args(args)
         with end, contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_run_serial(end, args))
         return

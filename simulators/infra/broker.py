@@ -23,11 +23,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
+
+from simulators.infra.service import Service, serve
 
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto")
 
@@ -49,7 +49,7 @@ def free_port() -> int:
         return port
 
 
-class Mosquitto:
+class Mosquitto(Service):
     def __init__(
         self,
         workdir: str | Path,
@@ -136,18 +136,6 @@ class Mosquitto:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
 
-    def __enter__(self) -> Mosquitto:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -165,22 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     acl = args.acl.read_text(encoding="utf-8") if args.acl else None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     with tempfile.TemporaryDirectory(prefix="tp-broker-") as tmp:
         broker = Mosquitto(
             args.dir or tmp, args.port or None, acl=acl, persistence=args.persistence
         )
-        with broker:
-            print(broker.port, flush=True)
-            try:
-                while not stop.wait(0.5):
-                    if broker.proc is None or broker.proc.poll() is not None:
-                        print(f"mosquitto exited; see {broker.log_path}", file=sys.stderr)
-                        return 1
-            except KeyboardInterrupt:
-                pass
-    return 0
+
+        def failed() -> str | None:
+            if broker.proc is None or broker.proc.poll() is not None:
+                return f"mosquitto exited; see {broker.log_path}"
+            return None
+
+        return serve(broker, failed=failed)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from types import TracebackType
+
+from simulators.infra.service import Service, serve
 
 CONNECT, PUBLISH, PUBACK = 1, 3, 4
 _CUT = b"\x00cut"  # queued after the last bytes a faulty link passes on
@@ -114,7 +114,7 @@ def packet_length(buf: bytes | bytearray) -> int | None:
     return None
 
 
-class NetProxy:
+class NetProxy(Service):
     def __init__(
         self,
         upstream_port: int,
@@ -303,18 +303,6 @@ class NetProxy:
             self._thread.join(5)
         self._loop.close()
 
-    def __enter__(self) -> NetProxy:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -346,8 +334,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     faults = (args.lose_pubacks, args.swallow_pubacks, args.cut_mid_publish)
     if any(faults) and not args.mqtt:
         parser.error("--lose-pubacks, --swallow-pubacks and --cut-mid-publish need --mqtt")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     proxy = NetProxy(
         args.upstream_port,
         upstream_host=args.upstream_host,
@@ -355,18 +341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         mqtt=args.mqtt,
         port=args.port,
     )
-    with proxy:
-        if args.lose_pubacks:
-            proxy.lose_pubacks(args.lose_pubacks)
-        if args.swallow_pubacks:
-            proxy.swallow_pubacks(args.swallow_pubacks)
-        if args.cut_mid_publish:
-            proxy.cut_mid_publish(args.cut_mid_publish)
-        print(proxy.port, flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            while not stop.wait(0.5):
-                pass
-    return 0
+    if args.lose_pubacks:
+        proxy.lose_pubacks(args.lose_pubacks)
+    if args.swallow_pubacks:
+        proxy.swallow_pubacks(args.swallow_pubacks)
+    if args.cut_mid_publish:
+        proxy.cut_mid_publish(args.cut_mid_publish)
+    return serve(proxy)
 
 
 if __name__ == "__main__":

@@ -31,40 +31,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config.credentials import write_secret
 from gateway.contract.events import batch_payload, batch_prefix
-from tests.bench.pipeline import KEY, WINDOW, _gateway
+from tests.bench.pipeline import KEY, WINDOW, _gateway, run_until
 
 DEADLINE_S = 300.0  # a benchmark that cannot finish says so instead of hanging
 
 
 async def _fill(gw: Any, n: int) -> float:
-    task = asyncio.create_task(gw.run(install_signals=False))
-    await gw.ready.wait()
-    t0 = time.perf_counter()
-    while gw.metrics.get("events_buffered_total") < n:
-        await asyncio.sleep(0.05)
-    elapsed = time.perf_counter() - t0
-    gw.stop_event.set()
-    await task
-    return elapsed
+    return await run_until(gw, "events_buffered_total", n, poll_s=0.05, deadline_s=DEADLINE_S)
 
 
 async def _drain(gw: Any, n: int) -> float:
-    task = asyncio.create_task(gw.run(install_signals=False))
-    await gw.ready.wait()
-    t0 = time.perf_counter()
-    while gw.metrics.get("events_forwarded_total") < n:
-        if time.perf_counter() - t0 > DEADLINE_S:
-            gw.stop_event.set()
-            await task
-            raise RuntimeError(f"backlog not drained in {DEADLINE_S}s")
-        if task.done():
-            task.result()
-            raise RuntimeError("the gateway stopped before the backlog drained")
-        await asyncio.sleep(0.01)
-    elapsed = time.perf_counter() - t0
-    gw.stop_event.set()
-    await task
-    return elapsed
+    return await run_until(gw, "events_forwarded_total", n, poll_s=0.01, deadline_s=DEADLINE_S)
 
 
 def _reference_drain(db: Path, port: int) -> tuple[int, float]:

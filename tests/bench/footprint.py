@@ -32,11 +32,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.bench.memory import Sample, _without_sources, sample, summarise
+from tests.bench.memory import (
+    DAEMON,
+    SAMPLE_COLUMNS,
+    sample,
+    samples_table,
+    stop,
+    store_at_load,
+    summarise,
+)
 
 GOAL_BASE_MB = 60.0
 GOAL_CAMERA_MB = 300.0  # base + camera
@@ -46,7 +53,6 @@ PREFIX = "opt/touchpoint-gateway"
 NAME = "touchpoint-gateway"
 BUILD = Path(__file__).resolve().parents[2] / "systemd" / "debian" / "build.py"
 BOX_PYTHON = Path("/usr/bin/python3")  # Debian's, what the package's launcher runs on
-NOT_CAMERA = ("till-2-card", "entrance-ble", "till-2-printer", "bulk-cards")
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), "")
 
 
@@ -130,15 +136,6 @@ def packaged_daemon(tree: Path, python: str, work: Path) -> list[str]:
     return [python, "-I", str(moved)]
 
 
-def without_camera(config: str) -> str:
-    """The rig's config with its ``kind = "camera"`` source left out."""
-    head, *blocks = config.split("\n[[sources]]")
-    kept = [b for b in blocks if 'kind = "camera"' not in b]
-    if len(kept) != len(blocks) - 1:
-        raise ValueError("expected exactly one camera source in the rig's config")
-    return "\n[[sources]]".join([head, *kept])
-
-
 def start_to_ready(
     argv: list[str], config: Path, env: dict[str, str], work: Path
 ) -> tuple[float, float]:
@@ -160,12 +157,7 @@ def start_to_ready(
             elapsed = time.perf_counter() - t0
             return elapsed, sample(proc.pid, t0).cpu_s
         finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def bare_start(python: str, runs: int) -> float:
@@ -176,38 +168,6 @@ def bare_start(python: str, runs: int) -> float:
         subprocess.run([python, "-I", "-c", "pass"], check=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def run_sampled(
-    argv: list[str],
-    config: Path,
-    env: dict[str, str],
-    *,
-    seconds: float,
-    interval: float,
-    log: Path,
-) -> list[Sample]:
-    """Run the daemon for ``seconds``, sampling its footprint from /proc."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen([*argv, "run", "--config", str(config)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-        samples: list[Sample] = []
-        t0 = time.monotonic()
-        try:
-            while time.monotonic() - t0 < seconds:
-                if proc.poll() is not None:
-                    tail = log.read_text(encoding="utf-8", errors="replace")[-2000:]
-                    raise RuntimeError(f"the daemon exited with {proc.returncode}:\n{tail}")
-                samples.append(sample(proc.pid, t0))
-                time.sleep(interval)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    return samples
 
 
 def _sizes(arches: list[str], work: Path, python: str) -> tuple[dict[str, Any], Path | None]:
@@ -230,8 +190,6 @@ def _sizes(arches: list[str], work: Path, python: str) -> tuple[dict[str, Any], 
 
 
 def bench_footprint(quick: bool = False) -> dict[str, Any]:
-    from simulators.rig.store import RigLoad, StoreRig
-
     arches = [HOST_ARCH or "amd64"] if quick else ["amd64", "arm64"]
     seconds, interval = (12.0, 0.5) if quick else (60.0, 1.0)
     ref_seconds = 4.0 if quick else 15.0
@@ -245,31 +203,16 @@ def bench_footprint(quick: bool = False) -> dict[str, Any]:
             argv = packaged_daemon(tree, python, work)
             daemon = f"the {HOST_ARCH} package's launcher on {python} -I"
         else:
-            argv = [sys.executable, "-m", "gateway"]
+            argv = DAEMON
             daemon = "this checkout (the package could not be built)"
-        load = RigLoad(ble_speed=4.0, till_interval_s=1.0, synthetic_rate=rate,
-                       synthetic_cards=200)  # fmt: skip
-        with StoreRig(work / "rig", load) as rig:
-            rig.stop("camera")  # no camera source: its simulator would only take CPU
-            env = rig.env()
-            text = without_camera(rig.config_text())
-            cfg = work / "rig" / "gateway.toml"
-            cfg.write_text(text, encoding="utf-8")
-            ref_cfg = work / "reference.toml"
-            ref_cfg.write_text(_without_sources(text), encoding="utf-8")
-            ready = [start_to_ready(argv, cfg, env, work) for _ in range(starts)]
+        with store_at_load(work, quick, camera=False) as store:
+            env = store.rig.env()
+            ready = [start_to_ready(argv, store.config, env, work) for _ in range(starts)]
             bare = bare_start(python, starts)
-            ref = run_sampled(
-                argv, ref_cfg, env, seconds=ref_seconds, interval=interval, log=work / "ref.log"
+            run = store.sample(
+                argv, work, seconds=seconds, ref_seconds=ref_seconds, interval=interval
             )
-            before = len(rig.central_events())
-            samples = run_sampled(
-                argv, cfg, env, seconds=seconds, interval=interval, log=work / "gateway.log"
-            )
-            time.sleep(1.0)  # the last batches reach the central
-            events = rig.central_events()[before:]
-    by_source = Counter(str(e.get("source", "?")) for e in events)
-    ours, reference = summarise(samples), summarise(ref)
+    ours, reference = summarise(run.samples), summarise(run.reference)
     return {
         "benchmark": "footprint",
         "quick": quick,
@@ -287,17 +230,18 @@ def bench_footprint(quick: bool = False) -> dict[str, Any]:
         "cpu_percent": ours["cpu_percent"],
         "reference_rss_peak_mib": reference["rss_peak_mib"],
         "goal_rss_mib": GOAL_RSS_MIB,
-        "events_by_source": dict(sorted(by_source.items())),
-        "silent_sources": [s for s in NOT_CAMERA if by_source[s] == 0],
-        "camera_events": by_source["kiosk-cam"],
+        "load_s": run.load_s,
+        "events_by_source": dict(sorted(run.by_source.items())),
+        "silent_sources": run.silent,
+        "camera_events": run.by_source["kiosk-cam"],
         "start_to_ready_s": round(statistics.median(r for r, _ in ready), 3),
         "start_to_ready_max_s": round(max(r for r, _ in ready), 3),
         "start_to_ready_runs": [round(r, 3) for r, _ in ready],
         "start_to_ready_cpu_s": round(statistics.median(c for _, c in ready), 3),
         "reference_python_start_s": round(bare, 3),
         "goal_ready_s": GOAL_READY_S,
-        "samples": [[s.t, s.rss_mib, s.fds, s.threads, round(s.cpu_s, 2)] for s in samples],
-        "sample_columns": ["t_s", "rss_mib", "fds", "threads", "cpu_s"],
+        "samples": samples_table(run.samples),
+        "sample_columns": SAMPLE_COLUMNS,
     }
 
 

@@ -30,12 +30,16 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.bench.goals import emulated, judge, verdict
+
+if TYPE_CHECKING:
+    from simulators.rig.store import RigLoad, StoreRig
 
 GOAL_RSS_MIB = 100.0
 READY_LIMIT_S = 600.0  # exec to READY=1, however slow the box
@@ -71,7 +75,8 @@ def sample(pid: int, t0: float) -> Sample:
     )
 
 
-def _run_sampled(
+def run_sampled(
+    argv: list[str],
     config: Path,
     env: dict[str, str],
     seconds: float,
@@ -79,11 +84,11 @@ def _run_sampled(
     log: Path,
     *,
     at_load: Callable[[], bool] | None = None,
-) -> list[Sample]:
-    """Run ``touchpoint-gateway run --config`` until ``seconds`` after its READY=1 (and
-    ``at_load()`` true, when given); its samples from exec on.  The window counts from
-    there, not exec: on a slow box (a Pi, an emulated root) the start alone can take
-    longer than a quick run's window."""
+) -> tuple[list[Sample], float]:
+    """Run ``argv run --config`` until ``seconds`` after its READY=1 (and ``at_load()``
+    true, when given); its samples from exec on, and when (seconds from exec) the window
+    began.  The window counts from there, not exec: on a slow box (a Pi, an emulated
+    root) the start alone can take longer than a quick run's window."""
     notify = log.with_suffix(".notify")
     notify.unlink(missing_ok=True)
     with (
@@ -93,18 +98,20 @@ def _run_sampled(
         sock.bind(str(notify))
         sock.setblocking(False)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+            [*argv, "run", "--config", str(config)],
             env={**env, "NOTIFY_SOCKET": str(notify)}, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         samples: list[Sample] = []
         t0 = time.monotonic()
         end = t0 + READY_LIMIT_S  # until READY=1 comes (and the load is on)
         ready = loaded = False
+        load_t = 0.0
         try:
             while time.monotonic() < end:
                 ready = ready or _ready(sock)
                 if ready and not loaded and (at_load is None or at_load()):
-                    loaded, end = True, time.monotonic() + seconds
+                    now = time.monotonic()
+                    loaded, end, load_t = True, now + seconds, round(now - t0, 3)
                 if proc.poll() is not None:
                     tail = log.read_text(encoding="utf-8", errors="replace")[-2000:]
                     raise RuntimeError(
@@ -117,13 +124,18 @@ def _run_sampled(
                 what = "sent no READY=1" if not ready else "had not every source at load"
                 raise RuntimeError(f"the daemon {what} within {READY_LIMIT_S:.0f}s")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    return samples
+            stop(proc)
+    return samples, load_t
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL after 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _ready(sock: socket.socket) -> bool:
@@ -160,7 +172,7 @@ def summarise(samples: list[Sample], warmup_fraction: float = 1 / 3) -> dict[str
 
 # A busy store: the BLE scenario at 4x, the kiosk camera decoded at its full 30 fps, a
 # receipt every second, and bulk card reads from the synthetic source.
-def _load(quick: bool) -> Any:
+def busy_store(quick: bool) -> RigLoad:
     from simulators.rig.store import RigLoad
 
     return RigLoad(
@@ -172,6 +184,10 @@ def _load(quick: bool) -> Any:
     )
 
 
+SOURCES = ("till-2-card", "entrance-ble", "kiosk-cam", "till-2-printer", "bulk-cards")
+CAMERA_SOURCE = "kiosk-cam"
+
+
 def _without_sources(text: str) -> str:
     head, sep, _ = text.partition("\n[[sources]]")
     if not sep:
@@ -179,33 +195,100 @@ def _without_sources(text: str) -> str:
     return head + "\n"
 
 
-def bench_memory(quick: bool = False) -> dict[str, Any]:
+def without_camera(config: str) -> str:
+    """The rig's config with its ``kind = "camera"`` source left out."""
+    head, *blocks = config.split("\n[[sources]]")
+    kept = [b for b in blocks if 'kind = "camera"' not in b]
+    if len(kept) != len(blocks) - 1:
+        raise ValueError("expected exactly one camera source in the rig's config")
+    return "\n[[sources]]".join([head, *kept])
+
+
+@dataclass(frozen=True)
+class AtLoad:
+    """The store rig running a busy store, and the daemon's configs for it."""
+
+    rig: StoreRig
+    config: Path  # every source (but the camera, without it)
+    reference: Path  # the same config with no sources
+    sources: tuple[str, ...]  # the sources expected at the central
+
+    def sample(
+        self, argv: list[str], work: Path, *, seconds: float, ref_seconds: float, interval: float
+    ) -> LoadRun:
+        """The reference run, then the daemon sampled for ``seconds`` from when every
+        source has reached the central."""
+        env = self.rig.env()
+        ref, _ = run_sampled(
+            argv, self.reference, env, ref_seconds, interval, work / "reference.log"
+        )
+        before = len(self.rig.central_events())
+
+        def at_load() -> bool:  # every source has reached the central
+            sources = {e.get("source") for e in self.rig.central_events()[before:]}
+            return sources.issuperset(self.sources)
+
+        samples, load_t = run_sampled(
+            argv, self.config, env, seconds, interval, work / "gateway.log", at_load=at_load
+        )
+        time.sleep(1.0)  # the last batches reach the central
+        events = self.rig.central_events()[before:]
+        by_source = Counter(str(e.get("source", "?")) for e in events)
+        return LoadRun(samples, ref, load_t, by_source, self.sources)
+
+
+@dataclass(frozen=True)
+class LoadRun:
+    samples: list[Sample]
+    reference: list[Sample]
+    load_s: float  # exec to every source at the central
+    by_source: Counter[str]
+    sources: tuple[str, ...]
+
+    @property
+    def silent(self) -> list[str]:
+        return [s for s in self.sources if self.by_source[s] == 0]
+
+
+@contextmanager
+def store_at_load(work: Path, quick: bool, *, camera: bool = True) -> Iterator[AtLoad]:
+    """The whole simulated store at a busy store's rates (without its camera: the camera
+    simulator stopped and its source left out of the config)."""
     from simulators.rig.store import StoreRig
 
-    expected = ("till-2-card", "entrance-ble", "kiosk-cam", "till-2-printer", "bulk-cards")
+    with StoreRig(work / "rig", busy_store(quick)) as rig:
+        text = rig.config_text()
+        sources: tuple[str, ...] = SOURCES
+        if not camera:
+            rig.stop("camera")  # no camera source: its simulator would only take CPU
+            text = without_camera(text)
+            sources = tuple(s for s in SOURCES if s != CAMERA_SOURCE)
+        config = work / "rig" / "gateway.toml"
+        config.write_text(text, encoding="utf-8")
+        reference = work / "reference.toml"
+        reference.write_text(_without_sources(text), encoding="utf-8")
+        yield AtLoad(rig, config, reference, sources)
 
+
+def samples_table(samples: list[Sample]) -> list[list[float]]:
+    """``samples`` as rows of ``SAMPLE_COLUMNS``."""
+    return [[s.t, s.rss_mib, s.fds, s.threads, round(s.cpu_s, 2)] for s in samples]
+
+
+SAMPLE_COLUMNS = ["t_s", "rss_mib", "fds", "threads", "cpu_s"]
+DAEMON = [sys.executable, "-m", "gateway"]  # from this checkout
+
+
+def bench_memory(quick: bool = False) -> dict[str, Any]:
     seconds, interval = (12.0, 0.5) if quick else (90.0, 1.0)
     ref_seconds = 4.0 if quick else 15.0
     with tempfile.TemporaryDirectory(prefix="tp-bench-mem-") as d:
         work = Path(d)
-        with StoreRig(work / "rig", _load(quick)) as rig:
-            env = rig.env()
-            ref_cfg = work / "reference.toml"
-            ref_cfg.write_text(_without_sources(rig.config_text()), encoding="utf-8")
-            ref = _run_sampled(ref_cfg, env, ref_seconds, interval, work / "reference.log")
-            before = len(rig.central_events())
-            cfg = rig.write_config()
-
-            def at_load() -> bool:  # every source has reached the central
-                sources = {e.get("source") for e in rig.central_events()[before:]}
-                return sources.issuperset(expected)
-
-            log = work / "gateway.log"
-            samples = _run_sampled(cfg, env, seconds, interval, log, at_load=at_load)
-            time.sleep(1.0)  # the last batches reach the central
-            events = rig.central_events()[before:]
-    by_source = Counter(str(e.get("source", "?")) for e in events)
-    ours, reference = summarise(samples), summarise(ref)
+        with store_at_load(work, quick) as store:
+            run = store.sample(
+                DAEMON, work, seconds=seconds, ref_seconds=ref_seconds, interval=interval
+            )
+    ours, reference = summarise(run.samples), summarise(run.reference)
     return {
         "benchmark": "memory",
         "quick": quick,
@@ -222,14 +305,15 @@ def bench_memory(quick: bool = False) -> dict[str, Any]:
         "reference_fds_peak": reference["fds_peak"],
         "reference_threads_peak": reference["threads_peak"],
         "reference_cpu_percent": reference["cpu_percent"],
-        "events_by_source": dict(sorted(by_source.items())),
-        "silent_sources": [s for s in expected if by_source[s] == 0],
+        "load_s": run.load_s,
+        "events_by_source": dict(sorted(run.by_source.items())),
+        "silent_sources": run.silent,
         "goal_rss_mib": GOAL_RSS_MIB,
         "emulated": emulated(),
         "goal_met": judge(ours["rss_peak_mib"] <= GOAL_RSS_MIB),  # None when emulated
-        "samples": [[s.t, s.rss_mib, s.fds, s.threads, round(s.cpu_s, 2)] for s in samples],
-        "reference_samples": [[s.t, s.rss_mib, s.fds, s.threads, round(s.cpu_s, 2)] for s in ref],
-        "sample_columns": ["t_s", "rss_mib", "fds", "threads", "cpu_s"],
+        "samples": samples_table(run.samples),
+        "reference_samples": samples_table(run.reference),
+        "sample_columns": SAMPLE_COLUMNS,
     }
 
 

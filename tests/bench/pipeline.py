@@ -97,27 +97,42 @@ def _gateway(work: Path, port: int, n: int, rate: float | None) -> tuple[Gateway
     return gw, n
 
 
-async def _drive(gw: Gateway, n: int) -> float:
+async def run_until(
+    gw: Gateway,
+    metric: str,
+    n: int,
+    *,
+    poll_s: float,
+    deadline_s: float | None = None,
+    connected: bool = False,
+) -> float:
+    """Run the gateway until its counter ``metric`` reaches ``n`` (RuntimeError if the
+    gateway stops first, or ``deadline_s`` passes); the seconds from READY (and, with
+    ``connected``, the broker connection) to there.  The gateway is stopped after."""
     task = asyncio.create_task(gw.run(install_signals=False))
-    await gw.ready.wait()
-    assert gw.publisher is not None
-    await gw.publisher.wait_connected()
-    t0 = time.perf_counter()
-    while gw.metrics.get("events_forwarded_total") < n:
-        if task.done():
-            task.result()
-            raise RuntimeError("the gateway stopped early")
-        await asyncio.sleep(0.002)
-    elapsed = time.perf_counter() - t0
-    gw.stop_event.set()
-    await task
-    return elapsed
+    try:
+        await gw.ready.wait()
+        if connected:
+            assert gw.publisher is not None
+            await gw.publisher.wait_connected()
+        t0 = time.perf_counter()
+        while gw.metrics.get(metric) < n:
+            if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
+                raise RuntimeError(f"{metric} did not reach {n} in {deadline_s}s")
+            if task.done():
+                task.result()
+                raise RuntimeError("the gateway stopped early")
+            await asyncio.sleep(poll_s)
+        return time.perf_counter() - t0
+    finally:
+        gw.stop_event.set()
+        await task
 
 
 def run_ours(work: Path, port: int, n: int, rate: float | None = None) -> tuple[float, list[float]]:
     gw, n = _gateway(work, port, n, rate)
     gw.latencies = []
-    elapsed = asyncio.run(_drive(gw, n))
+    elapsed = asyncio.run(run_until(gw, "events_forwarded_total", n, poll_s=0.002, connected=True))
     return n / elapsed, gw.latencies
 
 

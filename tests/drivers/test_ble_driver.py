@@ -32,6 +32,7 @@ from simulators.devices.ble_scenario import (
     setup,
 )
 from simulators.devices.fake_bluez import DBusDaemon, FakeBlueZ
+from tests.waiting import until
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulators" / "scenarios"
 A = "k1:eP6urfab4yzJ9mpD9_RcmQ"  # iBeacon vector's contract pseudonym
@@ -111,12 +112,6 @@ class Collector:
         return [r for r in self.readings if r.type == kind and subject in (None, r.subject)]
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-
 def make(keyring: Keyring, **overrides: Any) -> tuple[BleSource, RecordingContext]:
     ctx = RecordingContext(name="entrance-ble", keyring=keyring, metrics=Metrics())
     source = build_source(config(**overrides), ctx)
@@ -137,17 +132,26 @@ async def hold(fake: FakeBlueZ, seconds: float, rssi: int = -62, adapter: str = 
         await asyncio.sleep(0.04)
 
 
-async def replay(
-    bus: DBusDaemon, source: BleSource, name: str, done: Callable[[Collector], bool]
-) -> Collector:
-    """Play scenario ``name`` on a fake BlueZ to ``source`` until ``done(got)`` holds."""
-    scenario = Scenario.load(SCENARIOS / f"{name}.toml")
+@contextlib.asynccontextmanager
+async def playing(
+    bus: DBusDaemon, source: BleSource, scenario: Scenario
+) -> AsyncIterator[tuple[FakeBlueZ, Collector]]:
+    """A fake BlueZ set up for ``scenario``, ``source`` collecting from it, and the
+    scenario played once the source scans hci0; the source stops on the way out."""
     async with fake_bluez(bus) as fake:
         setup(fake, scenario)
         async with Collector(source) as got:
             await until(lambda: fake.scanning("hci0"))
             await play(fake, scenario)
-            await until(lambda: done(got), timeout=3)
+            yield fake, got
+
+
+async def replay(
+    bus: DBusDaemon, source: BleSource, name: str, done: Callable[[Collector], bool]
+) -> Collector:
+    """Play scenario ``name`` on a fake BlueZ to ``source`` until ``done(got)`` holds."""
+    async with playing(bus, source, Scenario.load(SCENARIOS / f"{name}.toml")) as (_, got):
+        await until(lambda: done(got), timeout=3)
     return got
 
 
@@ -345,13 +349,9 @@ def test_burst_is_paced_and_survived(bus: DBusDaemon, keyring: Keyring) -> None:
     source, ctx = make(keyring, silence_s=3.0)
 
     async def main() -> None:
-        async with fake_bluez(bus) as fake:
-            setup(fake, scenario)
-            async with Collector(source) as got:
-                await until(lambda: fake.scanning("hci0"))
-                await play(fake, scenario)
-                await hold(fake, 0.2, rssi=-99)  # bleak's connection still delivers
-            assert [r.subject for r in got.readings] == [A]
+        async with playing(bus, source, scenario) as (fake, got):
+            await hold(fake, 0.2, rssi=-99)  # bleak's connection still delivers
+        assert [r.subject for r in got.readings] == [A]
 
     asyncio.run(main())
     assert ctx.metrics.by_label("ble_adverts_total", "result")["apple_other"] >= 1000
@@ -367,13 +367,9 @@ def test_logs_hold_no_beacon_id_or_address(
     source, _ = make(keyring, watchdog_s=0.5)
 
     async def main() -> None:
-        async with fake_bluez(bus) as fake:
-            setup(fake, scenario)
-            async with Collector(source):
-                await until(lambda: fake.scanning("hci0"))
-                await play(fake, scenario)
-                fake.remove_adapter("hci0")  # provoke the warning paths too
-                await asyncio.sleep(0.6)
+        async with playing(bus, source, scenario) as (fake, _):
+            fake.remove_adapter("hci0")  # provoke the warning paths too
+            await asyncio.sleep(0.6)
 
     asyncio.run(main())
     text = "\n".join(r.getMessage() for r in caplog.records).lower()

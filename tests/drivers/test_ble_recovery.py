@@ -15,7 +15,7 @@ import logging
 import pytest
 
 from gateway.identity.pseudonyms import Keyring
-from simulators.devices.ble_scenario import Scenario, play, setup
+from simulators.devices.ble_scenario import Scenario
 from simulators.devices.fake_bluez import DBusDaemon
 from tests.drivers.test_ble_driver import (
     B_PAYLOAD,
@@ -25,6 +25,7 @@ from tests.drivers.test_ble_driver import (
     fake_bluez,
     hold,
     make,
+    playing,
     until,
 )
 
@@ -37,14 +38,10 @@ def test_silent_bluez_restarts_the_scanner_then_resets_the_adapter(
     source, ctx = make(keyring, watchdog_s=1.0, silence_s=10.0)
 
     async def main() -> None:
-        async with fake_bluez(bus) as fake:
-            setup(fake, scenario)
-            async with Collector(source) as got:
-                await until(lambda: fake.scanning("hci0"))
-                await play(fake, scenario)
-                await hold(fake, 0.5)  # bluetoothd answers again: adverts flow
-                assert ctx.state["state"] == "ok"
-            assert [(r.type, r.subject) for r in got.readings] == [("presence.enter", B)]
+        async with playing(bus, source, scenario) as (fake, got):
+            await hold(fake, 0.5)  # bluetoothd answers again: adverts flow
+            assert ctx.state["state"] == "ok"
+        assert [(r.type, r.subject) for r in got.readings] == [("presence.enter", B)]
 
     asyncio.run(main())
     restarts = ctx.metrics.total("ble_watchdog_total", action="restart")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack, asynccontextmanager, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,25 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 20))
 
 
+@contextmanager
+def minting(
+    counters: CounterStore | Path | None, keyring: Keyring | None
+) -> Iterator[Minting | None]:
+    """The tap's minting (None without counters or keyring); a counter store given by its
+    path is opened here and closed on the way out."""
+    if counters is None or keyring is None:
+        yield None
+        return
+    with ExitStack() as stack:
+        if isinstance(counters, Path):
+            counters = stack.enter_context(closing(CounterStore(counters)))
+        yield Minting(keyring=keyring, store=STORE, counters=counters)
+
+
 @asynccontextmanager
 async def rig(
     inject: str = "off",
-    counters: CounterStore | None = None,
+    counters: CounterStore | Path | None = None,
     keyring: Keyring | None = None,
     printed: list[Printed] | None = None,
     metrics: Metrics | None = None,
@@ -63,12 +78,34 @@ async def rig(
             idle_timeout_s=idle_timeout_s,
             **over,
         )
-        minting = None
-        if counters is not None and keyring is not None:
-            minting = Minting(keyring=keyring, store=STORE, counters=counters)
         on_printed = printed.append if printed is not None else None
-        async with ReceiptTap(settings, minting, on_printed, metrics) as tap:
-            yield printer, tap
+        with minting(counters, keyring) as mint:
+            async with ReceiptTap(settings, mint, on_printed, metrics) as tap:
+                yield printer, tap
+
+
+def source_context(name: str, keyring: Keyring) -> SourceContext:
+    return SourceContext(
+        name=name, keyring=keyring, metrics=Metrics(), now=lambda: 1795000000.0, store=STORE
+    )
+
+
+@asynccontextmanager
+async def pumped(source: ReceiptTapSource) -> AsyncIterator[asyncio.Queue[Reading]]:
+    """The source's readings, put on a queue by a task that is cancelled on the way out."""
+    readings: asyncio.Queue[Reading] = asyncio.Queue()
+
+    async def pump() -> None:
+        async for reading in source.readings():
+            readings.put_nowait(reading)
+
+    task = asyncio.create_task(pump(), name="tap-pump")
+    try:
+        yield readings
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 def sha(data: bytes) -> str:
@@ -241,20 +278,16 @@ def test_native_injection_before_the_cut(
 ) -> None:
     async def scenario() -> None:
         printed: list[Printed] = []
-        counters = CounterStore(tmp_path / "counters.db")
-        try:
-            async with rig("native", counters, keyring, printed) as (printer, tap):
-                job = till.trap_logo() + till.receipt(qr_data=b"TILL-OWN-QR")
-                await till.send_job(
-                    "127.0.0.1",
-                    tap.port,
-                    job,
-                    rnd=random.Random(max_segment),
-                    max_segment=max_segment,
-                )
-                (got,) = await printer.wait_jobs(1)
-        finally:
-            counters.close()
+        async with rig("native", tmp_path / "counters.db", keyring, printed) as (printer, tap):
+            job = till.trap_logo() + till.receipt(qr_data=b"TILL-OWN-QR")
+            await till.send_job(
+                "127.0.0.1",
+                tap.port,
+                job,
+                rnd=random.Random(max_segment),
+                max_segment=max_segment,
+            )
+            (got,) = await printer.wait_jobs(1)
         block = split_injection(job, got)
         qrs = parse(got).qr
         assert qrs[0] == b"TILL-OWN-QR"
@@ -280,14 +313,10 @@ def decode_raster(block: bytes) -> list[str]:
 def test_raster_injection_decodes_as_a_receipt_token(tmp_path: Path, keyring: Keyring) -> None:
     async def scenario() -> None:
         printed: list[Printed] = []
-        counters = CounterStore(tmp_path / "counters.db")
-        try:
-            async with rig("raster", counters, keyring, printed) as (printer, tap):
-                job = till.receipt()
-                await till.send_job("127.0.0.1", tap.port, job, rnd=random.Random(3), max_segment=9)
-                (got,) = await printer.wait_jobs(1)
-        finally:
-            counters.close()
+        async with rig("raster", tmp_path / "counters.db", keyring, printed) as (printer, tap):
+            job = till.receipt()
+            await till.send_job("127.0.0.1", tap.port, job, rnd=random.Random(3), max_segment=9)
+            (got,) = await printer.wait_jobs(1)
         block = split_injection(job, got)
         assert parse(got).qr == []  # no native QR: the token is an image
         (text,) = decode_raster(block)
@@ -304,16 +333,12 @@ def test_counter_is_persisted_and_never_reused_across_restarts(
     printed: list[Printed] = []
 
     async def one_life(jobs: int) -> None:
-        counters = CounterStore(path)
-        try:
-            async with rig("native", counters, keyring, printed) as (printer, tap):
-                # two receipts (two cuts) in one job, then single ones
-                await till.send_job("127.0.0.1", tap.port, till.receipt() * 2)
-                for _ in range(jobs - 1):
-                    await till.send_job("127.0.0.1", tap.port, till.receipt())
-                await printer.wait_jobs(jobs)
-        finally:
-            counters.close()
+        async with rig("native", path, keyring, printed) as (printer, tap):
+            # two receipts (two cuts) in one job, then single ones
+            await till.send_job("127.0.0.1", tap.port, till.receipt() * 2)
+            for _ in range(jobs - 1):
+                await till.send_job("127.0.0.1", tap.port, till.receipt())
+            await printer.wait_jobs(jobs)
 
     run(lambda: one_life(2))
     run(lambda: one_life(3))
@@ -331,20 +356,16 @@ def test_counter_is_persisted_and_never_reused_across_restarts(
 def test_hostile_till_does_not_break_the_tap(tmp_path: Path, keyring: Keyring) -> None:
     async def scenario() -> None:
         printed: list[Printed] = []
-        counters = CounterStore(tmp_path / "counters.db")
-        try:
-            async with rig("native", counters, keyring, printed) as (printer, tap):
-                for seed in range(5):
-                    junk = till.hostile(seed)
-                    await till.send_job("127.0.0.1", tap.port, junk, rnd=random.Random(seed))
-                    # a truncated/garbage stream is forwarded whole (no cut, nothing injected)
-                    jobs = await printer.wait_jobs(seed + 1)
-                    assert jobs[-1] == junk
-                # and the tap still works for a normal receipt
-                await till.send_job("127.0.0.1", tap.port, till.receipt())
-                jobs = await printer.wait_jobs(6)
-        finally:
-            counters.close()
+        async with rig("native", tmp_path / "counters.db", keyring, printed) as (printer, tap):
+            for seed in range(5):
+                junk = till.hostile(seed)
+                await till.send_job("127.0.0.1", tap.port, junk, rnd=random.Random(seed))
+                # a truncated/garbage stream is forwarded whole (no cut, nothing injected)
+                jobs = await printer.wait_jobs(seed + 1)
+                assert jobs[-1] == junk
+            # and the tap still works for a normal receipt
+            await till.send_job("127.0.0.1", tap.port, till.receipt())
+            jobs = await printer.wait_jobs(6)
         assert len(printed) == 1
         assert parse(jobs[-1]).qr == [(PREFIX + printed[0].receipt).encode()]
 
@@ -392,32 +413,15 @@ def test_config_and_registry(tmp_path: Path) -> None:
 
 def test_source_yields_receipt_printed(tmp_path: Path, keyring: Keyring) -> None:
     async def scenario() -> None:
-        ctx = SourceContext(
-            name="till-2-printer",
-            keyring=keyring,
-            metrics=Metrics(),
-            now=lambda: 1795000000.0,
-            store=STORE,
-        )
+        ctx = source_context("till-2-printer", keyring)
         async with FakePrinter() as printer:
             source = ReceiptTapSource(tap_config(printer.port, tmp_path), ctx)
-            readings: asyncio.Queue[Reading] = asyncio.Queue()
-
-            async def pump() -> None:
-                async for reading in source.readings():
-                    readings.put_nowait(reading)
-
-            task = asyncio.create_task(pump(), name="tap-pump")
-            try:
+            async with pumped(source) as readings:
                 while not source.port:
                     await asyncio.sleep(0.005)
                 assert ctx.state["state"] == "ok"
                 await till.send_job("127.0.0.1", source.port, till.receipt(qr_data=b"OWN"))
                 reading = await readings.get()
-            finally:
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
         assert (reading.type, reading.source, reading.subject) == (
             "receipt.printed",
             "till-2-printer",
@@ -496,16 +500,15 @@ def test_injection_never_lands_inside_a_command(
 
     async def scenario() -> None:
         printed: list[Printed] = []
-        counters = CounterStore(tmp_path / "counters.db")
-        try:
-            async with rig("native", counters, keyring, printed, mint_burst=100) as (printer, tap):
-                await till.send_job(
-                    "127.0.0.1", tap.port, job, rnd=random.Random(max_segment),
-                    max_segment=max_segment,
-                )  # fmt: skip
-                (got,) = await printer.wait_jobs(1)
-        finally:
-            counters.close()
+        async with rig("native", tmp_path / "counters.db", keyring, printed, mint_burst=100) as (
+            printer,
+            tap,
+        ):
+            await till.send_job(
+                "127.0.0.1", tap.port, job, rnd=random.Random(max_segment),
+                max_segment=max_segment,
+            )  # fmt: skip
+            (got,) = await printer.wait_jobs(1)
         assert len(printed) == len(parse(job).cuts) == 12
         strip_injected(job, got, injected_blocks(printed))
 
@@ -547,14 +550,13 @@ def test_a_cut_after_an_unknown_command_gets_no_token(
     async def scenario() -> None:
         metrics = Metrics()
         printed: list[Printed] = []
-        counters = CounterStore(tmp_path / "counters.db")
-        try:
-            async with rig("native", counters, keyring, printed, metrics) as (printer, tap):
-                await till.send_job("127.0.0.1", tap.port, unsure + sure)
-                await till.send_job("127.0.0.1", tap.port, unsure)
-                got = await printer.wait_jobs(2)
-        finally:
-            counters.close()
+        async with rig("native", tmp_path / "counters.db", keyring, printed, metrics) as (
+            printer,
+            tap,
+        ):
+            await till.send_job("127.0.0.1", tap.port, unsure + sure)
+            await till.send_job("127.0.0.1", tap.port, unsure)
+            got = await printer.wait_jobs(2)
         assert len(printed) == 1
         assert got[1] == unsure
         head = unsure + b"\x1b@receipt 2\n"

@@ -33,7 +33,7 @@ from gateway.observe.metrics import Metrics
 from simulators.devices.serial_pty import SerialEnd
 from tests.drivers.test_receipt_tap import PREFIX, injected_blocks, rig, run, strip_injected
 from tests.drivers.test_receipt_tap_serial import rig as serial_rig
-from tests.drivers.test_receipt_tap_serial import wait_until
+from tests.waiting import until
 
 escpos_printer = pytest.importorskip("escpos.printer")
 
@@ -181,13 +181,9 @@ def test_python_escpos_network_passthrough_is_byte_exact() -> None:
 def test_python_escpos_network_one_token_before_each_cut(tmp_path: Path, keyring: Keyring) -> None:
     async def scenario() -> None:
         printed: list[Printed] = []
-        counters = CounterStore(tmp_path / "counters.db")
-        try:
-            async with rig("native", counters, keyring, printed) as (printer, tap):
-                sent, answers = await asyncio.to_thread(print_over_tcp, tap.port)
-                got = await printer.wait_jobs(len(RECEIPTS))
-        finally:
-            counters.close()
+        async with rig("native", tmp_path / "counters.db", keyring, printed) as (printer, tap):
+            sent, answers = await asyncio.to_thread(print_over_tcp, tap.port)
+            got = await printer.wait_jobs(len(RECEIPTS))
         assert answers == [(True, 2)] * len(RECEIPTS)
         check_injected(sent, got, printed, keyring)
 
@@ -252,7 +248,7 @@ def test_python_escpos_serial_through_the_serial_tap(
                 total = sum(map(len, sent)) + (
                     0 if inject == "off" else sum(map(len, injected_blocks(r.printed)))
                 )
-                await wait_until(lambda: len(r.printer.received) >= total)
+                await until(lambda: len(r.printer.received) >= total)
                 got = bytes(r.printer.received)
                 printed = list(r.printed)
                 metrics = r.metrics

@@ -70,19 +70,20 @@ def test_a_till_not_on_the_allow_list_is_refused_before_the_printer(
     async def scenario() -> None:
         metrics = Metrics()
         printed: list[Printed] = []
-        counters = CounterStore(tmp_path / "counters.db")
-        try:
-            async with rig(
-                "native", counters, keyring, printed, metrics, till_allow=("192.0.2.0/28",)
-            ) as (printer, tap):
-                job = (till.text("x") + till.cut()) * 50
-                with contextlib.suppress(ConnectionError):  # closed at once, never relayed
-                    await till.send_job("127.0.0.1", tap.port, job, max_segment=64)
-                await till_closed(tap.port)
-                assert printer.connections == 0
-                assert printer.jobs == []
-        finally:
-            counters.close()
+        async with rig(
+            "native",
+            tmp_path / "counters.db",
+            keyring,
+            printed,
+            metrics,
+            till_allow=("192.0.2.0/28",),
+        ) as (printer, tap):
+            job = (till.text("x") + till.cut()) * 50
+            with contextlib.suppress(ConnectionError):  # closed at once, never relayed
+                await till.send_job("127.0.0.1", tap.port, job, max_segment=64)
+            await till_closed(tap.port)
+            assert printer.connections == 0
+            assert printer.jobs == []
         assert printed == []
         assert refused(metrics, "address") == 2
         assert metrics.get("receipt_tap_jobs_total", source=SOURCE) == 0
@@ -104,15 +105,11 @@ def test_an_allowed_till_prints_as_before(tmp_path: Path, keyring: Keyring) -> N
     async def scenario() -> None:
         metrics = Metrics()
         printed: list[Printed] = []
-        counters = CounterStore(tmp_path / "counters.db")
-        try:
-            async with rig(
-                "native", counters, keyring, printed, metrics, till_allow=("127.0.0.1",)
-            ) as (printer, tap):
-                await till.send_job("127.0.0.1", tap.port, till.receipt())
-                (job,) = await printer.wait_jobs(1)
-        finally:
-            counters.close()
+        async with rig(
+            "native", tmp_path / "counters.db", keyring, printed, metrics, till_allow=("127.0.0.1",)
+        ) as (printer, tap):
+            await till.send_job("127.0.0.1", tap.port, till.receipt())
+            (job,) = await printer.wait_jobs(1)
         assert len(printed) == 1
         assert parse(job).qr[-1] == (PREFIX + printed[0].receipt).encode()
         assert refused(metrics, "address") == 0

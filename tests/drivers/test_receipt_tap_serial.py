@@ -10,7 +10,6 @@ its name.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import random
 import re
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from drivers.receipt_tap.base import Minting, Printed
+from drivers.receipt_tap.base import Printed
 from drivers.receipt_tap.counter import CounterStore
 from drivers.receipt_tap.escpos import parse
 from drivers.receipt_tap.serial_line import SerialLine, SerialReceiptTap, SerialTapSettings
@@ -34,29 +33,27 @@ from gateway.config.sources import ReceiptTapSourceConfig
 from gateway.identity.pseudonyms import Keyring
 from gateway.identity.tokens import verify_receipt_token
 from gateway.observe.metrics import Metrics
-from gateway.ports import Reading, SourceContext
 from simulators.devices import till
 from simulators.devices.printer import PAPER_OUT, SerialPrinter
 from simulators.devices.serial_pty import SerialEnd
-from tests.drivers.test_receipt_tap import decode_raster, some_job, split_injection
+from tests.drivers.test_receipt_tap import (
+    PREFIX,
+    STORE,
+    decode_raster,
+    minting,
+    pumped,
+    sha,
+    some_job,
+    source_context,
+    split_injection,
+)
+from tests.waiting import until
 
-PREFIX = "HTTPS://R.EXAMPLE.COM/R/"
-STORE = "nl-ams-001"
 SOURCE = "receipt-tap"
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 30))
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @dataclass
@@ -85,7 +82,7 @@ async def rig(
     *,
     inject: str = "off",
     keyring: Keyring | None = None,
-    counters: CounterStore | None = None,
+    counters: CounterStore | Path | None = None,
     line: SerialLine | None = None,
     idle_timeout_s: float = 10.0,
 ) -> AsyncIterator[Rig]:
@@ -105,18 +102,19 @@ async def rig(
         reopen_min_s=0.02,
         reopen_max_s=0.1,
     )
-    minting = None
-    if counters is not None and keyring is not None:
-        minting = Minting(keyring=keyring, store=STORE, counters=counters)
     states: list[tuple[str, str]] = []
-    with SerialEnd.pty(till_link) as till_end, SerialEnd.pty(printer_link) as printer_end:
+    with (
+        minting(counters, keyring) as mint,
+        SerialEnd.pty(till_link) as till_end,
+        SerialEnd.pty(printer_link) as printer_end,
+    ):
         async with SerialPrinter(printer_end) as printer:
             tap = SerialReceiptTap(
-                settings, minting, printed.append, metrics, SOURCE,
+                settings, mint, printed.append, metrics, SOURCE,
                 on_state=lambda state, detail: states.append((state, detail)),
             )  # fmt: skip
             async with tap:
-                await wait_until(lambda: tap.till.is_open and tap.printer.is_open)
+                await until(lambda: tap.till.is_open and tap.printer.is_open)
                 yield Rig(till_end, printer, tap, metrics, printed, states)
 
 
@@ -168,19 +166,17 @@ def test_native_injection_before_the_cut(
     tmp_path: Path, keyring: Keyring, max_segment: int
 ) -> None:
     async def scenario() -> None:
-        counters = CounterStore(tmp_path / "counters.db")
-        try:
-            async with rig(tmp_path, inject="native", keyring=keyring, counters=counters) as r:
-                job = till.trap_logo() + till.receipt(qr_data=b"TILL-OWN-QR")
-                await till.send_serial_job(
-                    r.till, job, rnd=random.Random(max_segment), max_segment=max_segment
-                )
-                await wait_until(lambda: len(r.printed) == 1)
-                await wait_until(lambda: bytes(r.printer.received).endswith(till.cut()))
-                got = bytes(r.printer.received)
-                printed = r.printed
-        finally:
-            counters.close()
+        async with rig(
+            tmp_path, inject="native", keyring=keyring, counters=tmp_path / "counters.db"
+        ) as r:
+            job = till.trap_logo() + till.receipt(qr_data=b"TILL-OWN-QR")
+            await till.send_serial_job(
+                r.till, job, rnd=random.Random(max_segment), max_segment=max_segment
+            )
+            await until(lambda: len(r.printed) == 1)
+            await until(lambda: bytes(r.printer.received).endswith(till.cut()))
+            got = bytes(r.printer.received)
+            printed = r.printed
         block = split_injection(job, got)
         qrs = parse(got).qr
         assert qrs == [b"TILL-OWN-QR", (PREFIX + printed[0].receipt).encode()]
@@ -198,18 +194,14 @@ def test_raster_injection_and_the_counter_across_restarts(tmp_path: Path, keyrin
     outputs: list[bytes] = []
 
     async def one_life(receipts: int) -> None:
-        counters = CounterStore(path)
-        try:
-            async with rig(tmp_path, inject="raster", keyring=keyring, counters=counters) as r:
-                job = till.receipt() * receipts  # one stream, a job per cut
-                await till.send_serial_job(r.till, job, rnd=random.Random(3), max_segment=50)
-                await wait_until(lambda: len(r.printed) == receipts)
-                await wait_until(lambda: bytes(r.printer.received).endswith(till.cut()))
-                printed.extend(r.printed)
-                outputs.append(bytes(r.printer.received))
-                assert r.count("receipt_tap_jobs_total") == receipts
-        finally:
-            counters.close()
+        async with rig(tmp_path, inject="raster", keyring=keyring, counters=path) as r:
+            job = till.receipt() * receipts  # one stream, a job per cut
+            await till.send_serial_job(r.till, job, rnd=random.Random(3), max_segment=50)
+            await until(lambda: len(r.printed) == receipts)
+            await until(lambda: bytes(r.printer.received).endswith(till.cut()))
+            printed.extend(r.printed)
+            outputs.append(bytes(r.printer.received))
+            assert r.count("receipt_tap_jobs_total") == receipts
 
     run(lambda: one_life(2))
     run(lambda: one_life(1))
@@ -283,21 +275,21 @@ def test_printer_unplugged_and_replugged(tmp_path: Path) -> None:
             await till.send_serial_job(r.till, first)
             await r.printer.wait_bytes(len(first))
             r.printer.end.unplug()
-            await wait_until(lambda: not r.tap.printer.is_open)
-            await wait_until(lambda: r.states[-1][0] == "absent")
+            await until(lambda: not r.tap.printer.is_open)
+            await until(lambda: r.states[-1][0] == "absent")
             assert "printer port" in r.states[-1][1]
             assert str(tmp_path / "printer") in r.states[-1][1]
             # the till goes on: its bytes are parsed and dropped, its query unanswered
             lost = till.receipt(seed=2)
             await till.send_serial_job(r.till, lost)
-            await wait_until(lambda: r.count("receipt_tap_bytes_dropped_total") == len(lost))
+            await until(lambda: r.count("receipt_tap_bytes_dropped_total") == len(lost))
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.3):
                     await till.send_serial_job(r.till, b"", query_status=True)
             assert r.tap.till.is_open
             r.printer.end.open()
             r.printer.received.clear()
-            await wait_until(lambda: r.tap.printer.is_open)
+            await until(lambda: r.tap.printer.is_open)
             assert r.states[-1][0] == "ok"
             second = till.receipt(seed=3)
             await till.send_serial_job(r.till, till.status_query(1) + second)
@@ -314,13 +306,13 @@ def test_till_unplugged_and_replugged(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with rig(tmp_path) as r:
             r.till.unplug()
-            await wait_until(lambda: not r.tap.till.is_open)
-            await wait_until(lambda: r.states[-1][0] == "absent")
+            await until(lambda: not r.tap.till.is_open)
+            await until(lambda: r.states[-1][0] == "absent")
             assert "till port" in r.states[-1][1]
             await asyncio.sleep(0.2)  # a few failed reopens: no crash, still retrying
             assert r.tap.printer.is_open
             r.till.open()
-            await wait_until(lambda: r.tap.till.is_open)
+            await until(lambda: r.tap.till.is_open)
             assert r.states[-1][0] == "ok"
             job = till.receipt(qr_data=b"AFTER-REPLUG")
             await till.send_serial_job(r.till, job, rnd=random.Random(5), max_segment=40)
@@ -334,24 +326,24 @@ def test_a_stream_left_inside_a_command_starts_afresh_after_silence(
     tmp_path: Path, keyring: Keyring
 ) -> None:
     async def scenario() -> None:
-        counters = CounterStore(tmp_path / "counters.db")
-        try:
-            async with rig(
-                tmp_path, inject="native", keyring=keyring, counters=counters, idle_timeout_s=0.2
-            ) as r:
-                junk = till.hostile(0)  # ends inside a command that declares 65532 bytes
-                await till.send_serial_job(r.till, junk, rnd=random.Random(0))
-                await r.printer.wait_bytes(len(junk))
-                await wait_until(lambda: r.count("receipt_tap_idle_closed_total") == 1)
-                assert bytes(r.printer.received) == junk  # forwarded whole, nothing injected
-                job = till.receipt()
-                await till.send_serial_job(r.till, job)
-                await wait_until(lambda: len(r.printed) == 1)
-                await wait_until(lambda: bytes(r.printer.received).endswith(till.cut()))
-                block = split_injection(job, bytes(r.printer.received)[len(junk) :])
-                assert parse(block).qr == [(PREFIX + r.printed[0].receipt).encode()]
-        finally:
-            counters.close()
+        async with rig(
+            tmp_path,
+            inject="native",
+            keyring=keyring,
+            counters=tmp_path / "counters.db",
+            idle_timeout_s=0.2,
+        ) as r:
+            junk = till.hostile(0)  # ends inside a command that declares 65532 bytes
+            await till.send_serial_job(r.till, junk, rnd=random.Random(0))
+            await r.printer.wait_bytes(len(junk))
+            await until(lambda: r.count("receipt_tap_idle_closed_total") == 1)
+            assert bytes(r.printer.received) == junk  # forwarded whole, nothing injected
+            job = till.receipt()
+            await till.send_serial_job(r.till, job)
+            await until(lambda: len(r.printed) == 1)
+            await until(lambda: bytes(r.printer.received).endswith(till.cut()))
+            block = split_injection(job, bytes(r.printer.received)[len(junk) :])
+            assert parse(block).qr == [(PREFIX + r.printed[0].receipt).encode()]
 
     run(scenario)
 
@@ -411,36 +403,19 @@ def test_existing_tcp_configs_are_unchanged(tmp_path: Path) -> None:
 
 def test_source_on_a_serial_line_yields_receipt_printed(tmp_path: Path, keyring: Keyring) -> None:
     async def scenario() -> None:
-        ctx = SourceContext(
-            name="till-3-printer",
-            keyring=keyring,
-            metrics=Metrics(),
-            now=lambda: 1795000000.0,
-            store=STORE,
-        )
+        ctx = source_context("till-3-printer", keyring)
         source = ReceiptTapSource(serial_config(tmp_path), ctx)
-        readings: asyncio.Queue[Reading] = asyncio.Queue()
-
-        async def pump() -> None:
-            async for reading in source.readings():
-                readings.put_nowait(reading)
-
-        task = asyncio.create_task(pump(), name="tap-pump")
-        try:
-            await wait_until(lambda: ctx.state.get("state") == "absent")  # nothing plugged
+        async with pumped(source) as readings:
+            await until(lambda: ctx.state.get("state") == "absent")  # nothing plugged
             with (
                 SerialEnd.pty(tmp_path / "till") as till_end,
                 SerialEnd.pty(tmp_path / "printer") as printer_end,
             ):
                 async with SerialPrinter(printer_end) as printer:
-                    await wait_until(lambda: ctx.state.get("state") == "ok")
+                    await until(lambda: ctx.state.get("state") == "ok")
                     await till.send_serial_job(till_end, till.receipt(qr_data=b"OWN"))
                     reading = await readings.get()
-                    await wait_until(lambda: bytes(printer.received).endswith(till.cut()))
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+                    await until(lambda: bytes(printer.received).endswith(till.cut()))
         assert (reading.type, reading.source, reading.subject) == (
             "receipt.printed",
             "till-3-printer",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from gateway.identity.pseudonyms import Keyring
 from gateway.observe.metrics import Metrics
 from gateway.ports import Reading, Source, SourceContext
 from simulators.devices.card_reader import CardReaderSim, bad_frame, rdm6300_frame, track2
+from tests.waiting import until
 
 T0 = 1_795_000_000.0
 VECTOR_TAG = "13005D1DA5"
@@ -68,12 +69,6 @@ def make_source(
     assert isinstance(source, SerialCardSource)
     assert isinstance(source, Source)
     return source, ctx, clock
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @asynccontextmanager
@@ -125,7 +120,7 @@ def test_a_tap_becomes_a_reading_with_the_contract_pseudonym(
         with CardReaderSim() as sim:
             source, ctx, _ = make_source(keyring, sim.path)
             async with running(source) as queue:
-                await wait_until(lambda: state(ctx) == "ok")
+                await until(lambda: state(ctx) == "ok", timeout=3.0)
                 sim.write_frame(VECTOR_TAG.lower())
                 reading = await next_reading(queue)
         assert reading == Reading(
@@ -144,14 +139,17 @@ def test_a_held_card_is_one_read_while_it_keeps_repeating(keyring: Keyring) -> N
         with CardReaderSim() as sim:
             source, ctx, clock = make_source(keyring, sim.path, debounce_s=1.0)
             async with running(source) as queue:
-                await wait_until(lambda: state(ctx) == "ok")
+                await until(lambda: state(ctx) == "ok", timeout=3.0)
                 sim.write_frame(VECTOR_TAG)
                 first = await next_reading(queue)
                 for i in range(1, 6):  # held for 3 s, repeating every 0.6 s: the window slides
                     clock.t += 0.6
                     sim.write_frame(VECTOR_TAG)
-                    await wait_until(
-                        lambda n=i: ctx.metrics.get("card_repeats_total", source="till-2-card") == n
+                    await until(
+                        lambda n=i: (
+                            ctx.metrics.get("card_repeats_total", source="till-2-card") == n
+                        ),
+                        timeout=3.0,
                     )
                 sim.write_frame(OTHER_TAG)  # another card in the meantime is its own read
                 other = await next_reading(queue)
@@ -175,7 +173,7 @@ def test_junk_and_bad_frames_are_counted_and_good_frames_behind_them_arrive(
         with CardReaderSim() as sim:
             source, ctx, _ = make_source(keyring, sim.path)
             async with running(source) as queue:
-                await wait_until(lambda: state(ctx) == "ok")
+                await until(lambda: state(ctx) == "ok", timeout=3.0)
                 sim.write(
                     b"\x00\xffnoise"
                     + bad_frame(VECTOR_TAG, "rdm6300")
@@ -213,7 +211,7 @@ def test_scanner_and_magstripe_readers(
         with CardReaderSim() as sim:
             source, ctx, _ = make_source(keyring, sim.path, protocol=protocol)
             async with running(source) as queue:
-                await wait_until(lambda: state(ctx) == "ok")
+                await until(lambda: state(ctx) == "ok", timeout=3.0)
                 sim.write(bad_frame("4006381333931", protocol) + frame)
                 reading = await next_reading(queue)
         assert reading.subject == pseudonym(vectors, namespace, canonical)
@@ -231,9 +229,9 @@ def test_an_unterminated_line_is_dropped_when_the_line_goes_idle(
         with CardReaderSim() as sim:
             source, ctx, _ = make_source(keyring, sim.path, protocol="scanner")
             async with running(source) as queue:
-                await wait_until(lambda: state(ctx) == "ok")
+                await until(lambda: state(ctx) == "ok", timeout=3.0)
                 sim.write(b"]C1999")  # the line end was lost
-                await wait_until(lambda: rejected(ctx) == {"partial": 1})
+                await until(lambda: rejected(ctx) == {"partial": 1}, timeout=3.0)
                 sim.write(b"]C12600123456789\r\n")
                 reading = await next_reading(queue)
         assert reading.subject == pseudonym(vectors, "loyalty", "2600123456789")
@@ -251,18 +249,18 @@ def test_unplug_and_replug_through_the_symlink_is_survived(
         with CardReaderSim(link=link) as sim:
             source, ctx, clock = make_source(keyring, link)
             async with running(source) as queue:
-                await wait_until(lambda: state(ctx) == "ok")
+                await until(lambda: state(ctx) == "ok", timeout=3.0)
                 sim.write_frame(VECTOR_TAG)
                 before = await next_reading(queue)
                 sim.write(rdm6300_frame(OTHER_TAG)[:5])  # a frame cut off by the unplug
                 await asyncio.sleep(0.05)
                 sim.unplug()
-                await wait_until(lambda: state(ctx) == "absent")
+                await until(lambda: state(ctx) == "absent", timeout=3.0)
                 assert not link.exists()
                 await asyncio.sleep(0.4)  # several reopen attempts fail meanwhile
                 assert state(ctx) in ("absent", "connecting")
                 sim.open()
-                await wait_until(lambda: state(ctx) == "ok")
+                await until(lambda: state(ctx) == "ok", timeout=3.0)
                 clock.t += 5
                 sim.write_frame(VECTOR_TAG)
                 after = await next_reading(queue)
@@ -285,10 +283,10 @@ def test_a_device_absent_at_start_is_waited_for(keyring: Keyring, tmp_path: Path
     async def scenario() -> None:
         source, ctx, _ = make_source(keyring, link)
         async with running(source) as queue:
-            await wait_until(lambda: state(ctx) == "absent")
+            await until(lambda: state(ctx) == "absent", timeout=3.0)
             assert "No such file" in ctx.state["detail"]
             with CardReaderSim(link=link) as sim:
-                await wait_until(lambda: state(ctx) == "ok")
+                await until(lambda: state(ctx) == "ok", timeout=3.0)
                 sim.write_frame(VECTOR_TAG)
                 await next_reading(queue)
 
@@ -300,7 +298,7 @@ def test_the_port_is_released_when_the_source_is_cancelled(keyring: Keyring) -> 
         with CardReaderSim() as sim:
             source, ctx, _ = make_source(keyring, sim.path)
             async with running(source):
-                await wait_until(lambda: state(ctx) == "ok")
+                await until(lambda: state(ctx) == "ok", timeout=3.0)
                 with pytest.raises(serial.SerialException):
                     serial.Serial(sim.path, timeout=0, exclusive=True)
             port = serial.Serial(sim.path, timeout=0, exclusive=True)

@@ -50,6 +50,7 @@ from simulators.devices.ble_scenario import encode_eddystone_uid
 from simulators.devices.camera import Look, public_key_b64, sign_app_token
 from simulators.devices.printer import FakePrinter, SerialPrinter
 from simulators.devices.serial_pty import SerialEnd
+from tests.waiting import until
 
 pytestmark = pytest.mark.slow
 
@@ -397,12 +398,6 @@ class Pump:
         except TimeoutError:
             pytest.fail(f"{impl}: readings() still running {CANCEL_S} s after cancel")
         return time.monotonic() - begun
-
-
-async def until(cond: Callable[[], bool], timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
 
 
 def state(ctx: SourceContext) -> str:

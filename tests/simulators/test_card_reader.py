@@ -205,16 +205,3 @@ def test_cli_prints_the_pty_path_first_and_plays(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=5)
     assert proc.returncode == 0, err
     assert not link.exists()
-
-
-def test_cli_has_help() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "simulators.devices.card_reader", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "--link" in out
-    assert "--rate-scale" in out
-    assert "scenario" in out

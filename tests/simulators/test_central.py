@@ -307,18 +307,6 @@ def test_cli_runs_until_sigterm_and_leaves_its_stats(
     assert [line["seq"] for line in lines(out)] == [1, 2]
 
 
-def test_cli_help_describes_every_option() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "simulators.central.service", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    for option in ("--mqtt-host", "--mqtt-port", "--out", "--stats", "--store"):
-        assert option in result.stdout
-
-
 # -- the compiled validator against jsonschema ---------------------------------------------
 #
 # The central decides with fastjsonschema-compiled code (specialised per event type, $refs

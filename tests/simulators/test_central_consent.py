@@ -27,6 +27,7 @@ from simulators.central.contract_schemas import contract_schemas
 from simulators.central.service import Central
 from simulators.infra.broker import Mosquitto
 from tests.gateway.consent_helpers import STORE, Clock, Rig, card
+from tests.waiting import until
 
 A, B, C = "k1:" + "A" * 22, "k1:" + "B" * 22, "k1:" + "C" * 22
 URL = "/v1/stores/" + STORE + "/consent"
@@ -142,14 +143,7 @@ def test_push_reaches_the_gateway_through_the_real_publisher(
         central.start()
         rig = Rig(tmp_path / "b.db", Clock())
         await rig.open()
-        pub = PahoPublisher(
-            MqttConfig(host="127.0.0.1", port=broker.port),
-            client_id="gw-test",
-            will_topic=f"touchpoint/v1/{STORE}/gw-01/status",
-            will_payload=b"{}",
-            metrics=rig.metrics,
-        )
-        pub.subscribe(f"touchpoint/v1/{STORE}/consent", rig.updater.on_push)
+        pub = consent_publisher(broker.port, "gw-test", rig)
         try:
             await pub.start()
             await asyncio.wait_for(pub.wait_connected(), 10)
@@ -157,11 +151,11 @@ def test_push_reaches_the_gateway_through_the_real_publisher(
             assert central.wait_subscribed(10)
             api.grant(STORE, A, ["linking"], push=True)
             api.grant(STORE, B, ["linking"])  # not pushed: only the poll brings it
-            await until(lambda: A in rig.registry.records)
+            await until(lambda: A in rig.registry.records, timeout=10.0)
             assert B not in rig.registry.records
             assert rig.accept(card(A, rig.clock()))
             api.withdraw(STORE, A, push=True)
-            await until(lambda: A in rig.registry.withdrawn)
+            await until(lambda: A in rig.registry.withdrawn, timeout=10.0)
             await rig.updater.drain()
             assert rig.events() == []
             assert central.stats()["consent_pushes"] == 2
@@ -173,12 +167,17 @@ def test_push_reaches_the_gateway_through_the_real_publisher(
     asyncio.run(run())
 
 
-async def until(cond: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        await asyncio.sleep(0.01)
+def consent_publisher(port: int, client_id: str, rig: Rig) -> PahoPublisher:
+    """The gateway's real publisher to the broker on ``port``, consent pushes to ``rig``."""
+    pub = PahoPublisher(
+        MqttConfig(host="127.0.0.1", port=port),
+        client_id=client_id,
+        will_topic=f"touchpoint/v1/{STORE}/gw-01/status",
+        will_payload=b"{}",
+        metrics=rig.metrics,
+    )
+    pub.subscribe(f"touchpoint/v1/{STORE}/consent", rig.updater.on_push)
+    return pub
 
 
 @pytest.mark.slow
@@ -201,14 +200,7 @@ def test_long_mixed_scenario_nothing_unconsented_reaches_the_central(
         token.write_text("t0k", encoding="utf-8")
         rig = Rig(tmp_path / "b.db", clock, policy_name="hold", hold_ttl_s=20)
         await rig.open()
-        pub = PahoPublisher(
-            MqttConfig(host="127.0.0.1", port=broker.port),
-            client_id="gw-mixed",
-            will_topic=f"touchpoint/v1/{STORE}/gw-01/status",
-            will_payload=b"{}",
-            metrics=rig.metrics,
-        )
-        pub.subscribe(f"touchpoint/v1/{STORE}/consent", rig.updater.on_push)
+        pub = consent_publisher(broker.port, "gw-mixed", rig)
         await pub.start()
         fwd = Forwarder(
             rig.outbox,

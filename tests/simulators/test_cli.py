@@ -40,6 +40,7 @@ LIBRARIES = {
     "simulators.devices.fake_bluez",  # run by ble_scenario, which prints its bus address
     "simulators.devices.serial_pty",
     "simulators.rig.store",  # run by the demo
+    "simulators.infra.service",  # the with-block and the python -m loop of broker, netproxy
     "simulators.deps",
     "simulators.harness",  # the async simulators on a thread, for the plugin
     "simulators.pytest_plugin",
@@ -78,11 +79,20 @@ def _source(module: str) -> str:
     return (ROOT / Path(*module.split("."))).with_suffix(".py").read_text(encoding="utf-8")
 
 
+# what some helps must name besides
+NAMED = {
+    "simulators.devices.card_reader": ("--link", "--rate-scale", "scenario"),
+    "simulators.central.service": ("--mqtt-host", "--mqtt-port", "--out", "--stats", "--store"),
+}
+
+
 @pytest.mark.parametrize("module", CLIS)
 def test_help(module: str) -> None:
     done = run(module, "--help")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: python -m {module}"), done.stdout
+    for word in NAMED.get(module, ()):
+        assert word in done.stdout, word
     # a description beyond the usage line, and help for each option
     assert len(done.stdout.splitlines()) > 4
     for option in re.findall(r"^  (--[a-z-]+)", done.stdout, flags=re.MULTILINE):

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -35,21 +34,9 @@ from simulators.devices.till import receipt
 from simulators.harness import BlueZOnThread, TillPrinter
 from simulators.infra.broker import Mosquitto
 from simulators.infra.netproxy import NetProxy
+from tests.simulators.test_central import DEVICE, STORE, STREAM, footfall
 
 ROOT = Path(__file__).resolve().parents[2]
-STORE, DEVICE, STREAM = "nl-ams-001", "gw-01", "00112233aabbccdd"
-
-
-def footfall(seq: int) -> dict[str, Any]:
-    return {
-        "seq": seq,
-        "type": "footfall",
-        "ts": "2026-11-22T10:15:00Z",
-        "source": "door-cam",
-        "purposes": [],
-        "attrs": {"zone": "entrance", "window_start": "2026-11-22T10:00:00Z",
-                  "window_s": 900, "count": 5},
-    }  # fmt: skip
 
 
 def test_the_plugin_defines_each_fixture_once(request: pytest.FixtureRequest) -> None:

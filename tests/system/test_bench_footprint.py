@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from simulators.rig.store import StoreRig
-from tests.bench.footprint import HOST_ARCH, without_camera
+from tests.bench.footprint import HOST_ARCH
 from tests.bench.headline import headline_rows
+from tests.bench.memory import without_camera
 
 
 def test_the_store_config_without_the_camera_keeps_every_other_source(tmp_path: Path) -> None:
@@ -97,8 +98,10 @@ def test_quick_report_has_sizes_rss_and_ready_beside_goals(tmp_path: Path) -> No
     assert 10 < rss["ours"] == f["rss_peak_mib"]
     assert 10 < rss["reference"] == f["reference_rss_peak_mib"]
     assert rss["goal"] == "≤ 64 MiB" and rss["met"] == (rss["ours"] <= 64)
-    # every source but the camera really ran while RSS was sampled
+    # every source but the camera really ran while RSS was sampled, and the window began
+    # once each had reached the central (as bench memory's), not at exec
     assert f["silent_sources"] == [], f["events_by_source"]
+    assert 0 < f["load_s"] <= f["samples"][-1][0] - f["seconds"] + 0.5, f["load_s"]  # 1 interval
     assert f["camera_events"] == 0
     ready = rows["start → READY, every source but the camera (median)"]
     assert 0 < ready["ours"] == f["start_to_ready_s"] and len(f["start_to_ready_runs"]) == 3

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,14 +40,6 @@ def gateway(tmp_path: Path, port: int, api: ConsentAPI) -> GatewayProc:
     gw._template = gw._template.replace("[status]", sync_conf(api, token_file) + "[status]")
     gw.set_sources(synthetic(400, cards=20))
     return gw
-
-
-@pytest.fixture
-def api() -> Iterator[ConsentAPI]:
-    with ConsentAPI(token=TOKEN) as a:
-        for s in CONSENTED:
-            a.grant(STORE, s, ["analytics", "linking"])
-        yield a
 
 
 def count_in_files(paths: list[Path], needle: bytes) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from simulators.central.consent_api import ConsentAPI
 from simulators.infra.broker import free_port
 from tests.system.harness import STORE, healthz, synthetic
-from tests.system.test_consent_system import CONSENTED, LEAVER, TOKEN, count_in_files, gateway
+from tests.system.test_consent_system import LEAVER, count_in_files, gateway
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +27,6 @@ conn.execute("SELECT count(*) FROM chunks").fetchone()  # the read snapshot is t
 print("reading", flush=True)
 sys.stdin.read()  # hold the transaction until the test closes stdin
 """
-
-
-@pytest.fixture
-def api() -> Iterator[ConsentAPI]:
-    with ConsentAPI(token=TOKEN) as a:
-        for s in CONSENTED:
-            a.grant(STORE, s, ["analytics", "linking"])
-        yield a
 
 
 def test_erasure_with_a_reader_holding_a_transaction(tmp_path: Path, api: ConsentAPI) -> None:

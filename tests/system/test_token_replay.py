@@ -8,6 +8,7 @@ import base64
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,9 @@ def scans(db: Path) -> int:
         conn.close()
 
 
-def rejected(port: int, reason: str) -> float:
-    fam = metrics(port).get("readings_rejected_total", {})
+def rejected(gw: GatewayProc, reason: str) -> float:
+    assert gw.health_port is not None
+    fam = metrics(gw.health_port).get("readings_rejected_total", {})
     return sum(v for labels, v in fam.items() if dict(labels).get("reason") == reason)
 
 
@@ -58,12 +60,12 @@ def show_until_judged(gw: GatewayProc, sim: CameraSim, token: bytes, scans_befor
     """Show the token until the daemon has either buffered a new scan of it or refused
     it as replayed; then take it away."""
     assert gw.health_port is not None
-    refused_before = rejected(gw.health_port, "replayed")
+    refused_before = rejected(gw, "replayed")
     sim.show(token, LOOK)
     deadline = time.monotonic() + 30
     try:
         while time.monotonic() < deadline:
-            if scans(gw.db) > scans_before or rejected(gw.health_port, "replayed") > refused_before:
+            if scans(gw.db) > scans_before or rejected(gw, "replayed") > refused_before:
                 return
             time.sleep(0.1)
         raise TimeoutError(
@@ -71,6 +73,25 @@ def show_until_judged(gw: GatewayProc, sim: CameraSim, token: bytes, scans_befor
         )
     finally:
         sim.show(None)
+
+
+def wait_streaming(gw: GatewayProc) -> None:
+    gw.wait_ready()
+    gw.wait_log("streaming from", timeout=30)
+
+
+@contextmanager
+def streaming(tmp_path: Path, sources: str) -> Iterator[GatewayProc]:
+    """The daemon with ``sources`` and no broker, once it streams from its cameras; it is
+    stopped on the way out (if it still runs)."""
+    gw = GatewayProc(tmp_path / "gw", free_port(), sources=sources, health_port=free_port())
+    gw.start()
+    try:
+        wait_streaming(gw)
+        yield gw
+    finally:
+        if gw.alive():
+            gw.stop()
 
 
 @pytest.fixture
@@ -88,17 +109,8 @@ def test_a_token_is_one_scan_across_cameras_reload_and_restart(
     token = sign_app_token(
         key, "shopper-7", iat, iat + 600, "once", ["analytics", "linking"]
     ).encode()
-    gw = GatewayProc(
-        tmp_path / "gw",
-        free_port(),  # no broker: every event stays in the buffer to be counted
-        sources=camera("cam-a", cam_a, key) + camera("cam-b", cam_b, key),
-        health_port=free_port(),
-    )
-    assert gw.health_port is not None
-    gw.start()
-    try:
-        gw.wait_ready()
-        gw.wait_log("streaming from", timeout=30)
+    # no broker: every event stays in the buffer to be counted
+    with streaming(tmp_path, camera("cam-a", cam_a, key) + camera("cam-b", cam_b, key)) as gw:
         show_until_judged(gw, cam_a, token, 0)
         assert scans(gw.db) == 1
 
@@ -107,21 +119,16 @@ def test_a_token_is_one_scan_across_cameras_reload_and_restart(
 
         gw.reload()  # a reload builds the sources again
         gw.wait_log("reloading")
-        gw.wait_ready()
-        gw.wait_log("streaming from", timeout=30)
+        wait_streaming(gw)
         show_until_judged(gw, cam_a, token, 1)
         assert scans(gw.db) == 1, "the token was accepted again after a reload"
 
         assert gw.stop() == 0
         gw.start()
-        gw.wait_ready()
-        gw.wait_log("streaming from", timeout=30)
+        wait_streaming(gw)
         show_until_judged(gw, cam_b, token, 1)
         assert scans(gw.db) == 1, "the token was accepted again after a restart"
-        assert rejected(gw.health_port, "replayed") >= 1
-    finally:
-        if gw.alive():
-            gw.stop()
+        assert rejected(gw, "replayed") >= 1
     # The replay table holds no raw subject or nonce.
     raw = b"".join(p.read_bytes() for p in gw.db.parent.glob("buffer.db*"))
     assert b"shopper-7" not in raw
@@ -137,24 +144,11 @@ def test_a_token_with_a_lifetime_over_the_maximum_is_refused(
     token = sign_app_token(
         key, "shopper-8", iat, ten_years, "long", ["analytics", "linking"]
     ).encode()
-    gw = GatewayProc(
-        tmp_path / "gw",
-        free_port(),
-        sources=camera("cam-a", cam_a, key),
-        health_port=free_port(),
-    )
-    assert gw.health_port is not None
-    gw.start()
-    try:
-        gw.wait_ready()
-        gw.wait_log("streaming from", timeout=30)
+    with streaming(tmp_path, camera("cam-a", cam_a, key)) as gw:
         cam_a.show(token, LOOK)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not rejected(gw.health_port, "lifetime"):
+        while time.monotonic() < deadline and not rejected(gw, "lifetime"):
             assert scans(gw.db) == 0, "a token valid for ten years was accepted"
             time.sleep(0.1)
-        assert rejected(gw.health_port, "lifetime") >= 1
+        assert rejected(gw, "lifetime") >= 1
         assert scans(gw.db) == 0
-    finally:
-        if gw.alive():
-            gw.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import calendar
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,18 +15,10 @@ from simulators.central.service import Central
 from simulators.infra.broker import Mosquitto
 from simulators.infra.netproxy import NetProxy
 from tests.system.harness import STORE
-from tests.system.test_consent_system import CONSENTED, LEAVER, STRANGERS, TOKEN, gateway
+from tests.system.test_consent_system import CONSENTED, LEAVER, STRANGERS, gateway
 from tests.system.uplink import first_sent, leaks, log_times, wait_count
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def api() -> Iterator[ConsentAPI]:
-    with ConsentAPI(token=TOKEN) as a:
-        for s in CONSENTED:
-            a.grant(STORE, s, ["analytics", "linking"])
-        yield a
 
 
 def epoch(ts: str) -> int:

@@ -38,13 +38,19 @@ def _dump(db: Path) -> list[str]:
         conn.close()
 
 
-def test_a_rollback_onto_newer_migrations_refuses_to_start(
-    tmp_path: Path, broker: Mosquitto
-) -> None:
+def migrated(tmp_path: Path, broker: Mosquitto) -> GatewayProc:
+    """A daemon (stopped) whose buffer this version has migrated."""
     gw = GatewayProc(tmp_path / "gw", broker.port, sources=synthetic(5))
     gw.start()
     gw.wait_ready()
     assert gw.stop() == 0
+    return gw
+
+
+def test_a_rollback_onto_newer_migrations_refuses_to_start(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    gw = migrated(tmp_path, broker)
     rows = dict(sqlite3.connect(gw.db).execute("SELECT name, version FROM _migrations"))
     assert set(rows) == {name for name, *_ in MIGRATIONS}
     assert set(rows.values()) == {__version__}  # every migration says who applied it
@@ -72,10 +78,7 @@ def test_a_rollback_onto_newer_migrations_refuses_to_start(
 def test_migrations_marked_readable_by_older_versions_do_not_block(
     tmp_path: Path, broker: Mosquitto
 ) -> None:
-    gw = GatewayProc(tmp_path / "gw", broker.port, sources=synthetic(5))
-    gw.start()
-    gw.wait_ready()
-    assert gw.stop() == 0
+    gw = migrated(tmp_path, broker)
     _future(gw.db, older_can_read=True)
     gw.start()
     gw.wait_log("connected to broker")

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -67,10 +68,16 @@ def pending(i: int) -> Pending:
 
 def crash(path: Path, n: int, acked: int = 0) -> dict[str, list[int] | int]:
     """Run the outbox in a child, let it commit ``n`` events, then SIGKILL it."""
+    report: dict[str, list[int] | int] = _killed_after_first_line(
+        CHILD, str(path), str(n), str(acked)
+    )
+    return report
+
+
+def _killed_after_first_line(child_code: str, *args: str) -> Any:
+    """Run ``child_code`` in a child, SIGKILL it once it prints a line; that line's JSON."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(path), str(n), str(acked)],
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-c", child_code, *args], stdout=subprocess.PIPE, text=True
     )
     assert child.stdout is not None
     with child.stdout:
@@ -78,8 +85,7 @@ def crash(path: Path, n: int, acked: int = 0) -> dict[str, list[int] | int]:
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=10)
     assert line, "the child died before it committed"
-    report: dict[str, list[int] | int] = json.loads(line)
-    return report
+    return json.loads(line)
 
 
 def power_cut(path: Path, keep_stage_bytes: int = 0) -> None:
@@ -310,16 +316,7 @@ asyncio.run(main())
 def crash_valid(path: Path, n: int) -> list[int]:
     """Like ``crash``, with events the fake central accepts, and nothing fetched (a
     backlog fetch would commit the staged rows)."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD_VALID, str(path), str(n)], stdout=subprocess.PIPE, text=True
-    )
-    assert child.stdout is not None
-    with child.stdout:
-        line = child.stdout.readline()
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=10)
-    assert line, "the child died before it committed"
-    committed: list[int] = json.loads(line)["committed"]
+    committed: list[int] = _killed_after_first_line(CHILD_VALID, str(path), str(n))["committed"]
     return committed
 
 

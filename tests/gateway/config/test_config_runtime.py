@@ -14,17 +14,9 @@ import pytest
 from gateway.app.cli import main
 from gateway.config.loading import load_checked_config, load_config
 from gateway.errors import ConfigError
+from tests.gateway.config.test_config import MINIMAL as BASE
 from tests.system.harness import KEY_B64 as KEY
 
-BASE = """
-[gateway]
-store = "nl-ams-001"
-device = "gw-01"
-[keyring]
-active = "k1"
-[keyring.keys]
-k1 = "k1.key"
-"""
 TAP = """
 [[sources]]
 kind = "receipt_tap"

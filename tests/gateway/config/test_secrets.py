@@ -111,6 +111,11 @@ def test_the_published_key_needs_the_explicit_opt_in_and_never_under_systemd(
 def test_the_daemon_refuses_to_start_on_a_world_readable_key(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
     (tmp_path / "k1.key").chmod(0o644)
+    assert f"chmod 600 {tmp_path / 'k1.key'}" in refused_start(cfg)
+
+
+def refused_start(cfg: Path) -> str:
+    """``touchpoint-gateway run`` on ``cfg`` exits non-zero (within 60 s); what it said."""
     proc = subprocess.run(
         [sys.executable, "-m", "gateway", "run", "--config", str(cfg)],
         capture_output=True,
@@ -119,7 +124,7 @@ def test_the_daemon_refuses_to_start_on_a_world_readable_key(tmp_path: Path) -> 
         check=False,
     )
     assert proc.returncode != 0, proc.stderr
-    assert f"chmod 600 {tmp_path / 'k1.key'}" in proc.stderr + proc.stdout
+    return proc.stderr + proc.stdout
 
 
 # ---- the databases: 0600 whatever the umask ---------------------------------------------

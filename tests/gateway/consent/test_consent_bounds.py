@@ -44,6 +44,31 @@ def body(cursor: str, records: list[dict[str, Any]], reset: bool = False) -> byt
     return json.dumps({"cursor": cursor, "reset": reset, "records": records}).encode()
 
 
+async def refused_then_applied(
+    api: ConsentAPI, rig: Rig, sync: ConsentSync, client: httpx.AsyncClient, answers: list[bytes]
+) -> None:
+    """A granted and synced; each of ``answers`` served and refused, nothing of it applied
+    and the last good cursor kept (also stored); then B granted, asked for from that
+    cursor, and applied."""
+    api.grant(STORE, A, ["linking"])
+    await sync.step(client)
+    cursor = sync.cursor
+    assert cursor is not None
+    outcomes = []
+    for answer in answers:
+        api.hostile("body", body=answer)
+        await sync.step(client)
+        outcomes.append(str(sync.last_error))
+        assert sync.cursor == cursor, outcomes[-1]
+    assert polls(rig, "bad_response") == len(answers), outcomes
+    assert set(rig.registry.records) == {A}, "nothing of a refused answer applied"
+    assert await ConsentStore(rig.outbox).cursor() == cursor
+    api.grant(STORE, B, ["linking"])
+    await sync.step(client)  # the last good cursor still works
+    assert api.requests[-1].since == cursor
+    assert sync.failures == 0 and set(rig.registry.records) == {A, B}
+
+
 @pytest.mark.parametrize("announce", [False, True], ids=["streamed", "content-length"])
 def test_a_100_mb_answer_is_cut_at_the_cap_and_refused(
     tmp_path: Path, api: ConsentAPI, token_file: Path, announce: bool
@@ -120,23 +145,12 @@ def test_a_70000_character_cursor_is_refused_and_the_last_good_one_kept(
     tmp_path: Path, api: ConsentAPI, token_file: Path
 ) -> None:
     async def run() -> None:
+        grant_b = [{"subject": B, "purposes": ["linking"], "expires": None}]
+        bad_cursors = ("x" * 70_000, "", "a b", "c\u00e9", "c\n", "x" * (MAX_CURSOR_CHARS + 1))
         async with bounded(tmp_path / "b.db", api, token_file) as (rig, sync, client):
-            api.grant(STORE, A, ["linking"])
-            await sync.step(client)
-            cursor = sync.cursor
-            assert cursor is not None
-            grant_b = [{"subject": B, "purposes": ["linking"], "expires": None}]
-            for bad in ("x" * 70_000, "", "a b", "c\u00e9", "c\n", "x" * (MAX_CURSOR_CHARS + 1)):
-                api.hostile("body", body=body(bad, grant_b))
-                await sync.step(client)
-                assert sync.cursor == cursor
-            assert polls(rig, "bad_response") == 6
-            assert set(rig.registry.records) == {A}, "nothing of a refused answer applied"
-            assert await ConsentStore(rig.outbox).cursor() == cursor
-            api.grant(STORE, B, ["linking"])
-            await sync.step(client)  # the last good cursor still works
-            assert api.requests[-1].since == cursor
-            assert set(rig.registry.records) == {A, B}
+            await refused_then_applied(
+                api, rig, sync, client, [body(bad, grant_b) for bad in bad_cursors]
+            )
 
     asyncio.run(run())
 
@@ -179,25 +193,19 @@ def test_subjects_outside_the_pseudonym_grammar_are_refused(
     tmp_path: Path, api: ConsentAPI, token_file: Path
 ) -> None:
     async def run() -> None:
-        async with bounded(tmp_path / "b.db", api, token_file) as (rig, sync, client):
-            api.grant(STORE, A, ["linking"])
-            await sync.step(client)
-            cursor = sync.cursor
-            outcomes = []
-            for bad in BAD_SUBJECTS:
-                records = [
+        answers = [
+            body(
+                "c9",
+                [
                     {"subject": B, "purposes": ["linking"], "expires": None},
                     {"subject": bad, "purposes": ["linking"], "expires": None},
-                ]
-                api.hostile("body", body=body("c9", records))
-                await sync.step(client)
-                outcomes.append((bad, str(sync.last_error)))
-            assert polls(rig, "bad_response") == len(BAD_SUBJECTS), outcomes
-            assert set(rig.registry.records) == {A} and sync.cursor == cursor
-            # The buffer's writer is alive and well: the next answer is written.
-            api.grant(STORE, B, ["linking"])
-            await sync.step(client)
-            assert sync.failures == 0 and set(rig.registry.records) == {A, B}
+                ],
+            )
+            for bad in BAD_SUBJECTS
+        ]
+        async with bounded(tmp_path / "b.db", api, token_file) as (rig, sync, client):
+            # and the buffer's writer is alive and well: the next answer is written
+            await refused_then_applied(api, rig, sync, client, answers)
 
     asyncio.run(run())
 

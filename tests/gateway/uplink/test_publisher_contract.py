@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from gateway.ports import Publisher, Verdict
 from gateway.uplink.mqtt import PahoPublisher
 from simulators.infra.broker import Mosquitto
 from tests.fakes import FakePublisher
+from tests.waiting import until
 
 TOPIC = "touchpoint/v1/nl-ams-001/consent"
 
@@ -74,12 +75,6 @@ async def implementation(kind: str, tmp_path: Path) -> AsyncIterator[tuple[Any, 
             await paho.close()
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("kind", ["fake", "paho"])
 def test_every_publisher_keeps_the_port_contract(kind: str, tmp_path: Path) -> None:
     async def run() -> None:
@@ -94,7 +89,7 @@ def test_every_publisher_keeps_the_port_contract(kind: str, tmp_path: Path) -> N
             await pub.start()
             await asyncio.wait_for(pub.wait_connected(), 10)
             assert pub.connected
-            await until(lambda: bool(connects))
+            await until(lambda: bool(connects), timeout=10.0)
             assert connects == [loop_thread], "on_connect hooks run on the event loop"
 
             futures = [pub.publish("touchpoint/v1/nl-ams-001/gw-01/events", b"{}")]
@@ -102,11 +97,11 @@ def test_every_publisher_keeps_the_port_contract(kind: str, tmp_path: Path) -> N
             side.settle()
             verdicts = await asyncio.wait_for(asyncio.gather(*futures), 10)
             assert all(isinstance(v, Verdict) and v.ok for v in verdicts)
-            await until(lambda: pub.in_flight == 0)
+            await until(lambda: pub.in_flight == 0, timeout=10.0)
 
             await asyncio.sleep(0.3)  # a real client subscribes once connected
             await side.inject(TOPIC, b'{"v":1}')
-            await until(lambda: bool(got))
+            await until(lambda: bool(got), timeout=10.0)
             assert got == [(b'{"v":1}', loop_thread)], "subscriptions are called on the loop"
 
             limit = pub.max_payload("touchpoint/v1/nl-ams-001/gw-01/events")
