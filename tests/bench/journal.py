@@ -19,7 +19,7 @@ boot).  The variants:
                   log; goal: 0 B/h to the card
     persistent    README's alternative (SystemMaxUse=64M, SyncIntervalSec=15min ...)
 
-The whole simulated store runs at a busy store's rates (``tests.bench.memory._load``:
+The whole simulated store runs at a busy store's rates (``tests.bench.memory.busy_store``:
 ``StoreRig``, every source at load) and the real daemon runs as a process
 (``touchpoint-gateway run``) at the default log level (``info``).  systemd-cat (252) does
 not set ``JOURNAL_STREAM``, so the bench gives the daemon's stderr what systemd gives a
@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.goals import judge, verdict
-from tests.bench.memory import READY_LIMIT_S, _load, _ready
+from tests.bench.memory import READY_LIMIT_S, _ready, busy_store
 from tests.bench.wear import WearUnavailable, device_counters, loop_filesystem, syncfs
 
 JOURNALD = Path("/lib/systemd/systemd-journald")
@@ -284,7 +284,7 @@ def bench_journal(quick: bool = False, seconds: float | None = None) -> dict[str
             fed = [j for n, j in js.items() if VARIANTS[n][1]]
             for j in fed:
                 j.stream = j.open_stream(IDENTIFIER)
-            rig = stack.enter_context(StoreRig(work / "rig", _load(quick)))
+            rig = stack.enter_context(StoreRig(work / "rig", busy_store(quick)))
             cfg = rig.write_config()
             tally = [0]
             started = time.time()
