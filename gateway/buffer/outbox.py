@@ -883,8 +883,10 @@ class Outbox:
             and reserved == self._reserved
             and time.monotonic() < self._bookkeeping_due
         ):
-            # nothing undelivered is due: no transaction, no fsync
-            self._window_due = keep_at[0] + self._window_s if keep_at else None
+            # nothing undelivered is due: no transaction, no fsync; wake up again for the
+            # rows kept staged, or else for the bookkeeping (a quiet box may send nothing
+            # more to wake the writer: its file would keep last_seq stale until then)
+            self._window_due = keep_at[0] + self._window_s if keep_at else self._bookkeeping_due
             return True
         # Its own loop around the helper: a full disk applies the policy and tries again.
         for attempt in range(3):

@@ -403,3 +403,32 @@ def test_the_declarations_kept_are_bounded(tmp_path: Path) -> None:
     assert len(skipped) == SKIPPED_MAX
     assert [list(r) for r in skipped[:-1]] == old[1:], "the oldest goes first"
     assert skipped[-1][0] > old[-1][1]
+
+
+def test_a_quiet_box_stores_its_bookkeeping_without_a_next_event(tmp_path: Path) -> None:
+    """An event delivered within its window leaves only bookkeeping (last_seq, the last
+    publish) for the database, stored at most once a second; when its window ends
+    sooner than that, the writer must still wake up for it: a quiet box must not keep
+    last_seq and last_publish_at stale in the file until its next event comes."""
+    path = tmp_path / "b.db"
+
+    async def run() -> None:
+        box = Outbox(BufferConfig(path=path, durability_window_ms=200), Metrics())
+        box.open()
+        try:
+            first = await box.submit_many([pending(0)])
+            deadline = time.monotonic() + 5
+            while db_last_seq(path) < first[-1] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert db_last_seq(path) == first[-1]  # a window's commit: bookkeeping due in 1 s
+            second = await box.submit_many([pending(1)])
+            (batch,) = await box.fetch(first[-1], 10, 100, 1 << 20)
+            await box.ack(batch)  # delivered within its window: only bookkeeping is left
+            deadline = time.monotonic() + 5
+            while db_last_seq(path) < second[-1] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert db_last_seq(path) == second[-1], "no next event: the bookkeeping waited"
+        finally:
+            box.close()
+
+    asyncio.run(run())
