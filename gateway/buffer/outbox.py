@@ -781,9 +781,10 @@ class Outbox:
                     cmd.error = err
                 self._count_on_loop("events_dropped_total", n, reason="buffer_error")
                 return 0
-        if self._near_full:  # the full-buffer policy must see each group as it comes
-            if not self._flush_window():
-                return 0
+        # Over half full, the full-buffer policy must see each group as it comes: the
+        # window's rows first, then the group, into the database.  If the window's commit
+        # fails, the group is staged like any other (the next window tries again).
+        if self._near_full and self._flush_window():
             assert self._conn is not None
             appended = self._commit(self._conn, appends)
             self._db_last_seq = self._db_hi = self._next_seq - 1
