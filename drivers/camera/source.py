@@ -160,7 +160,18 @@ def _open_capture(config: CameraSourceConfig) -> Any:
 
 
 def _capture(config: CameraSourceConfig, box: Mailbox, stop: threading.Event) -> None:
-    """The capture thread: open, read into the mailbox until stopped or the stream fails."""
+    """The capture thread: open, read into the mailbox until stopped or the stream fails.
+
+    It never ends unheard: any failure, not only OpenCV's, is told to the mailbox, whose
+    reader would otherwise wait for a frame for ever (the source stuck, its state ok)."""
+    try:
+        _capture_frames(config, box, stop)
+    except Exception as exc:  # a bug, or MemoryError for a frame: a stream loss too
+        log.error("%s: the capture thread failed", describe(config), exc_info=exc)
+        box.fail(f"capture failed ({exc.__class__.__name__})")
+
+
+def _capture_frames(config: CameraSourceConfig, box: Mailbox, stop: threading.Event) -> None:
     try:
         cap = _open_capture(config)
     except cv2.error as exc:

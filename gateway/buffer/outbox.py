@@ -209,6 +209,7 @@ class Outbox:
         self._reserved = 0  # meta seq_reserved as stored: no seq above it is handed out
         self._publish_at: float | None = None  # last_publish_at not yet stored
         self._bookkeeping_due = 0.0  # monotonic: when bookkeeping alone is stored again
+        self._wake_reader = False  # a backlog read missed staged rows: set new_data once stored
         self._stage_fd: int | None = None
         self._stage_size = 0
         self._marker: Marker | None = None
@@ -446,8 +447,11 @@ class Outbox:
             # again after a reconnect) must read the database
             self._cache_from = max(self._cache_from, after + 1)
             return _batches(iter(recent), max_batches, max_events, max_bytes)
-        if self._staged or self._deletes:  # a backlog read: the window's rows first
-            self._flush_window()
+        if (self._staged or self._deletes) and not self._flush_window():
+            # A backlog read commits the window's rows first; that failed, so they stay
+            # staged and this read does not see them.  The window that stores them wakes
+            # the reader (``new_data``): a quiet box may bring no event that would.
+            self._wake_reader = True
         rows = c.execute(
             "SELECT lo, hi, n, created, body FROM chunks WHERE lo > ? ORDER BY lo LIMIT ?",
             (after, max_batches * 20),
@@ -777,9 +781,10 @@ class Outbox:
                     cmd.error = err
                 self._count_on_loop("events_dropped_total", n, reason="buffer_error")
                 return 0
-        if self._near_full:  # the full-buffer policy must see each group as it comes
-            if not self._flush_window():
-                return 0
+        # Over half full, the full-buffer policy must see each group as it comes: the
+        # window's rows first, then the group, into the database.  If the window's commit
+        # fails, the group is staged like any other (the next window tries again).
+        if self._near_full and self._flush_window():
             assert self._conn is not None
             appended = self._commit(self._conn, appends)
             self._db_last_seq = self._db_hi = self._next_seq - 1
@@ -879,8 +884,10 @@ class Outbox:
             and reserved == self._reserved
             and time.monotonic() < self._bookkeeping_due
         ):
-            # nothing undelivered is due: no transaction, no fsync
-            self._window_due = keep_at[0] + self._window_s if keep_at else None
+            # nothing undelivered is due: no transaction, no fsync; wake up again for the
+            # rows kept staged, or else for the bookkeeping (a quiet box may send nothing
+            # more to wake the writer: its file would keep last_seq stale until then)
+            self._window_due = keep_at[0] + self._window_s if keep_at else self._bookkeeping_due
             return True
         # Its own loop around the helper: a full disk applies the policy and tries again.
         for attempt in range(3):
@@ -941,6 +948,11 @@ class Outbox:
                     kept = b"".join(encode_row(r) for r in keep)
                     self._stage_write(kept + encode_mark(last))
                 self._write_ok(True)
+                if self._wake_reader:  # rows a backlog read missed are in the database now
+                    self._wake_reader = False
+                    assert self._loop is not None
+                    with contextlib.suppress(RuntimeError):  # the loop closed
+                        self._loop.call_soon_threadsafe(self.new_data.set)
                 self._check_room(conn)
                 self._recap_when_due(conn)
                 return True

@@ -10,14 +10,16 @@ age, clock state, certificate expiry, active key id, version, uptime and RSS.
 
 When: at every change of state (verdict, a source's state, the buffer's write state, the
 clock), at most once per ``health_min_interval_s``; at least every
-``health_interval_s``; and at the first tick after every (re)connect, since the broker may
-have lost the retained copy.  Only while connected: the message is not an event, nothing about it
-is buffered, and the newest one replaces the last.
+``health_interval_s``; and at once after every (re)connect, since the broker may have
+lost the retained copy (the connect wakes the loop: a link back between two ticks
+counts).  Only while connected: the message is not an event, nothing about it is
+buffered, and the newest one replaces the last.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import resource
@@ -43,6 +45,8 @@ class _Publishing(Protocol):
     def connected(self) -> bool: ...
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> Any: ...
+
+    def on_connect(self, hook: Callable[[], object]) -> None: ...
 
 
 def rss_bytes() -> int | None:
@@ -150,6 +154,15 @@ class HealthPublisher:
         self._last_at: float | None = None  # monotonic time of the last publish
         self._last_sig: tuple[Any, ...] | None = None
         self._reconnected = True
+        # Every connect wakes the loop: a link back before the next tick saw it down (a
+        # quick reconnect, a broker restarted without its retained copy, a health message
+        # abandoned with the old link) is published again now, not a whole interval later.
+        self._wake = asyncio.Event()
+        publisher.on_connect(self._connected)
+
+    def _connected(self) -> None:
+        self._reconnected = True
+        self._wake.set()
 
     def message(self) -> dict[str, Any]:
         ok, doc = self.monitor.report()
@@ -183,8 +196,11 @@ class HealthPublisher:
 
     async def run(self) -> None:
         while True:
+            self._wake.clear()
             try:
                 self.tick()
             except Exception:  # health must never take the daemon down; say so, retry
                 log.exception("health message failed; trying again")
-            await asyncio.sleep(self.tick_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.tick_s):
+                    await self._wake.wait()  # the next tick, or a connect

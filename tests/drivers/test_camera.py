@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -364,3 +365,42 @@ async def test_kiosk_scenario_end_to_end(keyring: Keyring) -> None:
     assert [r.attrs["kind"] for r in readings] == ["app"] * 4 + ["other"] * 2 + ["app"]
     assert ctx.metrics.total("camera_stream_lost_total") >= 1
     assert ctx.metrics.total("readings_rejected_total") == 0
+
+
+class _FailingCapture:
+    """OpenCV's capture, whose second read raises what OpenCV does not map to cv2.error
+    (MemoryError: a frame too large for a small box's memory)."""
+
+    reads = 0
+    _real = cv2.VideoCapture
+
+    def __init__(self, *args: Any) -> None:
+        self._cap = self._real(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cap, name)
+
+    def read(self) -> Any:
+        type(self).reads += 1
+        if type(self).reads == 2:
+            raise MemoryError
+        return self._cap.read()
+
+
+@arun
+async def test_a_capture_thread_that_dies_unexpectedly_is_a_stream_loss(
+    sim: CameraSim, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception in the capture thread, not only cv2.error, reaches the source: it
+    is counted as a stream loss, shown, and the stream reopened.  Before, the thread
+    ended silently and the source waited for a frame for ever, its state still ok."""
+    monkeypatch.setattr(cv2, "VideoCapture", _FailingCapture)
+    ctx = _ctx(keyring)
+    source = CameraSource(_config(url=sim.url), ctx)
+
+    def reopened(_: list[Reading]) -> bool:
+        return _FailingCapture.reads > 2 and ctx.state.get("state") == "ok"
+
+    await _collect(source, reopened, timeout=10)
+    assert ctx.metrics.total("camera_stream_lost_total") >= 1
+    assert _FailingCapture.reads > 2, "the stream was not opened again"

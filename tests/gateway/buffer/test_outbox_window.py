@@ -400,3 +400,74 @@ def test_the_declarations_kept_are_bounded(tmp_path: Path) -> None:
     assert len(skipped) == SKIPPED_MAX
     assert [list(r) for r in skipped[:-1]] == old[1:], "the oldest goes first"
     assert skipped[-1][0] > old[-1][1]
+
+
+def test_a_quiet_box_stores_its_bookkeeping_without_a_next_event(tmp_path: Path) -> None:
+    """An event delivered within its window leaves only bookkeeping (last_seq, the last
+    publish) for the database, stored at most once a second; when its window ends
+    sooner than that, the writer must still wake up for it: a quiet box must not keep
+    last_seq and last_publish_at stale in the file until its next event comes."""
+    path = tmp_path / "b.db"
+
+    async def run() -> None:
+        box = Outbox(BufferConfig(path=path, durability_window_ms=200), Metrics())
+        box.open()
+        try:
+            first = await box.submit_many([pending(0)])
+            deadline = time.monotonic() + 5
+            while db_last_seq(path) < first[-1] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert db_last_seq(path) == first[-1]  # a window's commit: bookkeeping due in 1 s
+            second = await box.submit_many([pending(1)])
+            (batch,) = await box.fetch(first[-1], 10, 100, 1 << 20)
+            await box.ack(batch)  # delivered within its window: only bookkeeping is left
+            deadline = time.monotonic() + 5
+            while db_last_seq(path) < second[-1] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert db_last_seq(path) == second[-1], "no next event: the bookkeeping waited"
+        finally:
+            box.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_a_near_full_buffer_keeps_a_group_whose_window_commit_failed(tmp_path: Path) -> None:
+    """Over half full, each group goes to the database after the window's rows; when that
+    window commit fails (here another process holds the write lock past the busy timeout),
+    the group is kept staged, like any other, and stored by a later window.  Before, it
+    was neither stored nor refused: its future resolved with no seqs and it was gone,
+    uncounted."""
+    path = tmp_path / "b.db"
+
+    async def run() -> None:
+        cfg = BufferConfig(path=path, max_bytes=1 << 20, durability_window_ms=200)
+        box = Outbox(cfg, Metrics())
+        box.open()
+        try:
+            big = "x" * 2000
+            await box.submit_many(
+                [Pending(time.time(), "card.read", None, f'"i":{i},"p":"{big}"}}')
+                for i in range(400)]
+            )  # fmt: skip
+            assert box._near_full, "the buffer should be over half of max_bytes"
+            (batch, *_) = await box.fetch(0, 1, 10, 1 << 20)
+            await box.ack(batch)  # the window now holds work: an ack to store
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # a sqlite3 shell holding the write lock
+            try:
+                seqs = await box.submit_many([pending(i) for i in range(3)])
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            assert isinstance(seqs, list) and len(seqs) == 3, f"the group was lost: {seqs!r}"
+            deadline = time.monotonic() + 10
+            while db_last_seq(path) < seqs[-1] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert db_last_seq(path) == seqs[-1]
+            held = await box.fetch(seqs[0] - 1, 10, 100, 1 << 20)
+            assert [s for b in held for s in range(b.lo, b.hi + 1)] == seqs
+        finally:
+            box.close()
+
+    asyncio.run(run())

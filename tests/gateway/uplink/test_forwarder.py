@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from gateway.buffer.outbox import Outbox, Pending
 from gateway.config.sections import BufferConfig, MqttConfig
@@ -276,5 +279,43 @@ def test_an_abandoned_batch_is_sent_again_on_a_quiet_box(tmp_path: Path) -> None
             while (await box.stats())["depth"] and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert (await box.stats())["depth"] == 0
+
+    asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_rows_a_failed_backlog_read_left_staged_are_sent_once_stored(tmp_path: Path) -> None:
+    """A read from the database commits the durability window's rows first; when that
+    commit fails (here another process holds the write lock past the busy timeout) the
+    rows stay staged and the read does not see them.  On a quiet box the forwarder then
+    waits for new events; a later window that stores them must wake it.  Before, nothing
+    did: they waited for the next event."""
+
+    async def run() -> None:
+        metrics = Metrics()
+        path = tmp_path / "b.db"
+        box = Outbox(BufferConfig(path=path, durability_window_ms=2000), metrics)
+        box.open()
+        pub = FakePublisher()
+        fwd = Forwarder(box, pub, MqttConfig(), store="s1", device="d1", topic="t", metrics=metrics)
+        task = asyncio.create_task(fwd.run())
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            seqs = await box.submit_many(
+                [Pending(time.time(), "x", None, f'"i":{i}}}') for i in range(3)]
+            )
+            await until(lambda: len(pub.sent) == 1)  # from memory: staged, not yet stored
+            other.execute("BEGIN IMMEDIATE")  # a sqlite3 shell holding the write lock
+            # the link drops: the forwarder reads the outbox again, from the database
+            pub.sent[0][2].set_result(Verdict(ok=False, reason="link lost", abandoned=True))
+            await until(lambda: metrics.get("buffer_write_ok") == 0, timeout=15)
+            other.execute("ROLLBACK")  # the shell is gone: the next window stores them
+            await until(lambda: len(pub.sent) == 2, timeout=10)
+            assert [e["seq"] for e in json.loads(pub.sent[1][1])["events"]] == seqs
+        finally:
+            other.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            box.close()
 
     asyncio.run(run())
