@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.goals import judge, verdict
-from tests.bench.memory import READY_LIMIT_S, _ready, busy_store
+from tests.bench.memory import READY_LIMIT_S, _ready, busy_store, stop
 from tests.bench.wear import WearUnavailable, device_counters, loop_filesystem, syncfs
 
 JOURNALD = Path("/lib/systemd/systemd-journald")
@@ -184,12 +184,7 @@ def journald(name: str, work: Path, dropin: str) -> Iterator[Journald]:
         finally:
             if j.stream is not None:
                 j.stream.close()
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
             # the namespace (and its bind of mnt) has gone: loop_filesystem can unmount
 
 
@@ -240,15 +235,6 @@ def _start_daemon(
     return proc, sock, ours
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def daemon_entries(j: Journald, since: float, until: float | None = None) -> list[dict[str, Any]]:
     """The daemon's journal entries (MESSAGE, PRIORITY) from ``since`` (epoch seconds)."""
     args = ["-o", "json", "--output-fields=MESSAGE,PRIORITY", "-t", IDENTIFIER]
@@ -293,7 +279,7 @@ def bench_journal(quick: bool = False, seconds: float | None = None) -> dict[str
             )
             stack.callback(notify.close)
             stack.callback(stderr.close)
-            stack.callback(_stop, proc)
+            stack.callback(stop, proc)
             _wait_at_load(proc, notify, rig, work / "gateway.log")
             time.sleep(warmup_s)
             for j in js.values():
