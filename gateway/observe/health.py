@@ -479,12 +479,29 @@ def process_metrics() -> str:
     fam.add("process_cpu_seconds_total", "counter", {}, (int(fields[11]) + int(fields[12])) / tick)
     fam.add("process_start_time_seconds", "gauge", {}, boot + int(fields[19]) / tick)
     fam.add("process_virtual_memory_bytes", "gauge", {}, float(fields[20]))
-    fam.add("process_resident_memory_bytes", "gauge", {}, float(int(fields[21]) * page))
+    # statm, as the health message reads it (stat's rss field is 0 under qemu-user, which
+    # writes its own /proc/self/stat; statm is the kernel's)
+    rss = rss_bytes()
+    fam.add(
+        "process_resident_memory_bytes",
+        "gauge",
+        {},
+        float(rss if rss is not None else int(fields[21]) * page),
+    )
     fam.add("process_open_fds", "gauge", {}, float(open_fds))
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY:
         fam.add("process_max_fds", "gauge", {}, float(soft))
     return fam.render()
+
+
+def rss_bytes() -> int | None:
+    """Resident set size of this process, from /proc (None where there is none)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text(encoding="ascii").split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * resource.getpagesize()
 
 
 # -- the server -------------------------------------------------------------------------

@@ -22,16 +22,14 @@ import asyncio
 import contextlib
 import json
 import logging
-import resource
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
 from gateway import __version__
 from gateway.contract.events import rfc3339
 from gateway.identity.clock import clock_state
-from gateway.observe.health import HealthMonitor
+from gateway.observe.health import HealthMonitor, rss_bytes
 from gateway.observe.logs import redact
 
 log = logging.getLogger(__name__)
@@ -47,15 +45,6 @@ class _Publishing(Protocol):
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> Any: ...
 
     def on_connect(self, hook: Callable[[], object]) -> None: ...
-
-
-def rss_bytes() -> int | None:
-    """Resident set size of this process, from /proc (None where there is none)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text(encoding="ascii").split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * resource.getpagesize()
 
 
 def _round(value: Any) -> float | None:

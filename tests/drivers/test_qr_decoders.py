@@ -158,6 +158,7 @@ def test_bench_figures_have_the_json_keys() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800 if emulated() else 300)  # every decoder's frames under qemu-user
 def test_bench_quick_all_decoders_and_goal(capsys: pytest.CaptureFixture[str]) -> None:
     from tests.bench.qr import print_qr
 

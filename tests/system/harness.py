@@ -21,6 +21,12 @@ from typing import Any
 from gateway.config.credentials import write_secret
 from gateway.identity.pseudonyms import Keyring, decode_key
 from simulators.central.service import Central
+from tests.bench.goals import emulated
+
+# Under qemu-user (.ci/fresh-root's arm64 root, TOUCHPOINT_EMULATED=1) the daemon runs ten
+# to twenty times slower: its start alone can outlast a native wait (seen: 17 s from spawn
+# to the ready line).  Waits for the daemon scale by this; what they wait for does not.
+SLOWDOWN = 6.0 if emulated() else 1.0
 
 # A tenant key for the tests, not the contract's published vector key (which a key file
 # may not hold: gateway.identity.pseudonyms.PUBLISHED_TEST_KEYS).
@@ -119,8 +125,9 @@ summary_interval_s = 1
         _STARTED.append(self.proc)
 
     def wait_log(self, text: str, timeout: float = 15) -> None:
-        """Wait until this run of the daemon has logged ``text``."""
-        deadline = time.monotonic() + timeout
+        """Wait until this run of the daemon has logged ``text`` (``timeout`` is scaled by
+        ``SLOWDOWN`` under emulation)."""
+        deadline = time.monotonic() + timeout * SLOWDOWN
         while time.monotonic() < deadline:
             if self.log.exists() and text in self.log.read_text()[self._log_mark :]:
                 return
