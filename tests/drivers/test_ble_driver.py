@@ -32,7 +32,7 @@ from simulators.devices.ble_scenario import (
     setup,
 )
 from simulators.devices.fake_bluez import DBusDaemon, FakeBlueZ
-from tests.waiting import until
+from tests.waiting import SLOWDOWN, until
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulators" / "scenarios"
 A = "k1:eP6urfab4yzJ9mpD9_RcmQ"  # iBeacon vector's contract pseudonym
@@ -346,7 +346,7 @@ def test_burst_is_paced_and_survived(bus: DBusDaemon, keyring: Keyring) -> None:
     scenario = Scenario.load(SCENARIOS / "ble-burst.toml")
     # the fake sends the burst in one go, so shopper A's own adverts pause meanwhile (the
     # longer the busier the machine): a silence period that tolerates that pause
-    source, ctx = make(keyring, silence_s=3.0)
+    source, ctx = make(keyring, silence_s=3.0 * SLOWDOWN)
 
     async def main() -> None:
         async with playing(bus, source, scenario) as (fake, got):

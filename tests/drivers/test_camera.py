@@ -35,6 +35,7 @@ from simulators.devices.camera import (
     sign_app_token,
     write_video,
 )
+from tests.bench.goals import emulated
 
 CANARY = "CANARY-7f3a-do-not-leak"
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulators" / "scenarios"
@@ -362,7 +363,13 @@ async def test_kiosk_scenario_end_to_end(keyring: Keyring) -> None:
     subjects = [r.subject for r in readings if r.attrs["kind"] == "app"]
     expected = [keyring.pseudonym("app", f"app-user-{n}") for n in range(1001, 1006)]
     assert subjects == expected
-    assert [r.attrs["kind"] for r in readings] == ["app"] * 4 + ["other"] * 2 + ["app"]
+    kinds = [r.attrs["kind"] for r in readings]
+    if emulated():  # a starved decoder can lose a held junk code for longer than the
+        # debounce window and read it again: its holds may show as more "other"s in a row
+        runs = [k for i, k in enumerate(kinds) if i == 0 or k == "app" or kinds[i - 1] != k]
+        assert runs == ["app"] * 4 + ["other", "app"] and kinds.count("other") >= 2, kinds
+    else:
+        assert kinds == ["app"] * 4 + ["other"] * 2 + ["app"], kinds
     assert ctx.metrics.total("camera_stream_lost_total") >= 1
     assert ctx.metrics.total("readings_rejected_total") == 0
 

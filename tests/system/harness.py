@@ -21,12 +21,7 @@ from typing import Any
 from gateway.config.credentials import write_secret
 from gateway.identity.pseudonyms import Keyring, decode_key
 from simulators.central.service import Central
-from tests.bench.goals import emulated
-
-# Under qemu-user (.ci/fresh-root's arm64 root, TOUCHPOINT_EMULATED=1) the daemon runs ten
-# to twenty times slower: its start alone can outlast a native wait (seen: 17 s from spawn
-# to the ready line).  Waits for the daemon scale by this; what they wait for does not.
-SLOWDOWN = 6.0 if emulated() else 1.0
+from tests.waiting import SLOWDOWN
 
 # A tenant key for the tests, not the contract's published vector key (which a key file
 # may not hold: gateway.identity.pseudonyms.PUBLISHED_TEST_KEYS).
