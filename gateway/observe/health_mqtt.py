@@ -151,7 +151,8 @@ class HealthPublisher:
 
     def _connected(self) -> None:
         self._reconnected = True
-        self._wake.set()
+        if self._last_at is not None:  # a reconnect: now.  The first connect waits for
+            self._wake.set()  # the next tick, when the sources have said their state
 
     def message(self) -> dict[str, Any]:
         ok, doc = self.monitor.report()
